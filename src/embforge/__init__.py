@@ -1,0 +1,15 @@
+"""embforge: train, evaluate and serve generalist text-embedding models."""
+
+from __future__ import annotations
+
+__version__ = "0.1.0"
+__all__ = ["Embedder", "__version__"]
+
+
+def __getattr__(name: str):
+    # `import embforge` stays light (no torch) until the Embedder is asked for
+    if name == "Embedder":
+        from embforge.models.embedder import Embedder
+
+        return Embedder
+    raise AttributeError(f"module 'embforge' has no attribute {name!r}")

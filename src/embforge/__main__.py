@@ -1,0 +1,5 @@
+import sys
+
+from embforge.cli import main
+
+sys.exit(main())

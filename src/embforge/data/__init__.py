@@ -1,0 +1,1 @@
+"""Data: records, readers (JSONL, BEIR), and dataset builders."""

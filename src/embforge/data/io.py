@@ -1,0 +1,137 @@
+"""Readers that name the file and line of every problem.
+
+Malformed lines are never skipped silently: they raise :class:`DataError` with
+``file:line`` and what is wrong.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from embforge.errors import DataError
+
+
+def require_file(path: str | Path, what: str = "file") -> Path:
+    """Return ``path`` as a Path or raise DataError if it is not an existing file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{what} not found: {path}")
+    return path
+
+
+def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
+    """Yield (line number, object) for each non-blank line of a JSONL file.
+
+    Raises:
+        DataError: the file is missing, a line is not valid JSON, or not a JSON object.
+    """
+    path = require_file(path, "JSONL file")
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+            if not isinstance(obj, dict):
+                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
+            yield lineno, obj
+
+
+def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict]:
+    """Read a JSONL file, checking that every row has ``fields`` (naming file:line if not)."""
+    rows = []
+    for lineno, obj in iter_jsonl(path):
+        missing = [f for f in fields if f not in obj]
+        if missing:
+            raise DataError(f"{path}:{lineno}: missing field(s) {missing}; the line has {sorted(obj)}")
+        rows.append(obj)
+    return rows
+
+
+def read_texts(path: str | Path, field: str = "text") -> list[str]:
+    """Texts to encode: one per line of a .txt file, or ``field`` of each JSONL object.
+
+    Raises:
+        DataError: unknown extension, an empty text (named by line), or a non-string field.
+    """
+    path = require_file(path, "input file")
+    texts: list[str] = []
+    if path.suffix == ".txt":
+        with path.open(encoding="utf-8") as f:
+            for lineno, line in enumerate(f, start=1):
+                text = line.rstrip("\n").rstrip("\r")
+                if not text.strip():
+                    raise DataError(f"{path}:{lineno}: empty line (every line of a .txt input is one text)")
+                texts.append(text)
+    elif path.suffix == ".jsonl":
+        for lineno, obj in iter_jsonl(path):
+            if field not in obj:
+                raise DataError(f"{path}:{lineno}: missing field {field!r}; the line has {sorted(obj)}")
+            text = obj[field]
+            if not isinstance(text, str) or not text.strip():
+                raise DataError(f"{path}:{lineno}: field {field!r} must be a non-empty string, got {text!r}")
+            texts.append(text)
+    else:
+        raise DataError(f"{path}: unsupported input type {path.suffix!r}; use .txt (one text per line) or .jsonl")
+    return texts
+
+
+def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
+    """BEIR qrels TSV (header ``query-id corpus-id score``) -> {query: {doc: relevance}}."""
+    path = require_file(path, "qrels file")
+    qrels: dict[str, dict[str, int]] = {}
+    with path.open(encoding="utf-8", newline="") as f:
+        reader = csv.reader(f, delimiter="\t")
+        header = next(reader, None)
+        if header is None or [h.strip() for h in header[:3]] != ["query-id", "corpus-id", "score"]:
+            raise DataError(f"{path}:1: expected the header 'query-id<TAB>corpus-id<TAB>score', got {header}")
+        for lineno, row in enumerate(reader, start=2):
+            if not row:
+                continue
+            if len(row) < 3:
+                raise DataError(f"{path}:{lineno}: expected 3 tab-separated columns, got {row}")
+            try:
+                score = int(float(row[2]))
+            except ValueError as exc:
+                raise DataError(f"{path}:{lineno}: score {row[2]!r} is not a number") from exc
+            qrels.setdefault(row[0], {})[row[1]] = score
+    return qrels
+
+
+def atomic_write(path: str | Path, write) -> Path:
+    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_npy(path: str | Path, array: np.ndarray) -> Path:
+    """Write ``array`` as .npy atomically."""
+
+    def write(tmp: Path) -> None:
+        with tmp.open("wb") as f:
+            np.save(f, array)
+
+    return atomic_write(path, write)
+
+
+def save_json(path: str | Path, obj: object) -> Path:
+    """Write ``obj`` as indented JSON atomically."""
+    return atomic_write(path, lambda tmp: tmp.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8"))

@@ -1,0 +1,1 @@
+"""MTEB-style evaluation on local files; takes any object with ``.encode``."""

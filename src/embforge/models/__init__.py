@@ -1,0 +1,1 @@
+"""Backbones, pooling and the :class:`Embedder` users hold."""

@@ -1,0 +1,41 @@
+import json
+
+import numpy as np
+
+from embforge.cli import main
+
+
+def test_encode_txt_to_npy(tiny_model_dir, tmp_path, capsys):
+    inp = tmp_path / "in.txt"
+    inp.write_text("sort a list\nread the file\n")
+    out = tmp_path / "out.npy"
+    assert main(["encode", str(tiny_model_dir), "--input", str(inp), "--output", str(out), "--dimensions", "32"]) == 0
+    emb = np.load(out)
+    assert emb.shape == (2, 32) and np.allclose(np.linalg.norm(emb, axis=1), 1, atol=1e-5)
+
+
+def test_errors_are_clear_and_exit_2(tiny_model_dir, tmp_path, capsys):
+    bad = tmp_path / "in.jsonl"
+    bad.write_text('{"text": "fine"}\n{"text": oops}\n')
+    assert main(["encode", str(tiny_model_dir), "--input", str(bad), "--output", str(tmp_path / "o.npy")]) == 2
+    assert "in.jsonl:2: invalid JSON" in capsys.readouterr().err
+    assert not (tmp_path / "o.npy").exists()
+    inp = tmp_path / "in.txt"
+    inp.write_text("x\n")
+    assert main(["encode", "no-such-model", "--input", str(inp), "--output", str(tmp_path / "o.npy")]) == 2
+    assert "unknown model 'no-such-model'" in capsys.readouterr().err
+    assert main(["eval", str(tiny_model_dir), "--tasks", str(tmp_path / "missing.yaml")]) == 2
+    assert "config file not found" in capsys.readouterr().err
+
+
+def test_eval_writes_mteb_like_json(tiny_model_dir, tmp_path):
+    rows = [{"sentence1": f"the cat {i}", "sentence2": f"the dog {i % 3}", "score": float(i % 5)} for i in range(12)]
+    (tmp_path / "sts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "tasks.yaml").write_text("tasks:\n  - {name: tiny-sts, type: sts, path: sts.jsonl}\n")
+    out = tmp_path / "results.json"
+    assert main(["eval", str(tiny_model_dir), "--tasks", str(tmp_path / "tasks.yaml"), "--output", str(out)]) == 0
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    assert result["task_name"] == "tiny-sts" and result["main_score_name"] == "cosine_spearman"
+    entry = result["scores"]["test"][0]
+    assert entry["hf_subset"] == "default" and -1 <= entry["main_score"] <= 1
