@@ -47,8 +47,12 @@ def make_tiny_bert(**config_overrides):
 
     tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True)
     cfg = dict(
-        vocab_size=len(tokenizer), hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        intermediate_size=128, max_position_embeddings=128,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
     )
     cfg.update(config_overrides)
     torch.manual_seed(0)
@@ -62,8 +66,14 @@ def tiny_embedder():
     from embforge.models.embedder import Embedder
 
     model, tokenizer = make_tiny_bert()
-    emb = Embedder(model, tokenizer, pooling="mean", normalize=True, max_seq_len=64,
-                   prompts={"query": "query: ", "document": "document: "})
+    emb = Embedder(
+        model,
+        tokenizer,
+        pooling="mean",
+        normalize=True,
+        max_seq_len=64,
+        prompts={"query": "query: ", "document": "document: "},
+    )
     return emb.eval()
 
 

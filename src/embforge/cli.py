@@ -28,7 +28,9 @@ def cmd_encode(args: argparse.Namespace) -> int:
 
     texts = read_texts(args.input, field=args.field)
     model = _load_model(args)
-    emb = model.encode(texts, batch_size=args.batch_size, prompt_name=args.prompt_name, dimensions=args.dimensions, show_progress=True)
+    emb = model.encode(
+        texts, batch_size=args.batch_size, prompt_name=args.prompt_name, dimensions=args.dimensions, show_progress=True
+    )
     save_npy(args.output, emb)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
     return 0

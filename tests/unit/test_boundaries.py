@@ -41,7 +41,13 @@ def test_import_boundaries(path):
         assert "embforge.cli" not in imports, f"{rel} imports the CLI"
     for prefix, forbidden in FORBIDDEN.items():
         if rel == prefix or (prefix.endswith("/") and rel.startswith(prefix)):
-            bad = sorted(i for i in imports if any(i == f.rstrip(".") or i.startswith(f if f.endswith(".") else f + ".") or i == f for f in forbidden))
+            bad = sorted(
+                i
+                for i in imports
+                if any(
+                    i == f.rstrip(".") or i.startswith(f if f.endswith(".") else f + ".") or i == f for f in forbidden
+                )
+            )
             assert not bad, f"{rel} must not import {bad}"
 
 

@@ -35,7 +35,9 @@ def test_round_trip_and_defaults():
 
 
 def test_unknown_key_names_path_and_suggests():
-    with pytest.raises(ConfigError, match=r"unknown key 'stages\[0\]\.optim\.warmup_step' \(did you mean 'warmup_steps'\?\)"):
+    with pytest.raises(
+        ConfigError, match=r"unknown key 'stages\[0\]\.optim\.warmup_step' \(did you mean 'warmup_steps'\?\)"
+    ):
         from_dict(Recipe, {"stages": [{"name": "s", "optim": {"warmup_step": 5}}]})
 
 

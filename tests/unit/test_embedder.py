@@ -75,7 +75,9 @@ def test_saved_folder_loads_in_sentence_transformers(tiny_model_dir, tiny_embedd
     ours = tiny_embedder.encode(TEXTS)
     theirs = model.encode(TEXTS, convert_to_numpy=True)
     assert np.allclose(ours, theirs, atol=1e-5)
-    assert np.allclose(tiny_embedder.encode(TEXTS, prompt_name="query"), model.encode(TEXTS, prompt_name="query"), atol=1e-5)
+    assert np.allclose(
+        tiny_embedder.encode(TEXTS, prompt_name="query"), model.encode(TEXTS, prompt_name="query"), atol=1e-5
+    )
 
 
 @pytest.mark.parametrize("pooling", ["cls", "last"])

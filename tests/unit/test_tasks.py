@@ -36,7 +36,9 @@ def test_retrieval_oracle_scores_one(tmp_path):
     (beir / "qrels").mkdir(parents=True)
     _jsonl(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": w, "text": "about it"} for i, w in enumerate(TOPICS)])
     _jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": f"what is {w}"} for i, w in enumerate(TOPICS)])
-    (beir / "qrels" / "test.tsv").write_text("query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4)))
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4))
+    )
     task = TaskConfig(name="r", type="retrieval", path="beir", query_prompt_name="query")
     model = TopicModel()
     res = evaluate_task(model, task, tmp_path)
@@ -46,8 +48,11 @@ def test_retrieval_oracle_scores_one(tmp_path):
 
 
 def test_sts_pair_classification_reranking_clustering_classification(tmp_path):
-    pairs = [{"sentence1": f"{a} x", "sentence2": f"{b} y", "score": 5.0 if a == b else 0.0, "label": int(a == b)}
-             for a in TOPICS for b in TOPICS]
+    pairs = [
+        {"sentence1": f"{a} x", "sentence2": f"{b} y", "score": 5.0 if a == b else 0.0, "label": int(a == b)}
+        for a in TOPICS
+        for b in TOPICS
+    ]
     _jsonl(tmp_path / "pairs.jsonl", pairs)
     sts = evaluate_task(TopicModel(), TaskConfig(name="s", type="sts", path="pairs.jsonl"), tmp_path)
     # binary gold with many ties caps Spearman near 0.75; a model pairing the wrong topics goes negative
@@ -60,25 +65,45 @@ def test_sts_pair_classification_reranking_clustering_classification(tmp_path):
             e[half:] = np.roll(e[half:], 1, axis=1)  # second sentences point at another topic
             return e
 
-    assert evaluate_task(Reversed(), TaskConfig(name="s", type="sts", path="pairs.jsonl"), tmp_path)["scores"]["test"][0]["main_score"] < -0.3
+    assert (
+        evaluate_task(Reversed(), TaskConfig(name="s", type="sts", path="pairs.jsonl"), tmp_path)["scores"]["test"][0][
+            "main_score"
+        ]
+        < -0.3
+    )
     pc = evaluate_task(TopicModel(), TaskConfig(name="p", type="pair_classification", path="pairs.jsonl"), tmp_path)
     assert pc["scores"]["test"][0]["main_score"] == pytest.approx(1.0)
 
     rerank = [{"q": f"{w} question", "a": f"{v} answer", "y": int(w == v)} for w in TOPICS for v in TOPICS]
     rerank.append({"q": "lonely question", "a": "apple", "y": 0})  # no positive: skipped and counted
     _jsonl(tmp_path / "rerank.jsonl", rerank)
-    task = from_dict(TaskConfig, {"name": "rr", "type": "reranking", "path": "rerank.jsonl",
-                                  "fields": {"query": "q", "document": "a", "label": "y"}})
+    task = from_dict(
+        TaskConfig,
+        {
+            "name": "rr",
+            "type": "reranking",
+            "path": "rerank.jsonl",
+            "fields": {"query": "q", "document": "a", "label": "y"},
+        },
+    )
     rr = evaluate_task(TopicModel(), task, tmp_path)["scores"]["test"][0]
     assert rr["main_score"] == pytest.approx(1.0) and rr["num_skipped_queries"] == 1
 
     labelled = [{"text": f"{w} sample {i}", "label": w} for w in TOPICS for i in range(6)]
     _jsonl(tmp_path / "train.jsonl", labelled)
     _jsonl(tmp_path / "test.jsonl", labelled)
-    cl = evaluate_task(TopicModel(), TaskConfig(name="c", type="clustering", path="test.jsonl", n_experiments=2), tmp_path)
+    cl = evaluate_task(
+        TopicModel(), TaskConfig(name="c", type="clustering", path="test.jsonl", n_experiments=2), tmp_path
+    )
     assert cl["scores"]["test"][0]["main_score"] == pytest.approx(1.0)
-    cls = TaskConfig(name="k", type="classification", path="test.jsonl", train_path="train.jsonl",
-                     samples_per_label=3, n_experiments=3)
+    cls = TaskConfig(
+        name="k",
+        type="classification",
+        path="test.jsonl",
+        train_path="train.jsonl",
+        samples_per_label=3,
+        n_experiments=3,
+    )
     assert evaluate_task(TopicModel(), cls, tmp_path)["scores"]["test"][0]["main_score"] == pytest.approx(1.0)
 
 

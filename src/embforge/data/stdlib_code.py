@@ -23,7 +23,18 @@ from pathlib import Path
 from embforge.data.io import atomic_write
 
 # folders of the standard library that are tests, demos or vendored copies
-_SKIP_DIRS = {"test", "tests", "idle_test", "idlelib", "lib2to3", "site-packages", "turtledemo", "ensurepip", "pydoc_data", "__pycache__"}
+_SKIP_DIRS = {
+    "test",
+    "tests",
+    "idle_test",
+    "idlelib",
+    "lib2to3",
+    "site-packages",
+    "turtledemo",
+    "ensurepip",
+    "pydoc_data",
+    "__pycache__",
+}
 _MIN_SUMMARY_WORDS = 4
 _MIN_BODY_LINES = 3
 _MAX_DOC_CHARS = 2000
@@ -147,7 +158,9 @@ def write_pairs_jsonl(pairs: list[CodePair], path: Path) -> Path:
     return atomic_write(path, write)
 
 
-def write_beir(pairs: list[CodePair], folder: Path, split: str = "test", max_queries: int | None = None, seed: int = 0) -> Path:
+def write_beir(
+    pairs: list[CodePair], folder: Path, split: str = "test", max_queries: int | None = None, seed: int = 0
+) -> Path:
     """Evaluation pairs as a BEIR folder: every pair's code is in the corpus, and
     ``max_queries`` of them (a seeded sample) are queries with their code as the one relevant document."""
     folder.mkdir(parents=True, exist_ok=True)

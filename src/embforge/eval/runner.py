@@ -11,7 +11,9 @@ from embforge.errors import ConfigError
 from embforge.eval.tasks import TaskSuite, evaluate_task
 
 
-def load_suite(path: str | Path, overrides: list[str] = (), data_root: str | Path | None = None) -> tuple[TaskSuite, Path]:
+def load_suite(
+    path: str | Path, overrides: list[str] = (), data_root: str | Path | None = None
+) -> tuple[TaskSuite, Path]:
     """Read a task file strictly; return it and its resolved data root.
 
     The data root is, by priority: ``data_root`` (e.g. ``--data-root``), the
@@ -64,7 +66,11 @@ def print_table(report: dict, title: str = "embforge eval") -> None:
     for r in report["results"]:
         ((split, entries),) = r["scores"].items()
         table.add_row(
-            r["task_name"], r["task_type"], split, r["main_score_name"], f"{100 * entries[0]['main_score']:.2f}",
+            r["task_name"],
+            r["task_type"],
+            split,
+            r["main_score_name"],
+            f"{100 * entries[0]['main_score']:.2f}",
             f"{r['evaluation_time']:.1f}",
         )
     Console().print(table)

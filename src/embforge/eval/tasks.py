@@ -175,7 +175,9 @@ def eval_retrieval(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
     corpus, queries, qrels = load_beir(path, task.split)
     doc_ids = list(corpus)
     q_ids = list(queries)
-    q_emb = _encode(model, [queries[q] for q in q_ids], _side_prompt(model, task.query_prompt_name, "query"), batch_size)
+    q_emb = _encode(
+        model, [queries[q] for q in q_ids], _side_prompt(model, task.query_prompt_name, "query"), batch_size
+    )
     d_emb = _encode(
         model, [corpus[d] for d in doc_ids], _side_prompt(model, task.document_prompt_name, "document"), batch_size
     )
@@ -212,7 +214,9 @@ def undersample(labels: list, samples_per_label: int, idxs: np.ndarray, rng: np.
     return np.array(keep)
 
 
-def eval_classification(model: Any, task: TaskConfig, path: Path, train_path: Path, batch_size: int) -> dict[str, float]:
+def eval_classification(
+    model: Any, task: TaskConfig, path: Path, train_path: Path, batch_size: int
+) -> dict[str, float]:
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
 
@@ -282,7 +286,9 @@ def eval_reranking(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
     rows = _rows(task, path, ("query", "document", "label"))
     groups: dict[str, list[tuple[str, int]]] = {}
     for r in rows:
-        groups.setdefault(r[task.column("query")], []).append((r[task.column("document")], int(r[task.column("label")])))
+        groups.setdefault(r[task.column("query")], []).append(
+            (r[task.column("document")], int(r[task.column("label")]))
+        )
     # MTEB skips queries whose candidates are all positive or all negative: AP is undefined
     usable = {q: c for q, c in groups.items() if 0 < sum(lab > 0 for _, lab in c) < len(c)}
     if not usable:

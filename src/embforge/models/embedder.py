@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 
 from embforge.config import did_you_mean
 from embforge.errors import ConfigError, InputError
-from embforge.models.pooling import PoolingName, Pooling
+from embforge.models.pooling import Pooling, PoolingName
 from embforge.models.registry import resolve_model_path
 from embforge.models.st_format import StLayout, read_layout, write_layout
 
@@ -69,7 +69,9 @@ class Embedder(nn.Module):
         self.max_seq_len = int(max_seq_len or min(model_max or 512, 512))
         self.prompts = dict(prompts or {})
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
-            raise ConfigError(f"default_prompt_name {default_prompt_name!r} is not among the prompts {sorted(self.prompts)}")
+            raise ConfigError(
+                f"default_prompt_name {default_prompt_name!r} is not among the prompts {sorted(self.prompts)}"
+            )
         self.default_prompt_name = default_prompt_name
         self.do_lower_case = do_lower_case
 
@@ -168,9 +170,7 @@ class Embedder(nn.Module):
     def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None) -> dict[str, torch.Tensor]:
         """Prompted, truncated, right-padded batch on the model's device."""
         texts = self._prompted(texts, prompt_name)
-        batch = self.tokenizer(
-            texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt"
-        )
+        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
         return {k: v.to(self.device) for k, v in batch.items()}
 
     # ------------------------------------------------------------------ inference
@@ -249,7 +249,9 @@ class Embedder(nn.Module):
         if name is not None:
             if name not in self.prompts:
                 raise InputError(
-                    f"unknown prompt_name {name!r}" + did_you_mean(name, self.prompts) + f"; this model has {sorted(self.prompts)}"
+                    f"unknown prompt_name {name!r}"
+                    + did_you_mean(name, self.prompts)
+                    + f"; this model has {sorted(self.prompts)}"
                 )
             prefix = self.prompts[name]
         texts = [prefix + t for t in texts]

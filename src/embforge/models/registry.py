@@ -55,7 +55,9 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     if known is not None:
         found = known.path()
         if found is None or not found.is_dir():
-            raise ModelNotFoundError(f"model {str(name_or_path)!r} is packaged on PyPI but not installed: {known.install}")
+            raise ModelNotFoundError(
+                f"model {str(name_or_path)!r} is packaged on PyPI but not installed: {known.install}"
+            )
         return found
     if path.exists():
         raise ModelNotFoundError(f"model path {str(path)!r} is a file, expected a model folder")
