@@ -51,6 +51,16 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_train(args: argparse.Namespace) -> int:
+    from embforge.train.recipe import load_recipe
+    from embforge.train.stages import run_recipe
+
+    recipe, data_root = load_recipe(args.recipe, args.set)
+    run_recipe(recipe, data_root, resume=not args.no_resume)
+    print(f"final model: {recipe.output_dir}/final")
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from embforge.quickstart import run_quickstart
 
@@ -79,6 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="override the task file's data_root")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task-file key")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("train", help="run a multi-stage training recipe (also under torchrun)")
+    p.add_argument("recipe", help="recipe YAML")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
+    p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="the main job: evaluate on held-out Python stdlib code search")
     p.add_argument("--model", default="all-MiniLM-L6-v2")

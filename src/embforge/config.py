@@ -78,6 +78,12 @@ def _convert(value: Any, tp: Any, path: str) -> Any:
     if dataclasses.is_dataclass(tp):
         return from_dict(tp, value, path)
     if tp is float:
+        if isinstance(value, str):
+            # PyYAML (YAML 1.1) reads 2e-5 as a string: accept numeric strings for float fields
+            try:
+                return float(value)
+            except ValueError:
+                pass
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path}: expected a number, got {type(value).__name__} {value!r}")
         return float(value)

@@ -107,6 +107,28 @@ def read_qrels(path: str | Path) -> dict[str, dict[str, int]]:
     return qrels
 
 
+def load_beir(folder: Path, split: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
+    """BEIR folder -> (corpus id -> text, query id -> text, qrels) for the judged queries."""
+    if not folder.is_dir():
+        raise DataError(f"BEIR folder not found: {folder}")
+    corpus = {}
+    for lineno, row in iter_jsonl(folder / "corpus.jsonl"):
+        if "_id" not in row or "text" not in row:
+            raise DataError(f"{folder / 'corpus.jsonl'}:{lineno}: needs fields '_id' and 'text'")
+        corpus[str(row["_id"])] = (str(row.get("title") or "") + " " + str(row["text"])).strip()
+    queries = {}
+    for lineno, row in iter_jsonl(folder / "queries.jsonl"):
+        if "_id" not in row or "text" not in row:
+            raise DataError(f"{folder / 'queries.jsonl'}:{lineno}: needs fields '_id' and 'text'")
+        queries[str(row["_id"])] = str(row["text"])
+    qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
+    missing = sorted(set(qrels) - set(queries))
+    if missing:
+        raise DataError(f"{folder}: {len(missing)} judged queries are missing from queries.jsonl, e.g. {missing[:3]}")
+    queries = {q: queries[q] for q in qrels}
+    return corpus, queries, qrels
+
+
 def atomic_write(path: str | Path, write) -> Path:
     """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
     path = Path(path)

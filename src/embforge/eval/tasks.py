@@ -26,7 +26,7 @@ from typing import Any, Literal
 import numpy as np
 
 from embforge.config import did_you_mean
-from embforge.data.io import iter_jsonl, read_jsonl, read_qrels, require_file
+from embforge.data.io import load_beir, read_jsonl, require_file
 from embforge.errors import ConfigError, DataError
 from embforge.eval import metrics
 
@@ -132,28 +132,6 @@ def _rows(task: TaskConfig, path: Path, roles: tuple[str, ...]) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------- retrieval
-def load_beir(folder: Path, split: str) -> tuple[dict[str, str], dict[str, str], dict[str, dict[str, int]]]:
-    """BEIR folder -> (corpus id -> text, query id -> text, qrels) for the judged queries."""
-    if not folder.is_dir():
-        raise DataError(f"BEIR folder not found: {folder}")
-    corpus = {}
-    for lineno, row in iter_jsonl(folder / "corpus.jsonl"):
-        if "_id" not in row or "text" not in row:
-            raise DataError(f"{folder / 'corpus.jsonl'}:{lineno}: needs fields '_id' and 'text'")
-        corpus[str(row["_id"])] = (str(row.get("title") or "") + " " + str(row["text"])).strip()
-    queries = {}
-    for lineno, row in iter_jsonl(folder / "queries.jsonl"):
-        if "_id" not in row or "text" not in row:
-            raise DataError(f"{folder / 'queries.jsonl'}:{lineno}: needs fields '_id' and 'text'")
-        queries[str(row["_id"])] = str(row["text"])
-    qrels = read_qrels(folder / "qrels" / f"{split}.tsv")
-    missing = sorted(set(qrels) - set(queries))
-    if missing:
-        raise DataError(f"{folder}: {len(missing)} judged queries are missing from queries.jsonl, e.g. {missing[:3]}")
-    queries = {q: queries[q] for q in qrels}
-    return corpus, queries, qrels
-
-
 def search(
     query_emb: np.ndarray, corpus_emb: np.ndarray, doc_ids: list[str], top_k: int, chunk: int = 256
 ) -> list[list[str]]:

@@ -1,0 +1,191 @@
+"""Contrastive losses as pure functions of embeddings (no models).
+
+Layout of a contrastive batch. Each rank holds B queries, and for every query its
+positive and N hard negatives. Documents are embedded as one (B·(1+N), D) block::
+
+    docs = [pos_0 … pos_{B-1} | neg_0,0 … neg_0,N-1 | neg_1,0 … | … neg_{B-1},N-1]
+
+Under torch.distributed the blocks of all R ranks are gathered (with gradient) and
+concatenated in rank order, so the candidate documents are (R·B·(1+N), D) and query i of
+rank r has its positive at ``r·B·(1+N) + i`` and its negatives at
+``r·B·(1+N) + B + i·N + j``. :func:`contrastive_layout` computes these indices; it is the
+one place the layout is defined.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+# ---------------------------------------------------------------------------- gathering
+
+
+class _GatherWithGrad(torch.autograd.Function):
+    """all_gather whose backward sums every rank's gradient for the local slice.
+
+    Each rank's loss only covers its own queries, but those queries also score every
+    other rank's documents; summing the incoming gradients gives each document the
+    gradient of the *sum* of all ranks' losses. DDP then averages parameter gradients
+    over ranks, so the result is the gradient of the mean loss over the global batch —
+    exactly the single-process gradient (tested with 2 gloo processes).
+    """
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:
+        world = dist.get_world_size()
+        parts = [torch.empty_like(x) for _ in range(world)]
+        dist.all_gather(parts, x.contiguous())
+        ctx.rank, ctx.rows = dist.get_rank(), x.shape[0]
+        return torch.cat(parts, dim=0)  # (R·M, D)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:
+        grad = grad.contiguous()
+        dist.all_reduce(grad, op=dist.ReduceOp.SUM)
+        return grad[ctx.rank * ctx.rows : (ctx.rank + 1) * ctx.rows]
+
+
+def gather_with_grad(x: torch.Tensor) -> torch.Tensor:
+    """Concatenate ``x`` (M, …) from all ranks in rank order; identity without distributed."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    return _GatherWithGrad.apply(x)
+
+
+def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
+    """all_gather without gradient (for ids, keys and flags)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x
+    parts = [torch.empty_like(x) for _ in range(dist.get_world_size())]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts, dim=0)
+
+
+def rank_and_world() -> tuple[int, int]:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# ---------------------------------------------------------------------------- layout
+
+
+@dataclass
+class Layout:
+    """Indices into the gathered documents for this rank's queries."""
+
+    positive: torch.Tensor  # (B,) index of each query's positive
+    own: torch.Tensor  # (B, 1+N) indices of each query's positive and hard negatives
+
+
+def contrastive_layout(batch_size: int, num_negatives: int, rank: int = 0, world: int = 1) -> Layout:
+    """Where rank ``rank``'s queries find their documents after the gather (see module doc)."""
+    B, N = batch_size, num_negatives
+    base = rank * B * (1 + N)
+    positive = base + torch.arange(B)  # (B,)
+    negatives = base + B + torch.arange(B).unsqueeze(1) * N + torch.arange(N).unsqueeze(0)  # (B, N)
+    return Layout(positive=positive, own=torch.cat([positive.unsqueeze(1), negatives], dim=1))
+
+
+# ---------------------------------------------------------------------------- InfoNCE
+
+
+def info_nce(
+    queries: torch.Tensor,
+    docs: torch.Tensor,
+    layout: Layout,
+    *,
+    temperature: float = 0.02,
+    in_batch_negatives: bool | torch.Tensor = True,
+    doc_keys: torch.Tensor | None = None,
+    query_keys: torch.Tensor | None = None,
+    all_queries: torch.Tensor | None = None,
+    query_offset: int = 0,
+) -> torch.Tensor:
+    """InfoNCE of each query's positive against its candidates, mean over queries.
+
+    Args:
+        queries: (B, D) this rank's query embeddings (L2-normalised for cosine).
+        docs: (M, D) every candidate document (gathered across ranks).
+        layout: indices of each query's positive and own hard negatives in ``docs``.
+        temperature: τ of softmax(q·d / τ).
+        in_batch_negatives: bool, or (B,) bool per query. Where false, a query is scored
+            only against its own positive and hard negatives (NV-Embed stage 2; datasets
+            such as classification pairs whose other in-batch documents may share its label).
+        doc_keys: (M,) int64 text ids; a candidate whose text equals the query's positive
+            (a false negative) is masked out. Also used for the symmetric term.
+        query_keys: (B,) int64 text ids of the queries (symmetric term: other queries with
+            the same text are masked).
+        all_queries: (Q, D) every query (gathered). When given, adds the symmetric
+            document→query term: each positive scores its query against all queries.
+        query_offset: index of this rank's first query inside ``all_queries``.
+
+    Returns:
+        Scalar loss.
+    """
+    B, M = queries.shape[0], docs.shape[0]
+    logits = queries @ docs.T / temperature  # (B, M)
+    allowed = torch.zeros(B, M, dtype=torch.bool, device=logits.device)
+    allowed.scatter_(1, layout.own.to(logits.device), True)
+    in_batch = torch.as_tensor(in_batch_negatives, device=logits.device).expand(B)
+    allowed |= in_batch.unsqueeze(1)
+    positive = layout.positive.to(logits.device)
+    if doc_keys is not None:
+        pos_keys = doc_keys[positive]  # (B,)
+        duplicate = doc_keys.unsqueeze(0) == pos_keys.unsqueeze(1)  # (B, M)
+        duplicate[torch.arange(B), positive] = False
+        allowed &= ~duplicate
+    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
+    loss = F.cross_entropy(logits, positive)
+    if all_queries is not None:
+        # document -> query: each query's positive picks that query among all queries
+        back = docs[positive] @ all_queries.T / temperature  # (B, Q)
+        target = query_offset + torch.arange(B, device=back.device)
+        if query_keys is not None:
+            all_keys = gather_no_grad(query_keys)
+            same = all_keys.unsqueeze(0) == query_keys.unsqueeze(1)  # (B, Q)
+            same[torch.arange(B), target] = False
+            back = back.masked_fill(same, torch.finfo(back.dtype).min)
+        loss = (loss + F.cross_entropy(back, target)) / 2
+    return loss
+
+
+# ---------------------------------------------------------------------------- Matryoshka
+
+
+def matryoshka(
+    loss_fn: Callable[..., torch.Tensor],
+    tensors: Sequence[torch.Tensor | None],
+    dims: Sequence[int],
+    weights: Sequence[float] | None = None,
+) -> torch.Tensor:
+    """Weighted sum of ``loss_fn`` on the first d components (re-normalised) for each d in ``dims``.
+
+    Args:
+        loss_fn: called as ``loss_fn(*truncated)`` with every tensor cut to (…, d) and
+            L2-normalised (``None`` entries passed through), returns a scalar.
+        tensors: full embeddings, e.g. ``(queries (B, D), docs (M, D))``.
+        dims: prefix lengths, e.g. [768, 512, 256, 128, 64] (Nomic v1.5).
+        weights: one per dim (default: all 1, as in Nomic v1.5).
+    """
+    weights = list(weights) if weights is not None else [1.0] * len(dims)
+    if len(weights) != len(dims):
+        raise ValueError(f"matryoshka: {len(dims)} dims but {len(weights)} weights")
+    total = None
+    for d, w in zip(dims, weights):
+        cut = [None if t is None else F.normalize(t[..., :d], dim=-1) for t in tensors]
+        term = w * loss_fn(*cut)
+        total = term if total is None else total + term
+    return total
+
+
+# ---------------------------------------------------------------------------- MLM
+
+
+def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy over masked positions. logits (B, T, V), labels (B, T) with -100 elsewhere."""
+    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)

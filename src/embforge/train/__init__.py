@@ -1,0 +1,1 @@
+"""Training: the recipe schema, THE loop, GradCache, checkpoints and parallelism."""

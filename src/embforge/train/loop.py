@@ -1,0 +1,336 @@
+"""THE training loop: one stage of contrastive training, from 1 CPU process to N GPUs.
+
+Per optimizer step, for each of ``grad_accum_steps`` micro-steps: every rank draws the
+same *global* batch from an identically seeded sampler and keeps its slice (so a run on
+R processes sees exactly the batches of a 1-process run with R× the batch), tokenises
+it, embeds queries and documents (plainly or with GradCache), and backpropagates an
+InfoNCE loss whose documents are gathered from all ranks. Then: clip, AdamW step, LR
+schedule, log, evaluate, checkpoint. A non-finite loss stops the run before the
+optimizer touches the weights, so the last checkpoint stays the last good state.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from tqdm.auto import tqdm
+
+from embforge.data.pairs import (
+    BatchSampler,
+    DataReport,
+    Example,
+    MemorySource,
+    StreamSource,
+    load_beir_pairs,
+    load_jsonl_records,
+    text_key,
+)
+from embforge.errors import DataError, EmbforgeError
+from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
+from embforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from embforge.train.grad_cache import grad_cache_step, split_features
+from embforge.train.parallel import DistInfo, barrier, no_sync, wrap_model
+from embforge.train.recipe import DataConfig, LossConfig, OptimConfig, StageConfig
+
+
+class TrainingError(EmbforgeError):
+    """Training cannot continue (e.g. the loss became NaN or infinite)."""
+
+
+# ---------------------------------------------------------------------------- data
+def build_sampler(data: DataConfig, data_root: Path, seed: int, world: int) -> tuple[BatchSampler, DataReport]:
+    """Sources for every dataset of the stage, combined by the configured sampler."""
+    report = DataReport()
+    sources = []
+    for i, ds in enumerate(data.datasets):
+        path = data_root / ds.path
+        if ds.format == "beir":
+            if data.num_negatives:
+                raise DataError(f"dataset {ds.name!r}: BEIR pairs carry no hard negatives; mine them first")
+            sources.append(MemorySource(load_beir_pairs(path, ds.split, ds.name, report), seed + i, ds.name))
+        elif ds.stream:
+            sources.append(StreamSource(str(path), ds.name, data.num_negatives, report))
+        else:
+            if not path.is_file():
+                raise DataError(f"dataset {ds.name!r}: file not found: {path}")
+            sources.append(
+                MemorySource(load_jsonl_records(path, ds.name, data.num_negatives, report), seed + i, ds.name)
+            )
+    sampler = BatchSampler(
+        sources,
+        [d.weight for d in data.datasets],
+        data.batch_size * world,
+        data.sampler,
+        data.no_duplicates,
+        seed,
+    )
+    return sampler, report
+
+
+@dataclass
+class ContrastiveBatch:
+    queries: dict[str, torch.Tensor]  # tokenised (B, Tq)
+    docs: dict[str, torch.Tensor]  # tokenised (B·(1+N), Td): positives, then negatives row-major
+    query_keys: torch.Tensor  # (B,) text ids
+    doc_keys: torch.Tensor  # (B·(1+N),) text ids
+    in_batch: torch.Tensor  # (B,) per-query in-batch-negatives flag
+    num_negatives: int
+
+
+def collate(examples: list[Example], data: DataConfig, tokenize, device: torch.device) -> ContrastiveBatch:
+    """Prompt, tokenise and lay out a batch (see :mod:`embforge.losses` for the layout)."""
+    cfgs = [data.datasets[e.dataset] for e in examples]
+    q_texts = [c.query_prompt + e.record.query for c, e in zip(cfgs, examples)]
+    d_texts = [c.document_prompt + e.record.positive for c, e in zip(cfgs, examples)]
+    d_texts += [c.document_prompt + n for c, e in zip(cfgs, examples) for n in e.record.negatives]
+    raw_docs = [e.record.positive for e in examples] + [n for e in examples for n in e.record.negatives]
+    return ContrastiveBatch(
+        queries={k: v.to(device) for k, v in tokenize(q_texts).items()},
+        docs={k: v.to(device) for k, v in tokenize(d_texts).items()},
+        query_keys=torch.tensor([text_key(e.record.query) for e in examples], device=device),
+        doc_keys=torch.tensor([text_key(t) for t in raw_docs], device=device),
+        in_batch=torch.tensor([c.in_batch_negatives for c in cfgs], device=device),
+        num_negatives=data.num_negatives,
+    )
+
+
+# ---------------------------------------------------------------------------- loss
+def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
+    """``(queries (B, D), docs (B·(1+N), D)) -> loss`` with gather, masking and Matryoshka."""
+    B = batch.query_keys.shape[0]
+    layout = contrastive_layout(B, batch.num_negatives, info.rank, info.world)
+    doc_keys = gather_no_grad(batch.doc_keys) if cfg.mask_duplicates else None
+    in_batch = batch.in_batch & cfg.in_batch_negatives
+
+    def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        docs = gather_with_grad(d)  # (R·B·(1+N), D)
+        all_q = gather_with_grad(q) if cfg.symmetric else None  # (R·B, D)
+
+        def nce(qq, dd, aq):
+            return info_nce(
+                qq,
+                dd,
+                layout,
+                temperature=cfg.temperature,
+                in_batch_negatives=in_batch,
+                doc_keys=doc_keys,
+                query_keys=batch.query_keys if aq is not None else None,
+                all_queries=aq,
+                query_offset=info.rank * B,
+            )
+
+        dims = cfg.matryoshka_dims or [q.shape[-1]]
+        return matryoshka(nce, (q, docs, all_q), dims, cfg.matryoshka_weights)
+
+    return loss_fn
+
+
+def contrastive_step(
+    model: torch.nn.Module,
+    batch: ContrastiveBatch,
+    cfg: LossConfig,
+    info: DistInfo,
+    *,
+    grad_cache_chunk: int = 0,
+    scale: float = 1.0,
+    sync: bool = True,
+    autocast=contextlib.nullcontext,
+) -> torch.Tensor:
+    """Forward + backward of one (micro-)batch; gradients accumulate into ``.grad``.
+
+    Args:
+        model: the Embedder, possibly DDP-wrapped.
+        scale: multiplies the loss (1 / grad_accum_steps).
+        sync: let DDP all-reduce gradients on this backward (false for all but the last micro-step).
+
+    Returns:
+        The unscaled loss of this rank (detached).
+    """
+    loss_fn = make_loss_fn(batch, cfg, info)
+
+    def embed(features):
+        with autocast():
+            return model(**features).float()
+
+    def scaled(*emb):
+        return loss_fn(*emb) * scale
+
+    if grad_cache_chunk:
+        inputs = [split_features(batch.queries, grad_cache_chunk), split_features(batch.docs, grad_cache_chunk)]
+        with contextlib.nullcontext() if sync else no_sync(model):
+            # within the step, only the last re-forward lets DDP all-reduce the gradients
+            loss = grad_cache_step(embed, inputs, scaled, no_sync=lambda: no_sync(model))
+        return loss / scale
+    with contextlib.nullcontext() if sync else no_sync(model):
+        loss = scaled(embed(batch.queries), embed(batch.docs))
+        loss.backward()
+    return loss.detach() / scale
+
+
+# ---------------------------------------------------------------------------- optimizer
+def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+    """AdamW; biases and normalisation weights get no weight decay."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):
+    """Linear warm-up, then linear decay to 0, cosine decay to 0, or constant."""
+
+    def factor(step: int) -> float:
+        if step < cfg.warmup_steps:
+            return (step + 1) / cfg.warmup_steps
+        progress = (step - cfg.warmup_steps) / max(1, total_steps - cfg.warmup_steps)
+        if cfg.schedule == "linear":
+            return max(0.0, 1.0 - progress)
+        if cfg.schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# ---------------------------------------------------------------------------- the loop
+def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
+    if info.world > 1:
+        x = x.clone()
+        dist.all_reduce(x)
+        x /= info.world
+    return float(x)
+
+
+def train_stage(
+    embedder: torch.nn.Module,
+    stage: StageConfig,
+    *,
+    data_root: Path,
+    stage_dir: Path,
+    recipe_dict: dict,
+    info: DistInfo,
+    seed: int,
+    parallel: str = "ddp",
+    resume: bool = True,
+    evaluator=None,
+) -> list[dict]:
+    """Train ``embedder`` in place for one stage; return the logged metrics.
+
+    Args:
+        embedder: the (unwrapped) Embedder; wrapped here for DDP/FSDP when world > 1.
+        stage: the stage config.
+        data_root: dataset paths are relative to it.
+        stage_dir: checkpoints, ``metrics.jsonl`` and ``curves.png`` go here.
+        recipe_dict: the resolved recipe, saved beside every checkpoint.
+        info: rank, world size and device.
+        seed: data-order seed (the same on every rank).
+        resume: continue from the newest checkpoint in ``stage_dir`` if there is one.
+        evaluator: optional ``callable(embedder) -> {task: score}`` run every ``eval_every`` steps.
+    """
+    torch.manual_seed(seed)
+    sampler, report = build_sampler(stage.data, data_root, seed, info.world)
+    model = wrap_model(embedder, info, parallel)
+    optimizer = build_optimizer(model, stage.optim)
+    scheduler = build_scheduler(optimizer, stage.optim, stage.steps)
+    ckpt_dir = stage_dir / "checkpoints"
+    start = 0
+    latest = latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        state = load_checkpoint(latest, embedder, optimizer, scheduler)
+        sampler.load_state_dict(state["sampler"])
+        start = state["step"]
+    log_file = stage_dir / "metrics.jsonl"
+    history: list[dict] = []
+    if log_file.is_file() and start:
+        history = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
+        history = [h for h in history if h["step"] <= start]
+    if info.is_main:
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        log_file.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop lines past the checkpoint
+    autocast = (
+        (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16))
+        if stage.precision == "bf16"
+        else contextlib.nullcontext
+    )
+    B = stage.data.batch_size
+    tokenize = lambda texts: embedder.tokenizer(  # noqa: E731
+        texts, padding=True, truncation=True, max_length=embedder.max_seq_len, return_tensors="pt"
+    )
+    model.train()
+    bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.name}", disable=not info.is_main, unit="step")
+    window_start, window_examples = time.perf_counter(), 0
+
+    def save(step: int) -> None:
+        if info.is_main:
+            trainer_state = {"sampler": sampler.state_dict(), "stage": stage.name, "data_report": report.summary()}
+            save_checkpoint(ckpt_dir, step, embedder, optimizer, scheduler, trainer_state, recipe_dict)
+        barrier()
+
+    for step in range(start, stage.steps):
+        optimizer.zero_grad(set_to_none=True)
+        losses = []
+        for micro in range(stage.grad_accum_steps):
+            examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]
+            batch = collate(examples, stage.data, tokenize, info.device)
+            losses.append(
+                contrastive_step(
+                    model,
+                    batch,
+                    stage.loss,
+                    info,
+                    grad_cache_chunk=stage.grad_cache_chunk,
+                    scale=1.0 / stage.grad_accum_steps,
+                    sync=micro == stage.grad_accum_steps - 1,
+                    autocast=autocast,
+                )
+            )
+        loss = _mean_over_ranks(torch.stack(losses).mean(), info)
+        if not math.isfinite(loss):
+            raise TrainingError(
+                f"stage {stage.name!r}: loss became {loss} at step {step + 1}; stopped before updating the weights. "
+                f"The last good checkpoint is {latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
+            )
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.max_grad_norm or float("inf"))
+        optimizer.step()
+        scheduler.step()
+        window_examples += B * info.world * stage.grad_accum_steps
+        done = step + 1
+        bar.update(1)
+        bar.set_postfix(loss=f"{loss:.4f}")
+        if done % stage.log_every == 0 or done == stage.steps:
+            elapsed = time.perf_counter() - window_start
+            row = {
+                "step": done,
+                "loss": loss,
+                "lr": scheduler.get_last_lr()[0],
+                "grad_norm": float(grad_norm),
+                "examples_per_s": window_examples / max(elapsed, 1e-9),
+            }
+            window_start, window_examples = time.perf_counter(), 0
+            if evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps):
+                if info.is_main:
+                    row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
+                    model.train()
+                barrier()
+            history.append(row)
+            if info.is_main:
+                with log_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+        if stage.save_every and done % stage.save_every == 0 and done != stage.steps:
+            save(done)
+    bar.close()
+    if latest is None or start < stage.steps:
+        save(stage.steps)
+    if info.is_main:
+        print(f"stage {stage.name}: data {report.summary()}")
+    return history

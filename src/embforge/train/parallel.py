@@ -1,0 +1,73 @@
+"""Process groups and model wrapping for torchrun (DDP, FSDP). The model never imports this.
+
+The same code path runs on 1 CPU process and on N GPUs: :func:`init_distributed` reads
+torchrun's environment (nothing to do without it), picks nccl on GPUs and gloo on CPU,
+and :func:`wrap_model` applies DDP or FSDP to an already-built model.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class DistInfo:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def init_distributed() -> DistInfo:
+    """Join the process group torchrun set up, or return a single-process DistInfo."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if torch.cuda.is_available():
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+    else:
+        device = torch.device("cpu")
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> torch.nn.Module:
+    """DDP (default) or FSDP (fully_shard on every transformer layer, then the root)."""
+    if info.world == 1:
+        return model
+    if mode == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        layers = [m for m in model.modules() if type(m).__name__.endswith("Layer") and m is not model]
+        for layer in layers:
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    device_ids = [info.device.index] if info.device.type == "cuda" else None
+    return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def no_sync(model: torch.nn.Module):
+    """The model's gradient-sync suspension (DDP), or a no-op context."""
+    return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
+
+
+def barrier() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+
+
+def shutdown() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

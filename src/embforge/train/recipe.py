@@ -1,0 +1,134 @@
+"""The training recipe schema: one YAML file, a ``model`` block and ordered ``stages``.
+
+Plain dataclasses (no torch), validated strictly by :func:`embforge.config.from_dict`:
+unknown keys are errors with a did-you-mean suggestion, and ``--set`` overrides go
+through the same checks (``--set stages.1.optim.lr=1e-5``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+from embforge.config import apply_overrides, from_dict, read_yaml
+from embforge.errors import ConfigError
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str  # known model name or folder (the starting weights)
+    pooling: Literal["mean", "cls", "last"] | None = None  # None: what the model folder says
+    normalize: bool | None = None
+    max_seq_len: int | None = None
+    prompts: dict[str, str] | None = None
+    gradient_checkpointing: bool = False
+
+
+@dataclass
+class DatasetConfig:
+    name: str
+    path: str  # JSONL file, glob of JSONL shards, or BEIR folder; relative to data_root
+    format: Literal["jsonl", "beir"] = "jsonl"
+    split: str = "train"  # BEIR: qrels/<split>.tsv
+    weight: float = 1.0  # sampling weight among the stage's datasets
+    query_prompt: str = ""  # text prepended to queries, e.g. "search_query: "
+    document_prompt: str = ""  # text prepended to positives and negatives
+    in_batch_negatives: bool = True  # false: this dataset's queries see only their own documents
+    stream: bool = False  # read shards sequentially (memory independent of size) instead of loading
+
+
+@dataclass
+class DataConfig:
+    datasets: list[DatasetConfig]
+    batch_size: int = 32  # queries per optimizer step and rank (before accumulation)
+    num_negatives: int = 0  # hard negatives per query (records need at least this many)
+    sampler: Literal["mixed", "proportional", "single_source"] = "mixed"
+    no_duplicates: bool = True  # never two identical texts in one batch (false in-batch negatives)
+
+    def validate(self, path: str) -> None:
+        if not self.datasets:
+            raise ConfigError(f"{path}.datasets: at least one dataset is needed")
+        names = [d.name for d in self.datasets]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"{path}.datasets: duplicate dataset names {names}")
+        if self.batch_size < 1 or self.num_negatives < 0:
+            raise ConfigError(f"{path}: batch_size must be >= 1 and num_negatives >= 0")
+        if any(d.weight <= 0 for d in self.datasets):
+            raise ConfigError(f"{path}.datasets: weights must be > 0")
+
+
+@dataclass
+class LossConfig:
+    temperature: float = 0.02  # NV-Embed does not publish τ; 0.02 is this family's usual value (Nomic: 0.02)
+    in_batch_negatives: bool = True  # the stage switch (NV-Embed stage 2: false)
+    symmetric: bool = False  # add the document -> query term
+    mask_duplicates: bool = True  # mask candidates whose text equals the positive
+    matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [768, 512, 256, 128, 64]
+    matryoshka_weights: list[float] | None = None
+
+    def validate(self, path: str) -> None:
+        if self.temperature <= 0:
+            raise ConfigError(f"{path}.temperature must be > 0")
+        if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
+            raise ConfigError(f"{path}: matryoshka_weights needs one weight per dim")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 2e-5
+    weight_decay: float = 0.01  # not applied to biases and norm weights
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    eps: float = 1e-8
+    warmup_steps: int = 0
+    schedule: Literal["linear", "cosine", "constant"] = "linear"
+    max_grad_norm: float = 1.0  # 0 disables clipping
+
+
+@dataclass
+class StageConfig:
+    name: str
+    steps: int
+    data: DataConfig
+    loss: LossConfig = field(default_factory=LossConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    grad_accum_steps: int = 1
+    grad_cache_chunk: int = 0  # > 0: GradCache with this many texts per forward pass
+    precision: Literal["fp32", "bf16"] = "fp32"
+    log_every: int = 10
+    save_every: int = 0  # 0: checkpoint only at the end of the stage
+    eval_every: int = 0  # 0: no evaluation during the stage
+    eval_tasks: str | None = None  # task file (relative to data_root)
+    eval_only: list[str] | None = None  # task names inside it
+
+    def validate(self, path: str) -> None:
+        if self.steps < 1 or self.grad_accum_steps < 1 or self.grad_cache_chunk < 0:
+            raise ConfigError(f"{path}: steps and grad_accum_steps must be >= 1, grad_cache_chunk >= 0")
+        if self.eval_every and not self.eval_tasks:
+            raise ConfigError(f"{path}: eval_every needs eval_tasks")
+
+
+@dataclass
+class RecipeConfig:
+    model: ModelConfig
+    stages: list[StageConfig]
+    output_dir: str = "runs/recipe"
+    data_root: str = "."  # dataset paths are relative to this (itself relative to the recipe file)
+    seed: int = 0
+    parallel: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun with > 1 process
+
+    def validate(self, path: str) -> None:
+        names = [s.name for s in self.stages]
+        if not names or len(set(names)) != len(names):
+            raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeConfig, Path]:
+    """Read a recipe strictly; return it and the resolved data root."""
+    path = Path(path)
+    try:
+        recipe = from_dict(RecipeConfig, apply_overrides(read_yaml(path), overrides))
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: {exc}") from exc
+    root = Path(recipe.data_root)
+    return recipe, (root if root.is_absolute() else path.parent / root).resolve()

@@ -1,0 +1,83 @@
+"""Run a multi-stage recipe: each stage starts from the previous stage's weights."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from embforge.config import to_dict
+from embforge.models.embedder import Embedder
+from embforge.train.checkpoint import latest_checkpoint, load_model_weights
+from embforge.train.loop import train_stage
+from embforge.train.parallel import DistInfo, barrier, init_distributed
+from embforge.train.recipe import ModelConfig, RecipeConfig
+
+
+def load_embedder(cfg: ModelConfig, device: torch.device) -> Embedder:
+    """The starting model, with the recipe's overrides of pooling, length and prompts."""
+    overrides = {
+        k: getattr(cfg, k) for k in ("pooling", "normalize", "max_seq_len", "prompts") if getattr(cfg, k) is not None
+    }
+    embedder = Embedder.load(cfg.name_or_path, device=device, **overrides)
+    if cfg.gradient_checkpointing:
+        embedder.backbone.gradient_checkpointing_enable()
+    return embedder
+
+
+def stage_dirs(recipe: RecipeConfig) -> list[Path]:
+    return [Path(recipe.output_dir) / f"{i + 1:02d}-{s.name}" for i, s in enumerate(recipe.stages)]
+
+
+def _evaluator(stage, data_root: Path):
+    if not stage.eval_tasks:
+        return None
+    from embforge.eval.runner import load_suite, main_scores, run_suite
+
+    suite, root = load_suite(data_root / stage.eval_tasks)
+    return lambda model: main_scores(run_suite(model, suite, root, batch_size=64, only=stage.eval_only))
+
+
+def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, info: DistInfo | None = None) -> Embedder:
+    """Train every stage in order and save ``<output_dir>/final`` (a sentence-transformers folder).
+
+    With ``resume``, finished stages are skipped (their final checkpoint is loaded) and an
+    unfinished stage continues from its newest checkpoint.
+    """
+    info = info or init_distributed()
+    random.seed(recipe.seed)
+    np.random.seed(recipe.seed)
+    torch.manual_seed(recipe.seed)
+    embedder = load_embedder(recipe.model, info.device)
+    recipe_dict = to_dict(recipe)
+    histories: dict[str, list[dict]] = {}
+    for i, (stage, folder) in enumerate(zip(recipe.stages, stage_dirs(recipe))):
+        latest = latest_checkpoint(folder / "checkpoints") if resume else None
+        if latest is not None and latest.name == f"step-{stage.steps:08d}":
+            load_model_weights(latest, embedder)  # this stage already finished
+            continue
+        histories[stage.name] = train_stage(
+            embedder,
+            stage,
+            data_root=data_root,
+            stage_dir=folder,
+            recipe_dict=recipe_dict,
+            info=info,
+            seed=recipe.seed + 1000 * i,
+            parallel=recipe.parallel,
+            resume=resume,
+            evaluator=_evaluator(stage, data_root),
+        )
+        if info.is_main:
+            embedder.save(folder / "model")
+        barrier()
+    if info.is_main:
+        embedder.save(Path(recipe.output_dir) / "final")
+        if any(histories.values()):
+            from embforge.train.plots import plot_history
+
+            plot_history(histories, Path(recipe.output_dir) / "curves.png")
+    barrier()
+    return embedder
