@@ -5,23 +5,18 @@ from __future__ import annotations
 import importlib.util
 import os
 import random
-import string
 from pathlib import Path
 
 import numpy as np
 import pytest
+
+from embforge.models.tiny import tiny_bert
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("EMBFORGE_SHARED_DATA", REPO.parent / "shared" / "data"))
-
-WORDS = (
-    "the a an of to in is for on with as by at from sort list dict file read write open close path "
-    "string number value return error key item data model text query document search find match "
-    "python function class method list tuple set map filter reduce cat dog runs fast slow"
-).split()
 
 
 @pytest.fixture(autouse=True)
@@ -33,39 +28,11 @@ def _seed():
     torch.manual_seed(0)
 
 
-def tiny_vocab() -> dict[str, int]:
-    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
-    tokens = specials + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + sorted(set(WORDS))
-    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
-
-
-def make_tiny_bert(**config_overrides):
-    """A 2-layer, 64-wide BERT with a small WordPiece vocab, random init (seeded)."""
-    import torch
-    from transformers import BertConfig, BertModel, BertTokenizerFast
-
-    tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True)
-    cfg = dict(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        intermediate_size=128,
-        max_position_embeddings=128,
-    )
-    cfg.update(config_overrides)
-    torch.manual_seed(0)
-    model = BertModel(BertConfig(**cfg))
-    model.eval()
-    return model, tokenizer
-
-
 @pytest.fixture(scope="session")
 def tiny_embedder():
     from embforge.models.embedder import Embedder
 
-    model, tokenizer = make_tiny_bert()
+    model, tokenizer = tiny_bert()
     emb = Embedder(
         model,
         tokenizer,

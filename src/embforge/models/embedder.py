@@ -62,6 +62,11 @@ class Embedder(nn.Module):
     ):
         super().__init__()
         self.backbone = backbone
+        # BERT-style task poolers are never part of the embedding path: freeze them so that
+        # DDP does not wait for gradients they never get (and the optimizer skips them)
+        pooler = getattr(backbone, "pooler", None)
+        if isinstance(pooler, nn.Module):
+            pooler.requires_grad_(False)
         self.tokenizer = tokenizer
         self.pooling = Pooling(pooling)
         self.normalize = normalize

@@ -1,0 +1,45 @@
+"""Tiny, randomly initialised models built from configs (no downloads), for tests and docs.
+
+They are the real architectures shrunk (2 layers, width 64) with a small WordPiece
+vocabulary, so behaviour (padding, pooling, training, saving) is exercised in seconds.
+"""
+
+from __future__ import annotations
+
+import string
+
+import torch
+
+TINY_WORDS = (
+    "the a an of to in is for on with as by at from sort list dict file read write open close path "
+    "string number value return error key item data model text query document search find match "
+    "python function class method tuple set map filter reduce cat dog runs fast slow red blue green"
+).split()
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Special tokens, characters, ``##`` suffix characters and a few whole words."""
+    specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    chars = list(string.ascii_lowercase + string.digits + string.punctuation)
+    tokens = specials + chars + ["##" + c for c in string.ascii_lowercase + string.digits] + sorted(set(TINY_WORDS))
+    return {tok: i for i, tok in enumerate(dict.fromkeys(tokens))}
+
+
+def tiny_bert(seed: int = 0, **config_overrides):
+    """(BertModel, tokenizer): 2 layers, hidden 64, 4 heads, seeded random init, eval mode."""
+    from transformers import BertConfig, BertModel, BertTokenizerFast
+
+    tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True)
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=128,
+        max_position_embeddings=128,
+    )
+    cfg.update(config_overrides)
+    torch.manual_seed(seed)
+    model = BertModel(BertConfig(**cfg))
+    model.eval()
+    return model, tokenizer

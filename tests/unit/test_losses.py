@@ -1,0 +1,92 @@
+"""Losses against naive per-query loops on plain tensors."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from embforge.losses import contrastive_layout, info_nce, matryoshka
+
+
+def naive_info_nce(q, docs, B, N, tau, in_batch, doc_keys=None):
+    total = 0.0
+    for i in range(B):
+        pos = i
+        own = {pos} | {B + i * N + j for j in range(N)}
+        cands = []
+        for m in range(docs.shape[0]):
+            if m != pos and doc_keys is not None and doc_keys[m] == doc_keys[pos]:
+                continue  # a copy of the positive is a false negative
+            if m in own or in_batch[i]:
+                cands.append(m)
+        scores = torch.stack([q[i] @ docs[m] / tau for m in cands])
+        total += -(scores[cands.index(pos)] - torch.logsumexp(scores, 0))
+    return total / B
+
+
+@pytest.mark.parametrize("in_batch", [[True] * 4, [False] * 4, [True, False, True, False]])
+def test_info_nce_matches_naive_loop_with_hard_negatives(in_batch):
+    torch.manual_seed(0)
+    B, N, D = 4, 3, 8
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    layout = contrastive_layout(B, N)
+    got = info_nce(q, docs, layout, temperature=0.05, in_batch_negatives=torch.tensor(in_batch))
+    assert got.item() == pytest.approx(naive_info_nce(q, docs, B, N, 0.05, in_batch).item(), rel=1e-5)
+
+
+def test_duplicate_texts_are_masked_as_false_negatives():
+    torch.manual_seed(1)
+    B, N, D = 3, 1, 6
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    keys = torch.tensor([10, 11, 12, 10, 20, 21])  # doc 3 (query 0's negative) repeats query 0's positive text
+    got = info_nce(q, docs, contrastive_layout(B, N), temperature=0.1, doc_keys=keys)
+    expected = naive_info_nce(q, docs, B, N, 0.1, [True] * B, doc_keys=keys.tolist())
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    unmasked = info_nce(q, docs, contrastive_layout(B, N), temperature=0.1)
+    assert unmasked.item() != pytest.approx(got.item())
+
+
+def test_symmetric_term_is_the_mean_of_both_directions():
+    torch.manual_seed(2)
+    B, D = 5, 4
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    d = F.normalize(torch.randn(B, D), dim=-1)
+    layout = contrastive_layout(B, 0)
+    forward = F.cross_entropy(q @ d.T / 0.05, torch.arange(B))
+    backward = F.cross_entropy(d @ q.T / 0.05, torch.arange(B))
+    got = info_nce(q, d, layout, temperature=0.05, all_queries=q)
+    assert got.item() == pytest.approx(((forward + backward) / 2).item(), rel=1e-6)
+
+
+def test_layout_of_rank_blocks():
+    lay = contrastive_layout(batch_size=2, num_negatives=2, rank=1, world=2)
+    # rank 1's block starts at 1 * 2 * (1 + 2) = 6: positives 6, 7; negatives 8, 9 | 10, 11
+    assert lay.positive.tolist() == [6, 7]
+    assert lay.own.tolist() == [[6, 8, 9], [7, 10, 11]]
+
+
+def test_matryoshka_is_weighted_sum_over_truncations():
+    torch.manual_seed(3)
+    q, d = torch.randn(4, 16), torch.randn(4, 16)
+    layout = contrastive_layout(4, 0)
+
+    def loss(a, b):
+        return info_nce(a, b, layout, temperature=0.1)
+
+    got = matryoshka(loss, (q, d), dims=[16, 8, 4], weights=[1.0, 0.5, 0.25])
+    expected = sum(
+        w * loss(F.normalize(q[:, :k], dim=-1), F.normalize(d[:, :k], dim=-1))
+        for k, w in [(16, 1.0), (8, 0.5), (4, 0.25)]
+    )
+    assert got.item() == pytest.approx(expected.item(), rel=1e-6)
+    with pytest.raises(ValueError, match="2 weights"):
+        matryoshka(loss, (q, d), dims=[16, 8, 4], weights=[1.0, 0.5])
+
+
+def test_perfect_embeddings_give_small_loss():
+    e = torch.eye(4)
+    loss = info_nce(e, e, contrastive_layout(4, 0), temperature=0.02)
+    assert loss.item() < 1e-6 and math.isfinite(loss.item())

@@ -1,0 +1,54 @@
+"""Builders shared by the training tests (importable by spawned worker processes)."""
+
+from __future__ import annotations
+
+import random
+
+import torch
+
+from embforge.data.pairs import Example, PairRecord
+from embforge.models.embedder import Embedder
+from embforge.models.tiny import TINY_WORDS, tiny_bert
+from embforge.train.loop import ContrastiveBatch, collate
+from embforge.train.recipe import DataConfig, DatasetConfig
+
+
+def tiny_embedder(dropout: float = 0.0, seed: int = 0) -> Embedder:
+    model, tokenizer = tiny_bert(seed, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
+    return Embedder(model, tokenizer, max_seq_len=32)
+
+
+def sentence(rng: random.Random, n: int = 6) -> str:
+    return " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(2, n)))
+
+
+def records(count: int, num_negatives: int, seed: int = 0) -> list[PairRecord]:
+    rng = random.Random(seed)
+    return [
+        PairRecord(sentence(rng), sentence(rng, 10), [sentence(rng, 10) for _ in range(num_negatives)])
+        for _ in range(count)
+    ]
+
+
+def make_batch(
+    model: Embedder, recs: list[PairRecord], num_negatives: int, in_batch: list[bool] | None = None
+) -> ContrastiveBatch:
+    """A ContrastiveBatch of ``recs``; ``in_batch`` picks dataset 0 (True) or 1 (False) per record."""
+    data = DataConfig(
+        datasets=[
+            DatasetConfig(name="a", path="-", query_prompt="q: "),
+            DatasetConfig(name="b", path="-", in_batch_negatives=False),
+        ],
+        num_negatives=num_negatives,
+    )
+    flags = in_batch or [True] * len(recs)
+    examples = [Example(0 if f else 1, r) for r, f in zip(recs, flags)]
+
+    def tokenize(texts):
+        return model.tokenizer(texts, padding=True, truncation=True, max_length=model.max_seq_len, return_tensors="pt")
+
+    return collate(examples, data, tokenize, torch.device("cpu"))
+
+
+def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
