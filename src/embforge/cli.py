@@ -96,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="ignore existing checkpoints in output_dir")
     p.set_defaults(func=cmd_train)
 
-    p = sub.add_parser("quickstart", help="the main job: evaluate on held-out Python stdlib code search")
+    p = sub.add_parser(
+        "quickstart", help="the main job: fine-tune MiniLM for code search on the local stdlib, before/after table"
+    )
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--output-dir", default="runs/quickstart")
     p.set_defaults(func=cmd_quickstart)

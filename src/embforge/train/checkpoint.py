@@ -31,21 +31,25 @@ from embforge.errors import CheckpointError
 _PREFIX = "step-"
 
 
-def _model_tensors(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied embeddings): clone makes every tensor its own
-    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
 
 def save_checkpoint(
-    folder: Path, step: int, model: torch.nn.Module, optimizer, scheduler, trainer_state: dict, recipe: dict
+    folder: Path, step: int, model_state: dict, optim_state: dict, scheduler, trainer_state: dict, recipe: dict
 ) -> Path:
-    """Write checkpoint ``folder/step-<step>`` atomically; return its path."""
+    """Write checkpoint ``folder/step-<step>`` atomically; return its path.
+
+    Args:
+        model_state / optim_state: full (unsharded) state dicts, see ``parallel.full_states``.
+    """
     folder.mkdir(parents=True, exist_ok=True)
     final = folder / f"{_PREFIX}{step:08d}"
     tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
     try:
-        save_file(_model_tensors(model), str(tmp / "model.safetensors"))
-        torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+        save_file(_cpu_tensors(model_state), str(tmp / "model.safetensors"))
+        torch.save(optim_state, tmp / "optimizer.pt")
         state = {"step": step, "scheduler": scheduler.state_dict(), **trainer_state}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
         rng = {
@@ -88,13 +92,16 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(state)
 
 
-def load_checkpoint(path: Path, model: torch.nn.Module, optimizer, scheduler) -> dict:
-    """Restore model, optimizer, scheduler and RNG states; return the trainer state."""
+def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
+    """Restore optimizer (through ``load_optimizer(state_dict)``), scheduler and RNG states.
+
+    The model weights are loaded separately (:func:`load_model_weights`), before the model
+    is wrapped for DDP/FSDP. Returns the trainer state (step, data position, ...).
+    """
     for name in ("optimizer.pt", "trainer_state.json", "rng.pt"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-    load_model_weights(path, model)
-    optimizer.load_state_dict(torch.load(path / "optimizer.pt", weights_only=False))
+    load_optimizer(torch.load(path / "optimizer.pt", weights_only=False))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])
     rng = torch.load(path / "rng.pt", weights_only=False)

@@ -34,9 +34,9 @@ from embforge.data.pairs import (
 )
 from embforge.errors import DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
-from embforge.train.checkpoint import latest_checkpoint, load_checkpoint, save_checkpoint
+from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from embforge.train.grad_cache import grad_cache_step, split_features
-from embforge.train.parallel import DistInfo, barrier, no_sync, wrap_model
+from embforge.train.parallel import DistInfo, barrier, full_states, is_fsdp, no_sync, optimizer_loader, wrap_model
 from embforge.train.recipe import DataConfig, LossConfig, OptimConfig, StageConfig
 
 
@@ -203,6 +203,18 @@ def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_st
 
 
 # ---------------------------------------------------------------------------- the loop
+def resolve_precision(precision: str, device: torch.device) -> str:
+    """``auto`` -> ``bf16`` on GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else ``fp32``.
+
+    bf16 here is autocast: weights, optimizer state and the loss stay fp32.
+    """
+    if precision != "auto":
+        return precision
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+
+
 def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
     if info.world > 1:
         x = x.clone()
@@ -238,15 +250,21 @@ def train_stage(
         evaluator: optional ``callable(embedder) -> {task: score}`` run every ``eval_every`` steps.
     """
     torch.manual_seed(seed)
+    if parallel == "fsdp" and info.world > 1 and stage.eval_every:
+        raise TrainingError(
+            f"stage {stage.name!r}: eval_every is not supported with parallel: fsdp; evaluate the saved model"
+        )
     sampler, report = build_sampler(stage.data, data_root, seed, info.world)
+    ckpt_dir = stage_dir / "checkpoints"
+    latest = latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)
     optimizer = build_optimizer(model, stage.optim)
     scheduler = build_scheduler(optimizer, stage.optim, stage.steps)
-    ckpt_dir = stage_dir / "checkpoints"
     start = 0
-    latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
-        state = load_checkpoint(latest, embedder, optimizer, scheduler)
+        state = load_training_state(latest, optimizer_loader(model, optimizer), scheduler)
         sampler.load_state_dict(state["sampler"])
         start = state["step"]
     log_file = stage_dir / "metrics.jsonl"
@@ -257,9 +275,10 @@ def train_stage(
     if info.is_main:
         stage_dir.mkdir(parents=True, exist_ok=True)
         log_file.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop lines past the checkpoint
+    precision = resolve_precision(stage.precision, info.device)
     autocast = (
         (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16))
-        if stage.precision == "bf16"
+        if precision == "bf16"
         else contextlib.nullcontext
     )
     B = stage.data.batch_size
@@ -267,13 +286,20 @@ def train_stage(
         texts, padding=True, truncation=True, max_length=embedder.max_seq_len, return_tensors="pt"
     )
     model.train()
-    bar = tqdm(total=stage.steps, initial=start, desc=f"stage {stage.name}", disable=not info.is_main, unit="step")
+    bar = tqdm(
+        total=stage.steps,
+        initial=start,
+        desc=f"stage {stage.name} ({precision})",
+        disable=not info.is_main,
+        unit="step",
+    )
     window_start, window_examples = time.perf_counter(), 0
 
     def save(step: int) -> None:
+        model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
         if info.is_main:
             trainer_state = {"sampler": sampler.state_dict(), "stage": stage.name, "data_report": report.summary()}
-            save_checkpoint(ckpt_dir, step, embedder, optimizer, scheduler, trainer_state, recipe_dict)
+            save_checkpoint(ckpt_dir, step, model_state, optim_state, scheduler, trainer_state, recipe_dict)
         barrier()
 
     for step in range(start, stage.steps):
@@ -331,6 +357,8 @@ def train_stage(
     bar.close()
     if latest is None or start < stage.steps:
         save(stage.steps)
+    if is_fsdp(model):
+        load_model_weights(latest_checkpoint(ckpt_dir), embedder)  # the trained weights, unsharded
     if info.is_main:
         print(f"stage {stage.name}: data {report.summary()}")
     return history

@@ -8,6 +8,7 @@ and :func:`wrap_model` applies DDP or FSDP to an already-built model.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 from dataclasses import dataclass
 
@@ -43,19 +44,55 @@ def init_distributed() -> DistInfo:
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> torch.nn.Module:
-    """DDP (default) or FSDP (fully_shard on every transformer layer, then the root)."""
+    """DDP (default) or FSDP over an already-built model.
+
+    FSDP shards a *copy* (``fully_shard`` on every transformer layer, then the root): the
+    original stays an ordinary module in host memory, which receives the trained weights
+    from the final checkpoint and is what gets saved and evaluated.
+    """
     if info.world == 1:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        layers = [m for m in model.modules() if type(m).__name__.endswith("Layer") and m is not model]
+        sharded = copy.deepcopy(model).to(info.device)
+        layers = [m for m in sharded.modules() if type(m).__name__.endswith("Layer") and m is not sharded]
         for layer in layers:
             fully_shard(layer)
-        fully_shard(model)
-        return model
+        fully_shard(sharded)
+        return sharded
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def is_fsdp(model: torch.nn.Module) -> bool:
+    return type(model).__name__.startswith("FSDP")
+
+
+def full_states(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
+    """Unsharded model and optimizer state dicts (collective under FSDP: call on every rank)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import (
+            StateDictOptions,
+            get_model_state_dict,
+            get_optimizer_state_dict,
+        )
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    inner = model.module if hasattr(model, "module") else model
+    return inner.state_dict(), optimizer.state_dict()
+
+
+def optimizer_loader(model: torch.nn.Module, optimizer):
+    """A function that loads a full optimizer state dict into ``optimizer`` (sharded or not)."""
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+
+        return lambda state: set_optimizer_state_dict(
+            model, optimizer, optim_state_dict=state, options=StateDictOptions(full_state_dict=True)
+        )
+    return optimizer.load_state_dict
 
 
 def no_sync(model: torch.nn.Module):

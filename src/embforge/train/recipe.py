@@ -94,7 +94,7 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_accum_steps: int = 1
     grad_cache_chunk: int = 0  # > 0: GradCache with this many texts per forward pass
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the device supports it
     log_every: int = 10
     save_every: int = 0  # 0: checkpoint only at the end of the stage
     eval_every: int = 0  # 0: no evaluation during the stage

@@ -1,0 +1,241 @@
+"""Training throughput and memory: embforge vs sentence-transformers' trainer.
+
+Both fine-tune the packaged all-MiniLM-L6-v2 on the same real (query, positive) pairs
+(Natural Questions pairs from ../shared/data, else stdlib docstring/code pairs) with
+in-batch negatives (sentence-transformers: MultipleNegativesRankingLoss), batch 32, max
+length 128, same learning rate and thread count. Every measurement runs in its own
+subprocess (so peak RSS is that run's own), alternating embforge and the reference, and
+samples/s is measured after a warm-up step. A second measurement gives embforge's peak
+RSS at batch 1024 with GradCache (chunks of 32) against its batch-32 figure.
+
+    python bench/train.py            # 3 alternating repetitions of 12 steps; batch 1024 GradCache step
+    python bench/train.py --quick    # 1 repetition of 4 steps; batch 128 GradCache (CI)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+MAX_LEN = 128
+LR = 2e-5
+
+
+def real_pairs(n: int) -> tuple[list[dict], str]:
+    nq = SHARED / "nq_question_passage_pairs" / "pairs.jsonl"
+    if nq.is_file():
+        rows = [json.loads(line) for line in nq.open()]
+        return [{"query": r["query"], "positive": r["positive"]} for r in rows[:n]], "shared: nq_question_passage_pairs"
+    from embforge.data.stdlib_code import collect_pairs
+
+    pairs, _ = collect_pairs()
+    return [{"query": p.query, "positive": p.positive} for p in pairs[:n]], "stdlib docstring -> code pairs"
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def worker_embforge(pairs: list[dict], batch: int, steps: int, chunk: int, precision: str) -> dict:
+    from embforge.config import from_dict
+    from embforge.models.embedder import Embedder
+    from embforge.train.loop import train_stage
+    from embforge.train.parallel import DistInfo
+    from embforge.train.recipe import StageConfig
+
+    tmp = Path(tempfile.mkdtemp())
+    with (tmp / "pairs.jsonl").open("w") as f:
+        for p in pairs:
+            f.write(json.dumps(p) + "\n")
+    model = Embedder.load("all-MiniLM-L6-v2", device="cpu", max_seq_len=MAX_LEN)
+    stage = from_dict(
+        StageConfig,
+        {
+            "name": "bench",
+            "steps": steps,
+            "log_every": 1,
+            "grad_cache_chunk": chunk,
+            "precision": precision,
+            "data": {
+                "batch_size": batch,
+                "no_duplicates": False,
+                "datasets": [{"name": "pairs", "path": "pairs.jsonl"}],
+            },
+            "loss": {"temperature": 0.05},
+            "optim": {"lr": LR, "weight_decay": 0.01, "max_grad_norm": 1.0},
+        },
+    )
+    history = train_stage(
+        model, stage, data_root=tmp, stage_dir=tmp / "run", recipe_dict={}, info=DistInfo(), seed=0, resume=False
+    )
+    rates = [h["examples_per_s"] for h in history[1:]] or [history[0]["examples_per_s"]]  # skip the warm-up step
+    return {"samples_per_s": len(rates) / sum(1 / r for r in rates), "peak_rss_mb": peak_rss_mb()}
+
+
+def worker_reference(pairs: list[dict], batch: int, steps: int, precision: str) -> dict:
+    from datasets import Dataset
+    from sentence_transformers import (
+        SentenceTransformer,
+        SentenceTransformerTrainer,
+        SentenceTransformerTrainingArguments,
+    )
+    from sentence_transformers.losses import MultipleNegativesRankingLoss
+    from transformers import TrainerCallback
+
+    from embforge.models.registry import resolve_model_path
+
+    model = SentenceTransformer(str(resolve_model_path("all-MiniLM-L6-v2")), device="cpu")
+    model.max_seq_length = MAX_LEN
+    stamps: list[float] = []
+
+    class Clock(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            stamps.append(time.perf_counter())
+
+    out = tempfile.mkdtemp()
+    args = SentenceTransformerTrainingArguments(
+        output_dir=out,
+        per_device_train_batch_size=batch,
+        max_steps=steps,
+        learning_rate=LR,
+        weight_decay=0.01,
+        max_grad_norm=1.0,
+        warmup_steps=0,
+        save_strategy="no",
+        report_to="none",
+        logging_steps=1000,
+        seed=0,
+        use_cpu=True,
+        dataloader_drop_last=True,
+        disable_tqdm=True,
+        bf16=precision == "bf16",
+    )
+    trainer = SentenceTransformerTrainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        loss=MultipleNegativesRankingLoss(model, scale=1 / 0.05),
+        callbacks=[Clock()],
+    )
+    trainer.train()
+    per_step = [b - a for a, b in zip(stamps, stamps[1:])]  # the first step is warm-up
+    return {"samples_per_s": batch / statistics.mean(per_step), "peak_rss_mb": peak_rss_mb()}
+
+
+def run_worker(kind: str, batch: int, steps: int, chunk: int, threads: int, precision: str) -> dict:
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    cmd = [
+        sys.executable,
+        __file__,
+        "--worker",
+        kind,
+        "--batch",
+        str(batch),
+        "--steps",
+        str(steps),
+        "--chunk",
+        str(chunk),
+        "--precision",
+        precision,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"worker {kind} failed")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# (framework, precision): each framework's default, plus the other precision for a matched comparison
+CONFIGS = [("embforge", "auto"), ("reference", "fp32"), ("embforge", "fp32"), ("reference", "bf16")]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--worker", choices=["embforge", "reference"])
+    parser.add_argument("--precision", default="auto")
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=12)
+    parser.add_argument("--chunk", type=int, default=0)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--big-batch", type=int, default=1024)
+    parser.add_argument("--threads", type=int, default=os.cpu_count())
+    args = parser.parse_args()
+
+    if args.worker:
+        import torch
+
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", args.threads)))
+        pairs, _ = real_pairs(max(args.batch * args.steps, 2048))
+        if args.worker == "embforge":
+            result = worker_embforge(pairs, args.batch, args.steps, args.chunk, args.precision)
+        else:
+            result = worker_reference(pairs, args.batch, args.steps, args.precision)
+        print(json.dumps(result))
+        return
+
+    import torch
+
+    from embforge.train.loop import resolve_precision
+
+    auto = resolve_precision("auto", torch.device("cpu"))
+    if args.quick:
+        args.repeats, args.steps, args.big_batch = 1, 4, 128
+    _, source = real_pairs(8)
+    runs: dict[tuple[str, str], list[dict]] = {c: [] for c in CONFIGS}
+    for rep in range(args.repeats):
+        for config in CONFIGS if rep % 2 == 0 else CONFIGS[::-1]:  # alternate the order
+            runs[config].append(run_worker(*config[:1], 32, args.steps, 0, args.threads, config[1]))
+            print(f"rep {rep + 1}/{args.repeats} {config}: {runs[config][-1]}", file=sys.stderr)
+    big = run_worker("embforge", args.big_batch, 2, 32, args.threads, "auto")
+
+    def med(config, key="samples_per_s"):
+        return statistics.median(r[key] for r in runs[config])
+
+    ours, ref = med(("embforge", "auto")), med(("reference", "fp32"))
+    fp32_ratio = med(("embforge", "fp32")) / ref
+    bf16_ratio = med(("embforge", "auto")) / med(("reference", "bf16")) if auto == "bf16" else float("nan")
+    rss32 = med(("embforge", "auto"), "peak_rss_mb")
+    print(f"pairs: {source}; batch 32, max length {MAX_LEN}, {args.threads} threads, median of {args.repeats}")
+    print(
+        f"defaults: embforge (precision auto -> {auto}) {ours:.2f} samples/s vs sentence-transformers trainer + MNRL (fp32) "
+        f"{ref:.2f} samples/s: ratio {ours / ref:.2f}"
+    )
+    print(f"matched precision: fp32 ratio {fp32_ratio:.2f}, bf16 ratio {bf16_ratio:.2f}")
+    print(
+        f"peak RSS: batch 32 {rss32:.0f} MB; batch {args.big_batch} with GradCache (chunk 32) {big['peak_rss_mb']:.0f} MB "
+        f"({big['peak_rss_mb'] / rss32:.2f}x); reference batch 32 {med(('reference', 'fp32'), 'peak_rss_mb'):.0f} MB"
+    )
+    print(
+        json.dumps(
+            {
+                "bench": "train",
+                "embforge": round(ours, 2),
+                "reference": round(ref, 2),
+                "unit": "samples/s",
+                "ratio": round(ours / ref, 3),
+                "embforge_precision": auto,
+                "ratio_fp32_matched": round(fp32_ratio, 3),
+                "ratio_bf16_matched": round(bf16_ratio, 3),
+                "rss_batch32_mb": round(rss32),
+                "big_batch": args.big_batch,
+                "rss_big_batch_gradcache_mb": round(big["peak_rss_mb"]),
+                "rss_ratio": round(big["peak_rss_mb"] / rss32, 3),
+                "threads": args.threads,
+                "quick": args.quick,
+            }
+        )
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,220 @@
+"""The training loop: resume, data-stream position, NaN stop, multi-stage runs."""
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import embforge.train.loop as loop
+from embforge.config import from_dict
+from embforge.errors import DataError
+from embforge.train.checkpoint import latest_checkpoint
+from embforge.train.parallel import DistInfo
+from embforge.train.recipe import RecipeConfig, StageConfig
+from embforge.train.stages import run_recipe
+
+from .helpers import records, tiny_embedder
+
+
+@pytest.fixture()
+def data_dir(tmp_path):
+    d = tmp_path / "data"
+    d.mkdir()
+    with (d / "memory.jsonl").open("w") as f:
+        for r in records(40, num_negatives=1, seed=1):
+            f.write(json.dumps({"query": r.query, "positive": r.positive, "negatives": r.negatives}) + "\n")
+    for shard in range(2):  # a streamed dataset in two shards
+        with (d / f"stream-{shard}.jsonl").open("w") as f:
+            for r in records(15, num_negatives=1, seed=10 + shard):
+                f.write(json.dumps({"query": r.query, "positive": r.positive, "negatives": r.negatives}) + "\n")
+    return d
+
+
+def stage_config(steps=20, **over) -> StageConfig:
+    raw = {
+        "name": "s",
+        "steps": steps,
+        "log_every": 5,
+        "save_every": 10,
+        "precision": "fp32",
+        "data": {
+            "batch_size": 4,
+            "num_negatives": 1,
+            "no_duplicates": False,
+            "datasets": [
+                {"name": "memory", "path": "memory.jsonl", "weight": 2.0},
+                {"name": "stream", "path": "stream-*.jsonl", "stream": True, "in_batch_negatives": False},
+            ],
+        },
+        "loss": {"temperature": 0.05},
+        "optim": {"lr": 1e-3, "warmup_steps": 3, "schedule": "cosine"},
+    }
+    raw.update(over)
+    return from_dict(StageConfig, raw)
+
+
+def _spy_queries(monkeypatch):
+    seen = []
+    real = loop.collate
+
+    def spy(examples, *a, **k):
+        seen.append([e.record.query for e in examples])
+        return real(examples, *a, **k)
+
+    monkeypatch.setattr(loop, "collate", spy)
+    return seen
+
+
+def _train(model, stage, data_dir, out, resume):
+    return loop.train_stage(
+        model, stage, data_root=data_dir, stage_dir=out, recipe_dict={}, info=DistInfo(), seed=3, resume=resume
+    )
+
+
+def test_resume_continues_the_same_trajectory(data_dir, tmp_path, monkeypatch):
+    seen = _spy_queries(monkeypatch)
+    straight = tiny_embedder(dropout=0.1)  # dropout: the RNG state must be restored too
+    _train(straight, stage_config(), data_dir, tmp_path / "a", resume=False)
+    straight_batches = list(seen)
+    seen.clear()
+
+    interrupted = tiny_embedder(dropout=0.1)
+    calls = {"n": 0}
+    real_next = loop.BatchSampler.next_batch
+
+    def crash_after_10(self):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt("simulated crash in step 11")
+        return real_next(self)
+
+    monkeypatch.setattr(loop.BatchSampler, "next_batch", crash_after_10)
+    with pytest.raises(KeyboardInterrupt):
+        _train(interrupted, stage_config(), data_dir, tmp_path / "b", resume=False)
+    assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000010"
+    monkeypatch.setattr(loop.BatchSampler, "next_batch", real_next)
+    seen.clear()
+
+    resumed = tiny_embedder(dropout=0.1, seed=123)  # different init: everything must come from the checkpoint
+    _train(resumed, stage_config(), data_dir, tmp_path / "b", resume=True)
+    assert seen == straight_batches[10:]  # the data stream continues at the same example
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
+    final = load_file(str(tmp_path / "b" / "checkpoints" / "step-00000020" / "model.safetensors"))
+    assert torch.allclose(
+        final["backbone.embeddings.word_embeddings.weight"],
+        straight.state_dict()["backbone.embeddings.word_embeddings.weight"],
+    )
+    logged = [json.loads(x)["step"] for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == [5, 10, 15, 20]
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    real = loop.info_nce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("nan") if calls["n"] > 12 else loss
+
+    monkeypatch.setattr(loop, "info_nce", poisoned)
+    model = tiny_embedder()
+    with pytest.raises(loop.TrainingError, match=r"loss became nan at step 13.*step-00000010"):
+        _train(model, stage_config(), data_dir, tmp_path / "n", resume=False)
+    ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000010"]
+    weights = load_file(str(tmp_path / "n" / "checkpoints" / "step-00000010" / "model.safetensors"))
+    assert all(torch.isfinite(t).all() for t in weights.values())
+
+
+def test_samplers_mix_sources_as_configured(data_dir):
+    for mode, check in [
+        ("single_source", lambda batch: len({e.dataset for e in batch}) == 1),
+        ("proportional", lambda batch: sorted(e.dataset for e in batch) == [0, 0, 0, 1]),  # weights 2:1 of 4 -> 3:1
+    ]:
+        stage = stage_config(
+            data={
+                **{
+                    "batch_size": 4,
+                    "num_negatives": 1,
+                    "sampler": mode,
+                    "datasets": [
+                        {"name": "memory", "path": "memory.jsonl", "weight": 2.0},
+                        {"name": "stream", "path": "stream-*.jsonl", "stream": True, "weight": 1.0},
+                    ],
+                }
+            }
+        )
+        sampler, report = loop.build_sampler(stage.data, data_dir, seed=0, world=1)
+        assert all(check(sampler.next_batch()) for _ in range(20)), mode
+    assert report.read["memory"] == 40
+
+
+def test_no_duplicate_texts_in_a_batch(tmp_path):
+    with (tmp_path / "d.jsonl").open("w") as f:
+        for i in range(30):
+            f.write(json.dumps({"query": f"q{i % 5}", "positive": f"p{i}"}) + "\n")  # only 5 distinct queries
+    stage = stage_config(data={"batch_size": 5, "datasets": [{"name": "d", "path": "d.jsonl"}]})
+    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    for _ in range(10):
+        queries = [e.record.query for e in sampler.next_batch()]
+        assert len(set(queries)) == len(queries) == 5
+    stage = stage_config(data={"batch_size": 6, "datasets": [{"name": "d", "path": "d.jsonl"}]})
+    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    with pytest.raises(DataError, match="without duplicate texts"):
+        sampler.next_batch()
+
+
+def test_bad_records_are_errors_or_counted(tmp_path):
+    lines = [
+        {"query": "q1", "positive": "p1", "negatives": ["p1", "n1"]},  # negative == positive: removed, counted
+        {"query": " ", "positive": "p2", "negatives": ["n2"]},  # empty query: skipped, counted
+        {"query": "q3", "positive": "p3", "negatives": []},  # too few negatives: skipped, counted
+        {"query": "q4", "positive": "p4", "negatives": ["n4"]},
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
+    stage = stage_config(data={"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl"}]})
+    sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    assert report.read["d"] == 4
+    assert dict(report.skipped["d"]) == {"empty query or positive": 1, "fewer than 1 negatives": 1}
+    assert sum(report.fixed["d"].values()) == 1
+    (tmp_path / "d.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "q", "positive": 3}\n')
+    with pytest.raises(DataError, match=r"d\.jsonl:2: field 'positive' must be a string"):
+        loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+
+
+def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
+    model_dir = tiny_embedder().save(tmp_path / "start")
+    stage1 = {
+        "name": "pairs",
+        "steps": 4,
+        "log_every": 2,
+        "data": {"batch_size": 4, "datasets": [{"name": "m", "path": "memory.jsonl"}]},
+    }
+    stage2 = {
+        "name": "hard",
+        "steps": 3,
+        "log_every": 1,
+        "grad_cache_chunk": 3,
+        "data": {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "m", "path": "memory.jsonl"}]},
+        "loss": {"in_batch_negatives": False, "matryoshka_dims": [64, 32]},
+    }
+    recipe = from_dict(
+        RecipeConfig,
+        {"model": {"name_or_path": str(model_dir)}, "stages": [stage1, stage2], "output_dir": str(tmp_path / "run")},
+    )
+    trained = run_recipe(recipe, data_dir, info=DistInfo())
+    run = tmp_path / "run"
+    assert (run / "final" / "modules.json").is_file() and (run / "curves.png").stat().st_size > 1000
+    assert (run / "01-pairs" / "model").is_dir() and (run / "02-hard" / "checkpoints" / "step-00000003").is_dir()
+    start = load_file(str(model_dir / "model.safetensors"))
+    stage1_end = load_file(str(run / "01-pairs" / "model" / "model.safetensors"))
+    final = load_file(str(run / "final" / "model.safetensors"))
+    key = "encoder.layer.0.attention.self.query.weight"
+    assert not torch.equal(start[key], stage1_end[key]) and not torch.equal(stage1_end[key], final[key])
+    assert torch.equal(trained.backbone.state_dict()[key].cpu(), final[key])
+    # a rerun finds both stages finished and only reloads
+    again = run_recipe(recipe, data_dir, info=DistInfo())
+    assert torch.equal(again.backbone.state_dict()[key].cpu(), final[key])
