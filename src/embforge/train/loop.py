@@ -293,7 +293,7 @@ def train_stage(
         disable=not info.is_main,
         unit="step",
     )
-    window_start, window_examples = time.perf_counter(), 0
+    window_start, window_examples, window_losses = time.perf_counter(), 0, []
 
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
@@ -330,6 +330,7 @@ def train_stage(
         optimizer.step()
         scheduler.step()
         window_examples += B * info.world * stage.grad_accum_steps
+        window_losses.append(loss)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
@@ -342,7 +343,7 @@ def train_stage(
                 "grad_norm": float(grad_norm),
                 "examples_per_s": window_examples / max(elapsed, 1e-9),
             }
-            window_start, window_examples = time.perf_counter(), 0
+            window_start, window_examples, window_losses = time.perf_counter(), 0, []
             if evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps):
                 if info.is_main:
                     row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})

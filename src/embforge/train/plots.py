@@ -12,20 +12,23 @@ def plot_history(histories: dict[str, list[dict]], path: Path) -> Path:
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot")
-    fig, (ax_loss, ax_eval) = plt.subplots(1, 2, figsize=(11, 4))
+    has_eval = any(k.startswith("eval/") for rows in histories.values() for r in rows for k in r)
+    fig, axes = plt.subplots(1, 2 if has_eval else 1, figsize=(11 if has_eval else 6, 4), squeeze=False)
+    ax_loss, ax_eval = axes[0, 0], (axes[0, 1] if has_eval else None)
     offset = 0
     for stage, rows in histories.items():
         if not rows:
             continue
         steps = [offset + r["step"] for r in rows]
         ax_loss.plot(steps, [r["loss"] for r in rows], label=stage)
-        for key in sorted({k for r in rows for k in r if k.startswith("eval/")}):
+        for key in sorted({k for r in rows for k in r if k.startswith("eval/")}) if has_eval else []:
             pts = [(offset + r["step"], r[key]) for r in rows if key in r]
             ax_eval.plot(*zip(*pts), marker="o", label=f"{stage}: {key[5:]}")
         offset = steps[-1]
-    ax_loss.set(xlabel="step", ylabel="InfoNCE loss", title="training loss")
-    ax_eval.set(xlabel="step", ylabel="score ×100", title="evaluation")
-    for ax in (ax_loss, ax_eval):
+    ax_loss.set(xlabel="step", ylabel="InfoNCE loss (mean per logging window)", title="training loss")
+    if has_eval:
+        ax_eval.set(xlabel="step", ylabel="score ×100", title="evaluation")
+    for ax in axes[0]:
         ax.grid(alpha=0.3)
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)

@@ -187,10 +187,15 @@ def test_bad_records_are_errors_or_counted(tmp_path):
 
 def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
     model_dir = tiny_embedder().save(tmp_path / "start")
+    rows = [{"sentence1": f"the cat {i}", "sentence2": f"the dog {i % 3}", "score": float(i % 5)} for i in range(10)]
+    (data_dir / "sts.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (data_dir / "tasks.yaml").write_text("tasks:\n  - {name: tiny-sts, type: sts, path: sts.jsonl}\n")
     stage1 = {
         "name": "pairs",
         "steps": 4,
         "log_every": 2,
+        "eval_every": 2,
+        "eval_tasks": "tasks.yaml",
         "data": {"batch_size": 4, "datasets": [{"name": "m", "path": "memory.jsonl"}]},
     }
     stage2 = {
@@ -198,6 +203,7 @@ def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
         "steps": 3,
         "log_every": 1,
         "grad_cache_chunk": 3,
+        "grad_accum_steps": 2,
         "data": {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "m", "path": "memory.jsonl"}]},
         "loss": {"in_batch_negatives": False, "matryoshka_dims": [64, 32]},
     }
@@ -209,6 +215,8 @@ def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
     run = tmp_path / "run"
     assert (run / "final" / "modules.json").is_file() and (run / "curves.png").stat().st_size > 1000
     assert (run / "01-pairs" / "model").is_dir() and (run / "02-hard" / "checkpoints" / "step-00000003").is_dir()
+    logged = [json.loads(x) for x in (run / "01-pairs" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged] == [2, 4] and all(-100 <= r["eval/tiny-sts"] <= 100 for r in logged)
     start = load_file(str(model_dir / "model.safetensors"))
     stage1_end = load_file(str(run / "01-pairs" / "model" / "model.safetensors"))
     final = load_file(str(run / "final" / "model.safetensors"))
@@ -218,3 +226,16 @@ def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
     # a rerun finds both stages finished and only reloads
     again = run_recipe(recipe, data_dir, info=DistInfo())
     assert torch.equal(again.backbone.state_dict()[key].cpu(), final[key])
+
+
+def test_beir_folder_as_a_training_source(tmp_path):
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "T", "text": f"doc {i}"}) + "\n" for i in range(4)))
+    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(4)))
+    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t2\nq2\td2\t0\nq3\td9\t1\n")
+    stage = stage_config(data={"batch_size": 2, "datasets": [{"name": "b", "path": "beir", "format": "beir"}]})
+    sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    pairs = {(e.record.query, e.record.positive) for _ in range(3) for e in sampler.next_batch()}
+    assert pairs == {("query 0", "T doc 0"), ("query 1", "T doc 1")}  # grade 0 is not a positive
+    assert dict(report.skipped["b"]) == {"qrel names a document missing from the corpus": 1}
