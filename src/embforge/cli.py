@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 from pathlib import Path
 
-from embforge.errors import EmbforgeError
+from embforge.errors import ConfigError, EmbforgeError
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -51,6 +52,90 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_mine(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from embforge.data.mining import MiningConfig, mine_file, read_corpus
+
+    cfg = MiningConfig(
+        num_negatives=args.num_negatives,
+        range_min=args.range_min,
+        range_max=args.range_max,
+        max_score_ratio=None if args.max_score_ratio <= 0 else args.max_score_ratio,
+        margin=args.margin,
+        sampling=args.sampling,
+        seed=args.seed,
+        index=args.index,
+        chunk_size=args.chunk_size,
+        batch_size=args.batch_size,
+        query_prompt_name=args.query_prompt_name,
+        document_prompt_name=args.document_prompt_name,
+    )
+    corpus = read_corpus(Path(args.corpus)) if args.corpus else None
+    teacher = _load_model(args)
+    with tqdm(desc="mine", unit="query") as bar:
+        summary = mine_file(
+            teacher,
+            Path(args.input),
+            Path(args.output),
+            cfg,
+            corpus=corpus,
+            cache_dir=args.cache_dir,
+            keep_incomplete=args.keep_incomplete,
+            progress=bar.update,
+        )
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
+def cmd_filter(args: argparse.Namespace) -> int:
+    from embforge.data.filtering import clean_pairs, consistency_filter
+
+    if args.filter_kind == "consistency":
+        report = consistency_filter(
+            _load_model(args),
+            Path(args.input),
+            Path(args.output),
+            top_k=args.top_k,
+            chunk_pairs=args.chunk_pairs,
+            source_field=args.source_field,
+            query_prompt_name=args.query_prompt_name,
+            document_prompt_name=args.document_prompt_name,
+            batch_size=args.batch_size,
+        )
+        total_kept = sum(r["kept"] for r in report.values())
+        total = total_kept + sum(r["dropped"] for r in report.values())
+        print(json.dumps({"per_source": report, "kept": total_kept, "total": total}, indent=2))
+    else:
+        if args.near_duplicates is not None and args.model is None:
+            raise ConfigError("filter clean --near-duplicates needs a teacher MODEL argument")
+        teacher = _load_model(args) if args.near_duplicates is not None else None
+        counts = clean_pairs(
+            Path(args.input),
+            Path(args.output),
+            min_chars=args.min_chars,
+            max_chars=args.max_chars,
+            teacher=teacher,
+            near_duplicate_threshold=args.near_duplicates,
+            batch_size=args.batch_size,
+        )
+        print(json.dumps(dict(counts), indent=2))
+    return 0
+
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from tqdm.auto import tqdm
+
+    from embforge.config import load_config
+    from embforge.data.synthetic import SynthConfig, generate
+
+    cfg = load_config(SynthConfig, args.config, args.set)
+    with tqdm(total=cfg.num_tasks * cfg.examples_per_task, desc="synth", unit="example") as bar:
+        stats = generate(cfg, progress=bar.update)
+    print(json.dumps(dict(stats), indent=2))
+    return 0
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from embforge.train.recipe import load_recipe
     from embforge.train.stages import run_recipe
@@ -89,6 +174,65 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data-root", default=None, help="override the task file's data_root")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a task-file key")
     p.set_defaults(func=cmd_eval)
+
+    p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware)")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, help="JSONL with query and positive (or positives)")
+    p.add_argument("--output", required=True, help="JSONL with negatives, negative_scores, positive_score")
+    p.add_argument(
+        "--corpus",
+        default=None,
+        help="candidate texts (.txt, .jsonl or BEIR corpus.jsonl); default: the input's positives",
+    )
+    p.add_argument("--num-negatives", type=int, default=7)
+    p.add_argument("--range-min", type=int, default=0, help="skip candidates ranked <= this")
+    p.add_argument("--range-max", type=int, default=50, help="look no deeper than this rank")
+    p.add_argument(
+        "--max-score-ratio", type=float, default=0.95, help="drop scores above ratio x positive score (0: off)"
+    )
+    p.add_argument("--margin", type=float, default=None, help="drop scores above positive score - margin")
+    p.add_argument("--sampling", choices=["top", "random"], default="top")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--index", choices=["flat", "ivf", "hnsw"], default="flat", help="flat = exact search")
+    p.add_argument("--chunk-size", type=int, default=4096, help="queries searched at once")
+    p.add_argument("--query-prompt-name", default=None)
+    p.add_argument("--document-prompt-name", default=None)
+    p.add_argument("--cache-dir", default=None, help="re-use corpus embeddings across runs")
+    p.add_argument("--keep-incomplete", action="store_true", help="write records with fewer negatives than asked")
+    p.set_defaults(func=cmd_mine)
+
+    p = sub.add_parser("filter", help="consistency filtering (Nomic) or dedup/hygiene of training pairs")
+    fsub = p.add_subparsers(dest="filter_kind", required=True)
+    c = fsub.add_parser(
+        "consistency", help="keep a pair only if its document is in the query's top-k (per source, chunked)"
+    )
+    _add_model_args(c)
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--top-k", type=int, default=2)
+    c.add_argument("--chunk-pairs", type=int, default=1_000_000, help="pairs compared at once within a source")
+    c.add_argument("--source-field", default="source")
+    c.add_argument("--query-prompt-name", default=None)
+    c.add_argument("--document-prompt-name", default=None)
+    c.set_defaults(func=cmd_filter)
+    c = fsub.add_parser("clean", help="drop empty, too short/long, duplicate and near-duplicate pairs")
+    c.add_argument("model", nargs="?", default=None, help="teacher for --near-duplicates")
+    c.add_argument("--input", required=True)
+    c.add_argument("--output", required=True)
+    c.add_argument("--min-chars", type=int, default=1)
+    c.add_argument("--max-chars", type=int, default=None)
+    c.add_argument(
+        "--near-duplicates", type=float, default=None, metavar="COSINE", help="also drop near duplicates (needs MODEL)"
+    )
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--max-seq-len", type=int, default=None)
+    c.add_argument("--device", default=None)
+    c.set_defaults(func=cmd_filter)
+
+    p = sub.add_parser("synth", help="generate synthetic retrieval examples with an OpenAI-compatible chat endpoint")
+    p.add_argument("config", help="YAML: endpoint, model, output, num_tasks, examples_per_task, ...")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=cmd_synth)
 
     p = sub.add_parser("train", help="run a multi-stage training recipe (also under torchrun)")
     p.add_argument("recipe", help="recipe YAML")

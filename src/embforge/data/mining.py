@@ -1,20 +1,50 @@
 """Hard-negative mining with a teacher model, positive-aware (NV-Embed-v2's TopK-PercPos).
 
-For each (query, positive) the teacher ranks a corpus; candidates are taken in rank
-order, skipping the positives themselves (all of them, for multi-positive data) and
-texts identical to them, and — positive-aware filtering — any candidate the teacher
-scores above ``max_score_ratio`` × the positive's score, since such near-copies are most
-likely unlabelled positives (false negatives). Queries are searched in chunks with FAISS
-(exact inner product), so no query × corpus matrix is ever held whole.
+For each (query, positives) the teacher ranks a corpus; candidates are taken in rank
+order, skipping the positives (all of them) and texts identical to a positive or to the
+query, then the positive-aware filters: drop a candidate the teacher scores above
+``max_score_ratio`` × the positive's score (near-copies are most likely unlabelled
+positives), or above ``positive score − margin``. From the ranks ``[range_min,
+range_max)`` that survive, keep the best ``num_negatives`` or a seeded random sample.
+
+Queries are processed ``chunk_size`` at a time against a FAISS index (exact inner
+product, or IVF / HNSW for large corpora): no query × corpus matrix is ever held, and
+:func:`mine_file` streams input and output, so memory depends on the corpus and the
+chunk, not on the number of queries. Every skipped candidate and every query left with
+too few negatives is counted by reason.
 """
 
 from __future__ import annotations
 
+import json
+import random
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Literal
 
 import numpy as np
+
+from embforge.data.embedding_cache import encode_cached
+from embforge.data.io import atomic_write, iter_jsonl
+from embforge.errors import DataError
+
+
+@dataclass
+class MiningConfig:
+    num_negatives: int = 7
+    range_min: int = 0  # skip candidates ranked <= range_min (rank among non-positive candidates)
+    range_max: int = 50  # look no deeper than this rank (same ranking)
+    max_score_ratio: float | None = 0.95  # TopK-PercPos: drop scores above ratio × positive score
+    margin: float | None = None  # drop scores above positive score − margin
+    sampling: Literal["top", "random"] = "top"
+    seed: int = 0
+    index: Literal["flat", "ivf", "hnsw"] = "flat"
+    chunk_size: int = 4096  # queries searched at once
+    batch_size: int = 64
+    query_prompt_name: str | None = None
+    document_prompt_name: str | None = None
 
 
 @dataclass
@@ -25,8 +55,130 @@ class MiningResult:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+def build_index(corpus_emb: np.ndarray, kind: str, seed: int = 0):
+    """FAISS inner-product index over L2-normalised embeddings."""
+    import faiss
+
+    d = corpus_emb.shape[1]
+    if kind == "flat":
+        index = faiss.IndexFlatIP(d)
+    elif kind == "hnsw":
+        index = faiss.IndexHNSWFlat(d, 32, faiss.METRIC_INNER_PRODUCT)
+        index.hnsw.efSearch = 128
+    else:
+        nlist = max(1, min(4096, int(4 * np.sqrt(len(corpus_emb)))))
+        index = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        sample = np.random.default_rng(seed).permutation(len(corpus_emb))[: max(nlist * 40, 10_000)]
+        index.train(corpus_emb[sample])
+        index.nprobe = min(nlist, 32)
+    index.add(corpus_emb)
+    return index
+
+
+def _select(
+    query: str,
+    positives: list[str],
+    pos_score: float,
+    ids: np.ndarray,
+    scores: np.ndarray,
+    corpus: list[str],
+    cfg: MiningConfig,
+    rng: random.Random,
+    dropped: Counter,
+) -> tuple[list[str], list[float]]:
+    own = set(positives)
+    window: list[tuple[str, float]] = []
+    seen: set[str] = set()
+    rank = 0
+    for idx, score in zip(ids, scores):
+        if idx < 0:
+            break
+        text = corpus[idx]
+        if text in own:
+            dropped["positive or copy of it"] += 1
+            continue
+        if text == query:
+            dropped["identical to the query"] += 1
+            continue
+        if text in seen:
+            dropped["duplicate candidate"] += 1
+            continue
+        seen.add(text)
+        if rank >= cfg.range_max:
+            break
+        rank += 1
+        if cfg.max_score_ratio is not None and score > cfg.max_score_ratio * pos_score:
+            dropped[f"above {cfg.max_score_ratio} x positive score"] += 1
+            continue
+        if cfg.margin is not None and score > pos_score - cfg.margin:
+            dropped[f"within margin {cfg.margin} of the positive"] += 1
+            continue
+        if rank <= cfg.range_min:
+            dropped[f"rank <= range_min {cfg.range_min}"] += 1
+            continue
+        window.append((text, float(score)))
+        if cfg.sampling == "top" and len(window) == cfg.num_negatives:
+            break
+    if cfg.sampling == "random" and len(window) > cfg.num_negatives:
+        window = sorted(rng.sample(window, cfg.num_negatives), key=lambda x: -x[1])
+    if len(window) < cfg.num_negatives:
+        dropped["queries with too few negatives"] += 1
+    return [t for t, _ in window], [s for _, s in window]
+
+
+class Miner:
+    """Mines chunks of queries against one corpus (embedded once, optionally cached on disk)."""
+
+    def __init__(self, teacher: Any, corpus: list[str], cfg: MiningConfig, cache_dir: str | Path | None = None):
+        if not corpus:
+            raise DataError("the mining corpus is empty")
+        self.teacher, self.corpus, self.cfg = teacher, corpus, cfg
+        self.corpus_emb, self.from_cache = encode_cached(
+            teacher, corpus, cache_dir=cache_dir, prompt_name=cfg.document_prompt_name, batch_size=cfg.batch_size
+        )
+        self.index = build_index(self.corpus_emb, cfg.index, cfg.seed)
+        self.position = {t: i for i, t in enumerate(corpus)}  # first occurrence of each text
+        self.rng = random.Random(cfg.seed)
+        self.dropped: Counter = Counter()
+
+    def _encode(self, texts: list[str], prompt_name: str | None) -> np.ndarray:
+        kwargs: dict[str, Any] = {"batch_size": self.cfg.batch_size}
+        if prompt_name is not None:
+            kwargs["prompt_name"] = prompt_name
+        emb = np.asarray(self.teacher.encode(texts, **kwargs), dtype=np.float32)
+        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+    def mine(self, queries: list[str], positives: list[list[str]]) -> MiningResult:
+        """Negatives for one chunk of queries (any length; searched ``chunk_size`` at a time)."""
+        out = MiningResult([], [], [], self.dropped)
+        for start in range(0, len(queries), self.cfg.chunk_size):
+            q_texts, p_lists = (
+                queries[start : start + self.cfg.chunk_size],
+                positives[start : start + self.cfg.chunk_size],
+            )
+            q_emb = self._encode(q_texts, self.cfg.query_prompt_name)
+            # the positive's score: from the corpus embeddings when it is there, else encoded here
+            missing = sorted({p for ps in p_lists for p in ps if p not in self.position})
+            extra = dict(zip(missing, self._encode(missing, self.cfg.document_prompt_name))) if missing else {}
+
+            # several positives: the lowest score is the conservative reference for the filters
+            pos_scores = [
+                min(
+                    float(q_emb[i] @ (self.corpus_emb[self.position[p]] if p in self.position else extra[p]))
+                    for p in ps
+                )
+                for i, ps in enumerate(p_lists)
+            ]
+            depth = min(len(self.corpus), self.cfg.range_max + max(len(p) for p in p_lists) + 16)
+            scores, ids = self.index.search(q_emb, depth)  # (chunk, depth)
+            for i, q in enumerate(q_texts):
+                negs, neg_scores = _select(
+                    q, p_lists[i], pos_scores[i], ids[i], scores[i], self.corpus, self.cfg, self.rng, self.dropped
+                )
+                out.negatives.append(negs)
+                out.scores.append(neg_scores)
+                out.positive_scores.append(pos_scores[i])
+        return out
 
 
 def mine_hard_negatives(
@@ -39,72 +191,122 @@ def mine_hard_negatives(
     skip_top: int = 0,
     search_depth: int = 50,
     max_score_ratio: float | None = 0.95,
-    query_prompt_name: str | None = None,
-    document_prompt_name: str | None = None,
-    batch_size: int = 64,
-    chunk_size: int = 1024,
+    cache_dir: str | Path | None = None,
+    **options,
 ) -> MiningResult:
-    """Mine ``num_negatives`` hard negatives per query from ``corpus``.
+    """In-memory mining (see :class:`MiningConfig` for ``options``)."""
+    cfg = MiningConfig(
+        num_negatives=num_negatives,
+        range_min=skip_top,
+        range_max=search_depth,
+        max_score_ratio=max_score_ratio,
+        **options,
+    )
+    return Miner(teacher, corpus, cfg, cache_dir).mine(queries, positives)
 
-    Args:
-        teacher: any object with ``encode(texts, batch_size=, prompt_name=)``.
-        queries: N query texts.
-        positives: N lists of positive texts (usually one each).
-        corpus: candidate documents (the positives may be among them).
-        num_negatives: negatives kept per query.
-        skip_top: ignore the first ``skip_top`` ranks (after positives are removed).
-        search_depth: candidates retrieved per query.
-        max_score_ratio: drop candidates scoring above this × the positive's score (None: off).
-        chunk_size: queries searched at once.
 
-    Returns:
-        A :class:`MiningResult`; ``dropped`` counts every skipped candidate by reason and the
-        queries left with fewer than ``num_negatives``.
+# ---------------------------------------------------------------------------- files
+def _positives(obj: dict, where: str) -> list[str]:
+    if "positives" in obj:
+        pos = obj["positives"]
+    elif "positive" in obj:
+        pos = [obj["positive"]]
+    else:
+        raise DataError(f"{where}: needs 'positive' (string) or 'positives' (list of strings)")
+    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
+        raise DataError(f"{where}: positives must be non-empty strings")
+    return pos
+
+
+def read_corpus(path: Path, field_name: str = "text") -> list[str]:
+    """Corpus texts from .txt (a line each), JSONL (``field_name``) or a BEIR corpus.jsonl (title + text)."""
+    from embforge.data.io import read_texts
+
+    if path.suffix == ".jsonl":
+        texts = []
+        for lineno, obj in iter_jsonl(path):
+            if "_id" in obj and "text" in obj:
+                texts.append((str(obj.get("title") or "") + " " + obj["text"]).strip())
+            elif field_name in obj and isinstance(obj[field_name], str):
+                texts.append(obj[field_name])
+            else:
+                raise DataError(f"{path}:{lineno}: missing field {field_name!r}")
+        return texts
+    return read_texts(path)
+
+
+def _chunks(path: Path, size: int, stats: Counter) -> Iterator[list[tuple[dict, list[str]]]]:
+    chunk = []
+    for lineno, obj in iter_jsonl(path):
+        where = f"{path}:{lineno}"
+        if not isinstance(obj.get("query"), str):
+            raise DataError(f"{where}: missing or non-string field 'query'")
+        stats["records read"] += 1
+        if not obj["query"].strip():
+            stats["records skipped: empty query"] += 1
+            continue
+        chunk.append((obj, _positives(obj, where)))
+        if len(chunk) == size:
+            yield chunk
+            chunk = []
+    if chunk:
+        yield chunk
+
+
+def mine_file(
+    teacher: Any,
+    input_path: Path,
+    output_path: Path,
+    cfg: MiningConfig,
+    *,
+    corpus: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    keep_incomplete: bool = False,
+    progress=None,
+) -> dict:
+    """Stream ``input_path`` (JSONL with query and positive/positives) to ``output_path`` with mined negatives.
+
+    Without ``corpus``, the corpus is every distinct positive and existing negative of the input.
+    Output lines keep the input fields and set ``negatives``, ``negative_scores``, ``positive_score``.
+    Returns a summary: records read/written/dropped and candidates dropped by reason.
     """
-    import faiss
+    stats: Counter = Counter()
+    if corpus is None:
+        seen: dict[str, None] = {}
+        for _, obj in iter_jsonl(input_path):
+            for text in (
+                [obj["positive"]] if isinstance(obj.get("positive"), str) else obj.get("positives", [])
+            ) + list(obj.get("negatives", [])):
+                if isinstance(text, str) and text.strip():
+                    seen.setdefault(text, None)
+        corpus = list(seen)
+    miner = Miner(teacher, corpus, cfg, cache_dir)
 
-    kwargs = {"batch_size": batch_size}
-    q_emb = _normalise(np.asarray(teacher.encode(queries, prompt_name=query_prompt_name, **kwargs)))
-    d_emb = _normalise(np.asarray(teacher.encode(corpus, prompt_name=document_prompt_name, **kwargs)))
-    first_pos = [p[0] for p in positives]
-    p_emb = _normalise(np.asarray(teacher.encode(first_pos, prompt_name=document_prompt_name, **kwargs)))
-    pos_scores = (q_emb * p_emb).sum(axis=1)
-    index = faiss.IndexFlatIP(d_emb.shape[1])
-    index.add(d_emb)
-    depth = min(len(corpus), search_depth + skip_top + max(len(p) for p in positives) + 1)
-    result = MiningResult([], [], pos_scores.tolist())
-    for start in range(0, len(queries), chunk_size):
-        scores, ids = index.search(q_emb[start : start + chunk_size], depth)  # (chunk, depth)
-        for row, (s_row, i_row) in enumerate(zip(scores, ids)):
-            qi = start + row
-            own = set(positives[qi])
-            kept_texts, kept_scores, rank = [], [], 0
-            for score, idx in zip(s_row, i_row):
-                if idx < 0:
-                    break
-                text = corpus[idx]
-                if text in own:
-                    result.dropped["positive or copy of it"] += 1
-                    continue
-                if text == queries[qi]:
-                    result.dropped["identical to the query"] += 1
-                    continue
-                if text in kept_texts:
-                    result.dropped["duplicate candidate"] += 1
-                    continue
-                rank += 1
-                if rank <= skip_top:
-                    result.dropped["inside skip_top"] += 1
-                    continue
-                if max_score_ratio is not None and score > max_score_ratio * pos_scores[qi]:
-                    result.dropped[f"above {max_score_ratio} x positive score"] += 1
-                    continue
-                kept_texts.append(text)
-                kept_scores.append(float(score))
-                if len(kept_texts) == num_negatives:
-                    break
-            if len(kept_texts) < num_negatives:
-                result.dropped["queries with too few negatives"] += 1
-            result.negatives.append(kept_texts)
-            result.scores.append(kept_scores)
-    return result
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for chunk in _chunks(input_path, cfg.chunk_size, stats):
+                result = miner.mine([o["query"] for o, _ in chunk], [p for _, p in chunk])
+                for (obj, _), negs, scores, pos_score in zip(
+                    chunk, result.negatives, result.scores, result.positive_scores
+                ):
+                    if len(negs) < cfg.num_negatives and not keep_incomplete:
+                        stats["records dropped: too few negatives"] += 1
+                        continue
+                    out = {
+                        **obj,
+                        "negatives": negs,
+                        "negative_scores": [round(s, 6) for s in scores],
+                        "positive_score": round(pos_score, 6),
+                    }
+                    f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                    stats["records written"] += 1
+                if progress is not None:
+                    progress(len(chunk))
+
+    atomic_write(output_path, write)
+    return {
+        "corpus_size": len(corpus),
+        "corpus_embeddings_from_cache": miner.from_cache,
+        "records": dict(stats),
+        "candidates_dropped": dict(miner.dropped),
+    }

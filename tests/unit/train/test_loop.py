@@ -231,9 +231,15 @@ def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
 def test_beir_folder_as_a_training_source(tmp_path):
     beir = tmp_path / "beir"
     (beir / "qrels").mkdir(parents=True)
-    (beir / "corpus.jsonl").write_text("".join(json.dumps({"_id": f"d{i}", "title": "T", "text": f"doc {i}"}) + "\n" for i in range(4)))
-    (beir / "queries.jsonl").write_text("".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(4)))
-    (beir / "qrels" / "train.tsv").write_text("query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t2\nq2\td2\t0\nq3\td9\t1\n")
+    (beir / "corpus.jsonl").write_text(
+        "".join(json.dumps({"_id": f"d{i}", "title": "T", "text": f"doc {i}"}) + "\n" for i in range(4))
+    )
+    (beir / "queries.jsonl").write_text(
+        "".join(json.dumps({"_id": f"q{i}", "text": f"query {i}"}) + "\n" for i in range(4))
+    )
+    (beir / "qrels" / "train.tsv").write_text(
+        "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t2\nq2\td2\t0\nq3\td9\t1\n"
+    )
     stage = stage_config(data={"batch_size": 2, "datasets": [{"name": "b", "path": "beir", "format": "beir"}]})
     sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
     pairs = {(e.record.query, e.record.positive) for _ in range(3) for e in sampler.next_batch()}

@@ -1,0 +1,65 @@
+"""An on-disk cache of corpus embeddings, so a rerun with the same teacher and corpus re-uses them.
+
+The key hashes the teacher's identity (its folder and the size and modification time of
+its weight files, or its class name), the prompt, and every text in order. Files are
+written atomically; a corrupt or mismatching file is recomputed, never trusted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embforge.data.io import save_npy
+
+
+def teacher_identity(teacher: Any) -> str:
+    """A string that changes whenever the teacher's weights change."""
+    name = str(getattr(teacher, "name_or_path", "") or type(teacher).__qualname__)
+    folder = Path(name)
+    parts = [name, str(getattr(teacher, "max_seq_len", "")), str(getattr(teacher, "pooling", ""))]
+    if folder.is_dir():
+        for f in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")):
+            st = f.stat()
+            parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")
+    return "|".join(parts)
+
+
+def cache_key(teacher: Any, texts: list[str], prompt_name: str | None) -> str:
+    h = hashlib.sha256()
+    h.update(teacher_identity(teacher).encode())
+    h.update(f"|prompt={prompt_name}|n={len(texts)}|".encode())
+    for t in texts:
+        h.update(hashlib.blake2b(t.encode("utf-8"), digest_size=16).digest())
+    return h.hexdigest()[:32]
+
+
+def encode_cached(
+    teacher: Any,
+    texts: list[str],
+    *,
+    cache_dir: str | Path | None,
+    prompt_name: str | None = None,
+    batch_size: int = 64,
+) -> tuple[np.ndarray, bool]:
+    """Embeddings of ``texts`` (float32, L2-normalised) and whether they came from the cache."""
+    path = Path(cache_dir) / f"emb-{cache_key(teacher, texts, prompt_name)}.npy" if cache_dir else None
+    if path is not None and path.is_file():
+        try:
+            emb = np.load(path, mmap_mode="r")
+            if emb.shape[0] == len(texts):
+                return np.asarray(emb, dtype=np.float32), True
+        except (ValueError, OSError):
+            pass  # unreadable: recompute and overwrite
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if prompt_name is not None:
+        kwargs["prompt_name"] = prompt_name
+    emb = np.asarray(teacher.encode(texts, **kwargs), dtype=np.float32)
+    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npy(path, emb)
+    return emb, False

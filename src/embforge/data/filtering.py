@@ -1,0 +1,180 @@
+"""Data hygiene: Nomic's consistency filter, deduplication, length limits.
+
+Every removal is counted by reason (and by source for the consistency filter) and
+returned as a report; nothing is dropped silently. Outputs are written atomically.
+
+Consistency filtering (Nomic Embed, arXiv 2402.01613 §4.2): per source, in chunks of at
+most ``chunk_pairs`` pairs, embed queries and documents with a teacher and keep a pair
+only if its own document is among the query's ``top_k`` nearest documents of that chunk.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import unicodedata
+from collections import Counter, defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from embforge.data.io import atomic_write, iter_jsonl
+from embforge.errors import DataError
+
+
+def _normalise_rows(x: np.ndarray) -> np.ndarray:
+    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+
+
+def consistent(query_emb: np.ndarray, doc_emb: np.ndarray, doc_texts: list[str], top_k: int) -> np.ndarray:
+    """(n,) bool: is pair i's own document among query i's ``top_k`` documents of this chunk?
+
+    A document text that occurs several times in the chunk counts as the pair's own at
+    each of its positions (identical texts are the same document).
+    """
+    import faiss
+
+    n = len(doc_texts)
+    index = faiss.IndexFlatIP(doc_emb.shape[1])
+    index.add(_normalise_rows(doc_emb))
+    _, ids = index.search(_normalise_rows(query_emb), min(top_k, n))  # (n, k)
+    return np.array([any(doc_texts[j] == doc_texts[i] for j in row if j >= 0) for i, row in enumerate(ids)])
+
+
+def consistency_filter(
+    teacher: Any,
+    input_path: Path,
+    output_path: Path,
+    *,
+    top_k: int = 2,
+    chunk_pairs: int = 1_000_000,
+    source_field: str = "source",
+    query_prompt_name: str | None = None,
+    document_prompt_name: str | None = None,
+    batch_size: int = 64,
+) -> dict[str, dict[str, int]]:
+    """Keep the pairs of ``input_path`` that pass the consistency check; write them to ``output_path``.
+
+    Records need ``query`` and ``positive``; the source is ``source_field`` (default
+    ``"source"``, missing -> ``"default"``). Pairs are grouped by source, chunked in file
+    order, and written back in file order. Returns ``{source: {"kept", "dropped"}}``.
+    """
+    by_source: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
+    lines: list[str] = []
+    for lineno, obj in iter_jsonl(input_path):
+        for key in ("query", "positive"):
+            if not isinstance(obj.get(key), str) or not obj[key].strip():
+                raise DataError(f"{input_path}:{lineno}: field {key!r} must be a non-empty string")
+        by_source[str(obj.get(source_field, "default"))].append((len(lines), obj["query"], obj["positive"]))
+        lines.append(json.dumps(obj, ensure_ascii=False))
+    keep = np.zeros(len(lines), dtype=bool)
+    report: dict[str, dict[str, int]] = {}
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    for source, pairs in sorted(by_source.items()):
+        for start in range(0, len(pairs), chunk_pairs):
+            chunk = pairs[start : start + chunk_pairs]
+            q = np.asarray(teacher.encode([p[1] for p in chunk], prompt_name=query_prompt_name, **kwargs))
+            d = np.asarray(teacher.encode([p[2] for p in chunk], prompt_name=document_prompt_name, **kwargs))
+            ok = consistent(q, d, [p[2] for p in chunk], top_k)
+            keep[[p[0] for p in chunk]] = ok
+        kept = int(keep[[p[0] for p in pairs]].sum())
+        report[source] = {"kept": kept, "dropped": len(pairs) - kept}
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for line, k in zip(lines, keep):
+                if k:
+                    f.write(line + "\n")
+
+    atomic_write(output_path, write)
+    return report
+
+
+# ---------------------------------------------------------------------------- dedup and hygiene
+_PUNCT = re.compile(r"[^\w\s]")
+
+
+def normalise_text(text: str) -> str:
+    """Case-, accent-, punctuation- and whitespace-insensitive form used for exact dedup."""
+    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii") or text
+    return " ".join(_PUNCT.sub(" ", text.lower()).split())
+
+
+def text_hash(*parts: str) -> str:
+    return hashlib.sha1("\x1f".join(normalise_text(p) for p in parts).encode()).hexdigest()
+
+
+def clean_pairs(
+    input_path: Path,
+    output_path: Path,
+    *,
+    min_chars: int = 1,
+    max_chars: int | None = None,
+    teacher: Any = None,
+    near_duplicate_threshold: float | None = None,
+    batch_size: int = 64,
+) -> Counter:
+    """Remove empty, too short/long, exact-duplicate and (with a teacher) near-duplicate pairs.
+
+    Exact duplicates: same normalised (query, positive). Near duplicates: a pair whose
+    teacher embedding (query and positive concatenated, so the cosine is the mean of the
+    two cosines) reaches ``near_duplicate_threshold`` with an already kept pair; the
+    first occurrence is kept. Returns counts: read, kept, and each removal reason.
+    """
+    counts: Counter = Counter()
+    kept_rows: list[dict] = []
+    seen: set[str] = set()
+    for lineno, obj in iter_jsonl(input_path):
+        counts["read"] += 1
+        q, p = obj.get("query"), obj.get("positive")
+        if not isinstance(q, str) or not isinstance(p, str):
+            raise DataError(f"{input_path}:{lineno}: fields 'query' and 'positive' must be strings")
+        if not q.strip() or not p.strip():
+            counts["empty query or positive"] += 1
+            continue
+        if len(q) < min_chars or len(p) < min_chars:
+            counts[f"shorter than {min_chars} characters"] += 1
+            continue
+        if max_chars is not None and (len(q) > max_chars or len(p) > max_chars):
+            counts[f"longer than {max_chars} characters"] += 1
+            continue
+        key = text_hash(q, p)
+        if key in seen:
+            counts["exact duplicate (normalised text)"] += 1
+            continue
+        seen.add(key)
+        kept_rows.append(obj)
+    if teacher is not None and near_duplicate_threshold is not None and kept_rows:
+        kept_rows = _drop_near_duplicates(teacher, kept_rows, near_duplicate_threshold, batch_size, counts)
+    counts["kept"] = len(kept_rows)
+
+    def write(tmp: Path) -> None:
+        with tmp.open("w", encoding="utf-8") as f:
+            for row in kept_rows:
+                f.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+    atomic_write(output_path, write)
+    return counts
+
+
+def _drop_near_duplicates(
+    teacher: Any, rows: list[dict], threshold: float, batch_size: int, counts: Counter
+) -> list[dict]:
+    import faiss
+
+    q = _normalise_rows(np.asarray(teacher.encode([r["query"] for r in rows], batch_size=batch_size)))
+    p = _normalise_rows(np.asarray(teacher.encode([r["positive"] for r in rows], batch_size=batch_size)))
+    both = np.concatenate([q, p], axis=1) / np.sqrt(2)  # cosine of the pair = mean of the two cosines
+    index = faiss.IndexFlatIP(both.shape[1])
+    kept: list[dict] = []
+    for i, row in enumerate(rows):
+        if index.ntotal:
+            score, _ = index.search(both[i : i + 1], 1)
+            if score[0, 0] >= threshold:
+                counts[f"near duplicate (pair cosine >= {threshold})"] += 1
+                continue
+        index.add(both[i : i + 1])
+        kept.append(row)
+    return kept

@@ -1,0 +1,92 @@
+"""The synthetic-data pipeline against a fake endpoint: failures, retries, resume."""
+
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+
+from embforge.data.synthetic import SynthConfig, SynthError, generate
+
+from .fake_llm import FakeLLM
+
+
+@pytest.fixture()
+def fake():
+    servers = []
+
+    def make(**kw):
+        servers.append(FakeLLM(**kw))
+        return servers[-1]
+
+    yield make
+    for s in servers:
+        s.close()
+
+
+def _lines(path):
+    return [json.loads(x) for x in path.read_text().splitlines()]
+
+
+def test_survives_malformed_answers_timeouts_and_429s(fake, tmp_path):
+    server = fake(
+        script=["429", "ok", "bad_json", "500", "timeout", "not_json", "bad_schema", "ok", "duplicate", "429"]
+    )
+    cfg = SynthConfig(
+        endpoint=server.url,
+        model="fake",
+        output=str(tmp_path / "syn.jsonl"),
+        num_tasks=3,
+        examples_per_task=4,
+        timeout_s=0.3,
+        backoff_s=0.001,
+    )
+    stats = generate(cfg, sleep=lambda s: None)
+    rows = _lines(tmp_path / "syn.jsonl")
+    assert [r["id"] for r in rows] == [f"t{t}-e{e}" for t in range(3) for e in range(4)]
+    assert len({r["query"] for r in rows}) == 12
+    assert all(r["negatives"] and r["instruction"].startswith("Retrieve documents") for r in rows)
+    assert stats["retried: HTTP 429"] == 2 and stats["retried: HTTP 500"] == 1 and stats["retried: timeout"] == 1
+    assert stats["retried: invalid answer"] == 3  # bad_json, not_json, bad_schema
+    assert stats["regenerated: duplicate query"] == 1 and stats["written"] == 12
+
+
+def test_gives_up_with_a_clear_error(fake, tmp_path):
+    server = fake(script=["500"] * 10)
+    cfg = SynthConfig(
+        endpoint=server.url, model="fake", output=str(tmp_path / "s.jsonl"), max_retries=2, backoff_s=0.001
+    )
+    with pytest.raises(SynthError, match="no valid answer after 3 attempts"):
+        generate(cfg, sleep=lambda s: None)
+
+
+def test_resumes_after_a_kill_without_duplicates(fake, tmp_path):
+    server = fake(delay=0.05)
+    out = tmp_path / "syn.jsonl"
+    cfg = dict(endpoint=server.url, model="fake", output=str(out), num_tasks=4, examples_per_task=5, backoff_s=0.001)
+    code = f"from embforge.data.synthetic import SynthConfig, generate; generate(SynthConfig(**{cfg!r}))"
+    proc = subprocess.Popen([sys.executable, "-c", code])
+    deadline = time.time() + 60
+    while time.time() < deadline and (not out.exists() or len(out.read_text().splitlines()) < 6):
+        time.sleep(0.05)
+    proc.kill()
+    proc.wait()
+    written = len(out.read_text().splitlines())
+    assert 6 <= written < 20
+    with out.open("a") as f:
+        f.write('{"id": "t3-e4", "query": "torn')  # a crash in the middle of a line
+    stats = generate(SynthConfig(**cfg), sleep=lambda s: None)
+    rows = _lines(out)
+    assert stats["repaired: torn last line removed"] == 1 and stats["already done"] == written
+    assert sorted(r["id"] for r in rows) == sorted(f"t{t}-e{e}" for t in range(4) for e in range(5))
+    assert len({r["query"] for r in rows}) == 20
+    assert json.loads((tmp_path / "syn.jsonl.tasks.json").read_text())[0] == "Retrieve documents about topic 0"
+
+
+def test_http_4xx_is_not_retried(fake, tmp_path):
+    server = fake()
+    cfg = SynthConfig(endpoint=server.url + "/missing", model="fake", output=str(tmp_path / "s.jsonl"), backoff_s=0.001)
+    with pytest.raises(SynthError, match="HTTP 404 .*not retried"):
+        generate(cfg, sleep=lambda s: None)
+    assert server.requests == 0  # the 404 is answered before the scripted handler counts requests
