@@ -53,9 +53,13 @@ def cmd_eval(args: argparse.Namespace) -> int:
 
 
 def cmd_mine(args: argparse.Namespace) -> int:
+    import glob
+
     from tqdm.auto import tqdm
 
-    from embforge.data.mining import MiningConfig, mine_file, read_corpus
+    from embforge.data.mining import MiningConfig, mine_shards, read_corpus
+    from embforge.models.embedder import Embedder
+    from embforge.train.parallel import init_distributed, shutdown
 
     cfg = MiningConfig(
         num_negatives=args.num_negatives,
@@ -71,20 +75,33 @@ def cmd_mine(args: argparse.Namespace) -> int:
         query_prompt_name=args.query_prompt_name,
         document_prompt_name=args.document_prompt_name,
     )
+    inputs = [Path(p) for p in sorted(glob.glob(args.input))] or [Path(args.input)]
+    if len(inputs) == 1 and not Path(args.output).is_dir():
+        outputs = [Path(args.output)]
+    else:  # shards in, shards out: OUTPUT is a folder with one file per input shard
+        outputs = [Path(args.output) / p.name for p in inputs]
     corpus = read_corpus(Path(args.corpus)) if args.corpus else None
-    teacher = _load_model(args)
-    with tqdm(desc="mine", unit="query") as bar:
-        summary = mine_file(
-            teacher,
-            Path(args.input),
-            Path(args.output),
-            cfg,
-            corpus=corpus,
-            cache_dir=args.cache_dir,
-            keep_incomplete=args.keep_incomplete,
-            progress=bar.update,
-        )
-    print(json.dumps(summary, indent=2))
+    info = init_distributed()  # under torchrun, each rank mines every world-th shard
+    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
+    teacher = Embedder.load(args.model, device=args.device or info.device, **overrides)
+    try:
+        with tqdm(desc="mine", unit="query", disable=not info.is_main) as bar:
+            summary = mine_shards(
+                teacher,
+                inputs,
+                outputs,
+                cfg,
+                corpus=corpus,
+                cache_dir=args.cache_dir,
+                keep_incomplete=args.keep_incomplete,
+                rank=info.rank,
+                world=info.world,
+                progress=bar.update,
+            )
+    finally:
+        shutdown()
+    if info.is_main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -177,8 +194,10 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("mine", help="mine hard negatives with a teacher model (positive-aware)")
     _add_model_args(p)
-    p.add_argument("--input", required=True, help="JSONL with query and positive (or positives)")
-    p.add_argument("--output", required=True, help="JSONL with negatives, negative_scores, positive_score")
+    p.add_argument("--input", required=True, help="JSONL with query and positive (or positives); a glob for shards")
+    p.add_argument(
+        "--output", required=True, help="JSONL with negatives, negative_scores, positive_score (a folder for shards)"
+    )
     p.add_argument(
         "--corpus",
         default=None,

@@ -37,6 +37,37 @@ def cache_key(teacher: Any, texts: list[str], prompt_name: str | None) -> str:
     return h.hexdigest()[:32]
 
 
+def _cache_path(cache_dir, teacher: Any, texts: list[str], prompt_name: str | None) -> Path | None:
+    return Path(cache_dir) / f"emb-{cache_key(teacher, texts, prompt_name)}.npy" if cache_dir else None
+
+
+def load_cached(cache_dir, teacher: Any, texts: list[str], prompt_name: str | None) -> np.ndarray | None:
+    """The cached embeddings of ``texts``, or None (missing, unreadable or the wrong shape)."""
+    path = _cache_path(cache_dir, teacher, texts, prompt_name)
+    if path is None or not path.is_file():
+        return None
+    try:
+        emb = np.load(path, mmap_mode="r")
+    except (ValueError, OSError):
+        return None  # unreadable: the caller recomputes and overwrites
+    return np.asarray(emb, dtype=np.float32) if emb.shape[0] == len(texts) else None
+
+
+def store_cached(cache_dir, teacher: Any, texts: list[str], prompt_name: str | None, emb: np.ndarray) -> None:
+    path = _cache_path(cache_dir, teacher, texts, prompt_name)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        save_npy(path, emb)
+
+
+def encode_normalised(teacher: Any, texts: list[str], prompt_name: str | None, batch_size: int) -> np.ndarray:
+    kwargs: dict[str, Any] = {"batch_size": batch_size}
+    if prompt_name is not None:
+        kwargs["prompt_name"] = prompt_name
+    emb = np.asarray(teacher.encode(texts, **kwargs), dtype=np.float32).reshape(len(texts), -1)
+    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+
+
 def encode_cached(
     teacher: Any,
     texts: list[str],
@@ -46,20 +77,9 @@ def encode_cached(
     batch_size: int = 64,
 ) -> tuple[np.ndarray, bool]:
     """Embeddings of ``texts`` (float32, L2-normalised) and whether they came from the cache."""
-    path = Path(cache_dir) / f"emb-{cache_key(teacher, texts, prompt_name)}.npy" if cache_dir else None
-    if path is not None and path.is_file():
-        try:
-            emb = np.load(path, mmap_mode="r")
-            if emb.shape[0] == len(texts):
-                return np.asarray(emb, dtype=np.float32), True
-        except (ValueError, OSError):
-            pass  # unreadable: recompute and overwrite
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if prompt_name is not None:
-        kwargs["prompt_name"] = prompt_name
-    emb = np.asarray(teacher.encode(texts, **kwargs), dtype=np.float32)
-    emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
-    if path is not None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        save_npy(path, emb)
+    cached = load_cached(cache_dir, teacher, texts, prompt_name)
+    if cached is not None:
+        return cached, True
+    emb = encode_normalised(teacher, texts, prompt_name, batch_size)
+    store_cached(cache_dir, teacher, texts, prompt_name, emb)
     return emb, False

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from embforge.data.embedding_cache import encode_cached
+from embforge.data.embedding_cache import encode_cached, encode_normalised, load_cached, store_cached
 from embforge.data.io import atomic_write, iter_jsonl
 from embforge.errors import DataError
 
@@ -129,24 +129,30 @@ def _select(
 class Miner:
     """Mines chunks of queries against one corpus (embedded once, optionally cached on disk)."""
 
-    def __init__(self, teacher: Any, corpus: list[str], cfg: MiningConfig, cache_dir: str | Path | None = None):
+    def __init__(
+        self,
+        teacher: Any,
+        corpus: list[str],
+        cfg: MiningConfig,
+        cache_dir: str | Path | None = None,
+        corpus_emb: np.ndarray | None = None,
+    ):
         if not corpus:
             raise DataError("the mining corpus is empty")
         self.teacher, self.corpus, self.cfg = teacher, corpus, cfg
-        self.corpus_emb, self.from_cache = encode_cached(
-            teacher, corpus, cache_dir=cache_dir, prompt_name=cfg.document_prompt_name, batch_size=cfg.batch_size
-        )
+        if corpus_emb is not None:
+            self.corpus_emb, self.from_cache = corpus_emb, False
+        else:
+            self.corpus_emb, self.from_cache = encode_cached(
+                teacher, corpus, cache_dir=cache_dir, prompt_name=cfg.document_prompt_name, batch_size=cfg.batch_size
+            )
         self.index = build_index(self.corpus_emb, cfg.index, cfg.seed)
         self.position = {t: i for i, t in enumerate(corpus)}  # first occurrence of each text
         self.rng = random.Random(cfg.seed)
         self.dropped: Counter = Counter()
 
     def _encode(self, texts: list[str], prompt_name: str | None) -> np.ndarray:
-        kwargs: dict[str, Any] = {"batch_size": self.cfg.batch_size}
-        if prompt_name is not None:
-            kwargs["prompt_name"] = prompt_name
-        emb = np.asarray(self.teacher.encode(texts, **kwargs), dtype=np.float32)
-        return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+        return encode_normalised(self.teacher, texts, prompt_name, self.cfg.batch_size)
 
     def mine(self, queries: list[str], positives: list[list[str]]) -> MiningResult:
         """Negatives for one chunk of queries (any length; searched ``chunk_size`` at a time)."""
@@ -253,6 +259,114 @@ def _chunks(path: Path, size: int, stats: Counter) -> Iterator[list[tuple[dict, 
         yield chunk
 
 
+def corpus_from_inputs(inputs: list[Path]) -> list[str]:
+    """Every distinct positive and existing negative of the input files, in order of appearance."""
+    seen: dict[str, None] = {}
+    for path in inputs:
+        for _, obj in iter_jsonl(path):
+            positives = [obj["positive"]] if isinstance(obj.get("positive"), str) else obj.get("positives", [])
+            for text in list(positives) + list(obj.get("negatives", [])):
+                if isinstance(text, str) and text.strip():
+                    seen.setdefault(text, None)
+    return list(seen)
+
+
+def distributed_corpus_embeddings(
+    teacher: Any, corpus: list[str], cfg: MiningConfig, cache_dir: str | Path | None, rank: int, world: int
+) -> tuple[np.ndarray, bool]:
+    """Corpus embeddings computed by ``world`` processes (a contiguous slice each, then all_gather)."""
+    if world == 1:
+        return encode_cached(
+            teacher, corpus, cache_dir=cache_dir, prompt_name=cfg.document_prompt_name, batch_size=cfg.batch_size
+        )
+    import torch.distributed as dist
+
+    cached = load_cached(cache_dir, teacher, corpus, cfg.document_prompt_name)
+    hits = [None] * world
+    dist.all_gather_object(hits, cached is not None)
+    if all(hits):
+        return cached, True
+    lo, hi = rank * len(corpus) // world, (rank + 1) * len(corpus) // world
+    part = encode_normalised(teacher, corpus[lo:hi], cfg.document_prompt_name, cfg.batch_size) if hi > lo else None
+    parts = [None] * world
+    dist.all_gather_object(parts, part)
+    emb = np.concatenate([p for p in parts if p is not None])
+    if rank == 0:
+        store_cached(cache_dir, teacher, corpus, cfg.document_prompt_name, emb)
+    dist.barrier()
+    return emb, False
+
+
+def mine_shards(
+    teacher: Any,
+    inputs: list[Path],
+    outputs: list[Path],
+    cfg: MiningConfig,
+    *,
+    corpus: list[str] | None = None,
+    cache_dir: str | Path | None = None,
+    keep_incomplete: bool = False,
+    rank: int = 0,
+    world: int = 1,
+    progress=None,
+) -> dict:
+    """Mine every input shard into the matching output shard; shard i is done by rank ``i % world``.
+
+    The corpus (default: every distinct positive and negative of all inputs) is embedded
+    once, split across ranks. Each shard is streamed ``cfg.chunk_size`` queries at a time
+    and its output written atomically. Returns the summary merged over all ranks.
+    """
+    if len(inputs) != len(outputs):
+        raise DataError(f"{len(inputs)} input shards but {len(outputs)} output paths")
+    corpus = corpus if corpus is not None else corpus_from_inputs(inputs)
+    if not corpus:
+        raise DataError("the mining corpus is empty")
+    corpus_emb, from_cache = distributed_corpus_embeddings(teacher, corpus, cfg, cache_dir, rank, world)
+    miner = Miner(teacher, corpus, cfg, corpus_emb=corpus_emb)
+    stats: Counter = Counter()
+    for i, (input_path, output_path) in enumerate(zip(inputs, outputs)):
+        if i % world != rank:
+            continue
+
+        def write(tmp: Path, input_path=input_path) -> None:
+            with tmp.open("w", encoding="utf-8") as f:
+                for chunk in _chunks(input_path, cfg.chunk_size, stats):
+                    result = miner.mine([o["query"] for o, _ in chunk], [p for _, p in chunk])
+                    for (obj, _), negs, scores, pos_score in zip(
+                        chunk, result.negatives, result.scores, result.positive_scores
+                    ):
+                        if len(negs) < cfg.num_negatives and not keep_incomplete:
+                            stats["records dropped: too few negatives"] += 1
+                            continue
+                        out = {
+                            **obj,
+                            "negatives": negs,
+                            "negative_scores": [round(s, 6) for s in scores],
+                            "positive_score": round(pos_score, 6),
+                        }
+                        f.write(json.dumps(out, ensure_ascii=False) + "\n")
+                        stats["records written"] += 1
+                    if progress is not None:
+                        progress(len(chunk))
+
+        atomic_write(output_path, write)
+    records, dropped = dict(stats), dict(miner.dropped)
+    if world > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world
+        dist.all_gather_object(gathered, (records, dropped))
+        records = dict(sum((Counter(r) for r, _ in gathered), Counter()))
+        dropped = dict(sum((Counter(d) for _, d in gathered), Counter()))
+    return {
+        "corpus_size": len(corpus),
+        "corpus_embeddings_from_cache": from_cache,
+        "shards": len(inputs),
+        "records": records,
+        "candidates_dropped": dropped,
+    }
+
+
 def mine_file(
     teacher: Any,
     input_path: Path,
@@ -264,49 +378,17 @@ def mine_file(
     keep_incomplete: bool = False,
     progress=None,
 ) -> dict:
-    """Stream ``input_path`` (JSONL with query and positive/positives) to ``output_path`` with mined negatives.
+    """Stream one JSONL file (query and positive/positives) to ``output_path`` with mined negatives.
 
-    Without ``corpus``, the corpus is every distinct positive and existing negative of the input.
     Output lines keep the input fields and set ``negatives``, ``negative_scores``, ``positive_score``.
-    Returns a summary: records read/written/dropped and candidates dropped by reason.
     """
-    stats: Counter = Counter()
-    if corpus is None:
-        seen: dict[str, None] = {}
-        for _, obj in iter_jsonl(input_path):
-            for text in (
-                [obj["positive"]] if isinstance(obj.get("positive"), str) else obj.get("positives", [])
-            ) + list(obj.get("negatives", [])):
-                if isinstance(text, str) and text.strip():
-                    seen.setdefault(text, None)
-        corpus = list(seen)
-    miner = Miner(teacher, corpus, cfg, cache_dir)
-
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as f:
-            for chunk in _chunks(input_path, cfg.chunk_size, stats):
-                result = miner.mine([o["query"] for o, _ in chunk], [p for _, p in chunk])
-                for (obj, _), negs, scores, pos_score in zip(
-                    chunk, result.negatives, result.scores, result.positive_scores
-                ):
-                    if len(negs) < cfg.num_negatives and not keep_incomplete:
-                        stats["records dropped: too few negatives"] += 1
-                        continue
-                    out = {
-                        **obj,
-                        "negatives": negs,
-                        "negative_scores": [round(s, 6) for s in scores],
-                        "positive_score": round(pos_score, 6),
-                    }
-                    f.write(json.dumps(out, ensure_ascii=False) + "\n")
-                    stats["records written"] += 1
-                if progress is not None:
-                    progress(len(chunk))
-
-    atomic_write(output_path, write)
-    return {
-        "corpus_size": len(corpus),
-        "corpus_embeddings_from_cache": miner.from_cache,
-        "records": dict(stats),
-        "candidates_dropped": dict(miner.dropped),
-    }
+    return mine_shards(
+        teacher,
+        [input_path],
+        [output_path],
+        cfg,
+        corpus=corpus,
+        cache_dir=cache_dir,
+        keep_incomplete=keep_incomplete,
+        progress=progress,
+    )
