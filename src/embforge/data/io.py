@@ -26,6 +26,17 @@ def require_file(path: str | Path, what: str = "file") -> Path:
     return path
 
 
+def parse_json_line(line: str | bytes, where: str) -> dict:
+    """One JSONL line -> dict, or DataError naming ``where`` (``file:line``)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
@@ -35,15 +46,8 @@ def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     path = require_file(path, "JSONL file")
     with path.open(encoding="utf-8") as f:
         for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{path}:{lineno}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
-            if not isinstance(obj, dict):
-                raise DataError(f"{path}:{lineno}: expected a JSON object, got {type(obj).__name__}")
-            yield lineno, obj
+            if line.strip():
+                yield lineno, parse_json_line(line, f"{path}:{lineno}")
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict]:

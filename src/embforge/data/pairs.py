@@ -20,14 +20,13 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import json
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from embforge.data.io import iter_jsonl, load_beir
+from embforge.data.io import iter_jsonl, load_beir, parse_json_line
 from embforge.errors import DataError
 
 
@@ -159,13 +158,7 @@ class StreamSource:
             if not line.strip():
                 continue
             where = f"{self.shards[self.shard]}:{self.lineno}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise DataError(f"{where}: invalid JSON ({exc.msg})") from exc
-            if not isinstance(obj, dict):
-                raise DataError(f"{where}: expected a JSON object")
-            record = parse_record(obj, where, self.name, self.num_negatives, self.report)
+            record = parse_record(parse_json_line(line, where), where, self.name, self.num_negatives, self.report)
             if record is not None:
                 return record
         raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
