@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _worker import peak_rss_mb, run_worker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 NUM_NEGATIVES, RANGE_MAX, RATIO = 3, 50, 0.95
@@ -92,10 +92,6 @@ def real_corpus(pairs: list[tuple[str, str]]) -> list[str]:
     return list(dict.fromkeys(t for t in texts if t.strip()))
 
 
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
 def worker(tool: str, n_queries: int, n_docs: int, workdir: Path) -> dict:
     pairs = real_pairs()[:n_queries]
     corpus = real_corpus(real_pairs())[:n_docs]
@@ -142,24 +138,8 @@ def worker(tool: str, n_queries: int, n_docs: int, workdir: Path) -> dict:
 
 
 def run(tool: str, n_queries: int, n_docs: int, threads: int, workdir: Path) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        sys.executable,
-        __file__,
-        "--worker",
-        tool,
-        "--queries",
-        str(n_queries),
-        "--docs",
-        str(n_docs),
-        "--workdir",
-        str(workdir),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"{tool} worker failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    args = ["--worker", tool, "--queries", str(n_queries), "--docs", str(n_docs), "--workdir", str(workdir)]
+    return run_worker(__file__, args, threads)
 
 
 def main() -> None:

@@ -17,13 +17,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from _worker import peak_rss_mb, run_worker
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
 MAX_LEN = 128
@@ -39,10 +39,6 @@ def real_pairs(n: int) -> tuple[list[dict], str]:
 
     pairs, _ = collect_pairs()
     return [{"query": p.query, "positive": p.positive} for p in pairs[:n]], "stdlib docstring -> code pairs"
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
 def worker_embforge(pairs: list[dict], batch: int, steps: int, chunk: int, precision: str) -> dict:
@@ -131,11 +127,8 @@ def worker_reference(pairs: list[dict], batch: int, steps: int, precision: str) 
     return {"samples_per_s": batch / statistics.mean(per_step), "peak_rss_mb": peak_rss_mb()}
 
 
-def run_worker(kind: str, batch: int, steps: int, chunk: int, threads: int, precision: str) -> dict:
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads), "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    cmd = [
-        sys.executable,
-        __file__,
+def run_one(kind: str, batch: int, steps: int, chunk: int, threads: int, precision: str) -> dict:
+    args = [
         "--worker",
         kind,
         "--batch",
@@ -147,11 +140,7 @@ def run_worker(kind: str, batch: int, steps: int, chunk: int, threads: int, prec
         "--precision",
         precision,
     ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr[-3000:])
-        raise SystemExit(f"worker {kind} failed")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    return run_worker(__file__, args, threads)
 
 
 # (framework, precision): each framework's default, plus the other precision for a matched comparison
@@ -194,9 +183,9 @@ def main() -> None:
     runs: dict[tuple[str, str], list[dict]] = {c: [] for c in CONFIGS}
     for rep in range(args.repeats):
         for config in CONFIGS if rep % 2 == 0 else CONFIGS[::-1]:  # alternate the order
-            runs[config].append(run_worker(*config[:1], 32, args.steps, 0, args.threads, config[1]))
+            runs[config].append(run_one(*config[:1], 32, args.steps, 0, args.threads, config[1]))
             print(f"rep {rep + 1}/{args.repeats} {config}: {runs[config][-1]}", file=sys.stderr)
-    big = run_worker("embforge", args.big_batch, 2, 32, args.threads, "auto")
+    big = run_one("embforge", args.big_batch, 2, 32, args.threads, "auto")
 
     def med(config, key="samples_per_s"):
         return statistics.median(r[key] for r in runs[config])

@@ -242,10 +242,14 @@ class BatchSampler:
         batch: list[Example] = []
         seen: set[str] = set()
         for i, count in enumerate(self._counts()):
-            deferred = []
-            for _ in range(count * 50 + 50):
-                if sum(e.dataset == i for e in batch) == count:
-                    break
+            deferred, taken, attempts = [], 0, 0
+            while taken < count:
+                attempts += 1
+                if attempts > count * 50 + 50:
+                    raise DataError(
+                        f"dataset #{i} cannot fill a batch of {count} without duplicate texts; "
+                        "set no_duplicates: false or use a larger dataset"
+                    )
                 record = self._take(i)
                 texts = {record.query, record.positive, *record.negatives}
                 if self.no_duplicates and texts & seen:
@@ -253,11 +257,7 @@ class BatchSampler:
                     continue
                 seen |= texts
                 batch.append(Example(i, record))
-            else:
-                raise DataError(
-                    f"dataset #{i} cannot fill a batch of {count} without duplicate texts; "
-                    "set no_duplicates: false or use a larger dataset"
-                )
+                taken += 1
             self.pending[i].extend(deferred)
         return batch
 
