@@ -74,6 +74,7 @@ def main() -> None:
         recipe_path("minilm/mlquestions_domain.yaml"),
         [f"data_root={out / 'data'}", f"output_dir={out / 'model'}", *args.set],
     )
+    shutil.rmtree(out / "model", ignore_errors=True)  # this benchmark owns its output folder: always a fresh run
     tuned = run_recipe(recipe, out / "data", resume=False)
     after = ndcg(tuned)
     print(

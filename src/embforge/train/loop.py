@@ -32,7 +32,7 @@ from embforge.data.pairs import (
     load_jsonl_records,
     text_key,
 )
-from embforge.errors import DataError, EmbforgeError
+from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from embforge.train.grad_cache import grad_cache_step, split_features
@@ -257,6 +257,11 @@ def train_stage(
     sampler, report = build_sampler(stage.data, data_root, seed, info.world)
     ckpt_dir = stage_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if resume else None
+    if not resume and latest_checkpoint(ckpt_dir) is not None:
+        raise CheckpointError(
+            f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
+            "(embforge never deletes them for you)"
+        )
     if latest is not None:
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)

@@ -8,7 +8,7 @@ from safetensors.torch import load_file
 
 import embforge.train.loop as loop
 from embforge.config import from_dict
-from embforge.errors import DataError
+from embforge.errors import CheckpointError, DataError
 from embforge.train.checkpoint import latest_checkpoint
 from embforge.train.parallel import DistInfo
 from embforge.train.recipe import RecipeConfig, StageConfig
@@ -96,6 +96,8 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, monkeypatch):
     monkeypatch.setattr(loop.BatchSampler, "next_batch", real_next)
     seen.clear()
 
+    with pytest.raises(CheckpointError, match="already holds checkpoints"):
+        _train(tiny_embedder(), stage_config(), data_dir, tmp_path / "b", resume=False)  # never silently mixed
     resumed = tiny_embedder(dropout=0.1, seed=123)  # different init: everything must come from the checkpoint
     _train(resumed, stage_config(), data_dir, tmp_path / "b", resume=True)
     assert seen == straight_batches[10:]  # the data stream continues at the same example
