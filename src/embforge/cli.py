@@ -256,7 +256,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="run a multi-stage training recipe (also under torchrun)")
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    p.add_argument("--no-resume", action="store_true", help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints")
+    p.add_argument(
+        "--no-resume",
+        action="store_true",
+        help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
+    )
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser(

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from embforge.data.io import save_npy
+from embforge.eval.metrics import l2_normalise
 
 
 def teacher_identity(teacher: Any) -> str:
@@ -64,8 +65,7 @@ def encode_normalised(teacher: Any, texts: list[str], prompt_name: str | None, b
     kwargs: dict[str, Any] = {"batch_size": batch_size}
     if prompt_name is not None:
         kwargs["prompt_name"] = prompt_name
-    emb = np.asarray(teacher.encode(texts, **kwargs), dtype=np.float32).reshape(len(texts), -1)
-    return emb / np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+    return l2_normalise(np.asarray(teacher.encode(texts, **kwargs), dtype=np.float32).reshape(len(texts), -1))
 
 
 def encode_cached(

@@ -22,10 +22,7 @@ import numpy as np
 
 from embforge.data.io import atomic_write, iter_jsonl
 from embforge.errors import DataError
-
-
-def _normalise_rows(x: np.ndarray) -> np.ndarray:
-    return (x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)).astype(np.float32)
+from embforge.eval.metrics import l2_normalise
 
 
 def consistent(query_emb: np.ndarray, doc_emb: np.ndarray, doc_texts: list[str], top_k: int) -> np.ndarray:
@@ -38,8 +35,8 @@ def consistent(query_emb: np.ndarray, doc_emb: np.ndarray, doc_texts: list[str],
 
     n = len(doc_texts)
     index = faiss.IndexFlatIP(doc_emb.shape[1])
-    index.add(_normalise_rows(doc_emb))
-    _, ids = index.search(_normalise_rows(query_emb), min(top_k, n))  # (n, k)
+    index.add(l2_normalise(doc_emb))
+    _, ids = index.search(l2_normalise(query_emb), min(top_k, n))  # (n, k)
     return np.array([any(doc_texts[j] == doc_texts[i] for j in row if j >= 0) for i, row in enumerate(ids)])
 
 
@@ -164,8 +161,8 @@ def _drop_near_duplicates(
 ) -> list[dict]:
     import faiss
 
-    q = _normalise_rows(np.asarray(teacher.encode([r["query"] for r in rows], batch_size=batch_size)))
-    p = _normalise_rows(np.asarray(teacher.encode([r["positive"] for r in rows], batch_size=batch_size)))
+    q = l2_normalise(np.asarray(teacher.encode([r["query"] for r in rows], batch_size=batch_size)))
+    p = l2_normalise(np.asarray(teacher.encode([r["positive"] for r in rows], batch_size=batch_size)))
     both = np.concatenate([q, p], axis=1) / np.sqrt(2)  # cosine of the pair = mean of the two cosines
     index = faiss.IndexFlatIP(both.shape[1])
     kept: list[dict] = []

@@ -100,11 +100,15 @@ def pearson(predicted: np.ndarray, gold: np.ndarray) -> float:
     return float(stats.pearsonr(predicted, gold).statistic)
 
 
+def l2_normalise(x: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit length (zero rows stay zero), float32. (N, D) -> (N, D)."""
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     """Row-wise cosine similarity of two (N, D) arrays -> (N,)."""
-    a = a / np.maximum(np.linalg.norm(a, axis=1, keepdims=True), 1e-12)
-    b = b / np.maximum(np.linalg.norm(b, axis=1, keepdims=True), 1e-12)
-    return (a * b).sum(axis=1)
+    return (l2_normalise(a) * l2_normalise(b)).sum(axis=1)
 
 
 def pair_similarities(a: np.ndarray, b: np.ndarray) -> dict[str, np.ndarray]:

@@ -122,10 +122,6 @@ def _side_prompt(model: Any, explicit: str | None, side: str) -> str | None:
     return side if side in (getattr(model, "prompts", None) or {}) else None
 
 
-def _normalise(x: np.ndarray) -> np.ndarray:
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
-
-
 def _rows(task: TaskConfig, path: Path, roles: tuple[str, ...]) -> list[dict]:
     columns = tuple(task.column(r) for r in roles)
     return read_jsonl(path, fields=columns)
@@ -136,8 +132,8 @@ def search(
     query_emb: np.ndarray, corpus_emb: np.ndarray, doc_ids: list[str], top_k: int, chunk: int = 256
 ) -> list[list[str]]:
     """Exact cosine search, ``chunk`` queries at a time (never a full Q×N matrix)."""
-    q = _normalise(query_emb)
-    c = _normalise(corpus_emb)
+    q = metrics.l2_normalise(query_emb)
+    c = metrics.l2_normalise(corpus_emb)
     # rank of each id in ascending string order: trec_eval breaks ties by id, descending
     tie_key = np.empty(len(doc_ids), dtype=np.int64)
     tie_key[np.argsort(np.array(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
@@ -276,8 +272,12 @@ def eval_reranking(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
         raise DataError(f"{path}: no query has both positive and negative candidates")
     queries = list(usable)
     docs = sorted({d for c in usable.values() for d, _ in c})
-    q_emb = _normalise(_encode(model, queries, _side_prompt(model, task.query_prompt_name, "query"), batch_size))
-    d_emb = _normalise(_encode(model, docs, _side_prompt(model, task.document_prompt_name, "document"), batch_size))
+    q_emb = metrics.l2_normalise(
+        _encode(model, queries, _side_prompt(model, task.query_prompt_name, "query"), batch_size)
+    )
+    d_emb = metrics.l2_normalise(
+        _encode(model, docs, _side_prompt(model, task.document_prompt_name, "document"), batch_size)
+    )
     doc_index = {d: i for i, d in enumerate(docs)}
     aps, rrs = [], []
     for qi, q in enumerate(queries):
