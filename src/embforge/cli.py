@@ -154,11 +154,15 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from embforge.train.parallel import shutdown
     from embforge.train.recipe import load_recipe
     from embforge.train.stages import run_recipe
 
     recipe, data_root = load_recipe(args.recipe, args.set)
-    run_recipe(recipe, data_root, resume=not args.no_resume)
+    try:
+        run_recipe(recipe, data_root, resume=not args.no_resume)
+    finally:
+        shutdown()  # under torchrun: leave the process group cleanly
     print(f"final model: {recipe.output_dir}/final")
     return 0
 

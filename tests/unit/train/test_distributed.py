@@ -50,6 +50,7 @@ def _worker(rank, world, init_file, out_file, case):
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss.item() / world, "grads": grads(model)}, out_file)
+        dist.barrier()  # no rank tears gloo down while the other still has collectives in flight
     finally:
         dist.destroy_process_group()
 
