@@ -84,7 +84,7 @@ def test_saved_folder_loads_in_sentence_transformers(tiny_model_dir, tiny_embedd
 def test_other_poolings_round_trip(tiny_embedder, tmp_path, pooling):
     emb = Embedder(tiny_embedder.backbone, tiny_embedder.tokenizer, pooling=pooling, max_seq_len=64)
     loaded = Embedder.load(emb.save(tmp_path / pooling), device="cpu")
-    assert loaded.pooling.mode == pooling
+    assert loaded.pooler.name == pooling
     assert np.allclose(loaded.encode(TEXTS), emb.encode(TEXTS), atol=1e-6)
 
 

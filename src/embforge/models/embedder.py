@@ -1,4 +1,4 @@
-"""The :class:`Embedder`: a transformers backbone + pooling + normalisation + prompts.
+"""The :class:`Embedder`: a backbone + a pooling head (maybe trainable) + normalisation + prompts.
 
 It is the one object users hold::
 
@@ -8,14 +8,14 @@ It is the one object users hold::
     emb.save("my-model")                                    # loads in sentence-transformers too
 
 It is also an ``nn.Module`` whose ``forward`` maps a tokenised batch to embeddings with
-gradients, which is what the training loop calls.
+gradients, which is what the training loop calls. The backbone may be an encoder (BERT
+family) or a decoder LLM run bidirectionally (NV-Embed); the pooler may be a trainable
+latent-attention head; prompts may be instructions that are attended to but not pooled.
+The forward pass itself lives in :mod:`embforge.models.portable`, which saved folders carry.
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,9 +26,8 @@ from tqdm.auto import tqdm
 
 from embforge.config import did_you_mean
 from embforge.errors import ConfigError, InputError
-from embforge.models.pooling import Pooling, PoolingName
+from embforge.models import portable
 from embforge.models.registry import resolve_model_path
-from embforge.models.st_format import StLayout, read_layout, write_layout
 
 # texts are encoded in batches of similar token length; a progress bar appears past this many
 _PROGRESS_MIN_BATCHES = 8
@@ -38,14 +37,22 @@ class Embedder(nn.Module):
     """Text -> embedding model.
 
     Args:
-        backbone: a transformers model returning ``last_hidden_state`` (B, T, D).
-        tokenizer: its (fast) tokenizer.
-        pooling: ``"mean"``, ``"cls"`` or ``"last"``.
+        backbone: a transformers base model returning ``last_hidden_state`` (B, T, D);
+            encoder or decoder (``portable.DECODER_MODEL_TYPES``), maybe wrapped by ``peft``.
+        tokenizer: its fast tokenizer.
+        pooling: a name (``mean``, ``cls``, ``last``, ``latent``, ``self_attention``), a pooler
+            settings dict (``{"name": "latent", "head_dim": 64}``) or a pooler module.
         normalize: L2-normalise the embeddings (after any Matryoshka truncation).
-        max_seq_len: inputs are truncated to this many tokens (prompt included).
+        max_seq_len: inputs are truncated to this many tokens (prompt and EOS included).
         prompts: prompt name -> text prepended to inputs, e.g. ``{"query": "search_query: "}``.
         default_prompt_name: prompt used when ``encode`` gets none.
         do_lower_case: lower-case texts before tokenising (some sentence-transformers models).
+        attention: ``bidirectional`` (causal mask removed) or ``causal``; decoders only.
+        add_eos: append EOS to every input (default: true for decoders).
+        pool_prompt: false: prompts are instructions, attended to but left out of pooling.
+        padding_side: ``left`` or ``right`` (default: the tokenizer's).
+        instruction_template: how a task instruction becomes a query prompt, e.g.
+            ``"Instruct: {instruction}\\nQuery: "`` (NV-Embed); None: the model takes no instructions.
     """
 
     def __init__(
@@ -53,24 +60,50 @@ class Embedder(nn.Module):
         backbone: nn.Module,
         tokenizer,
         *,
-        pooling: PoolingName = "mean",
+        pooling: str | dict | nn.Module = "mean",
         normalize: bool = True,
         max_seq_len: int | None = None,
         prompts: dict[str, str] | None = None,
         default_prompt_name: str | None = None,
         do_lower_case: bool = False,
+        attention: str = "bidirectional",
+        add_eos: bool | None = None,
+        pool_prompt: bool = True,
+        padding_side: str | None = None,
+        instruction_template: str | None = None,
     ):
         super().__init__()
         self.backbone = backbone
         # BERT-style task poolers are never part of the embedding path: freeze them so that
         # DDP does not wait for gradients they never get (and the optimizer skips them)
-        pooler = getattr(backbone, "pooler", None)
-        if isinstance(pooler, nn.Module):
-            pooler.requires_grad_(False)
-        self.tokenizer = tokenizer
-        self.pooling = Pooling(pooling)
+        bert_pooler = getattr(backbone, "pooler", None)
+        if isinstance(bert_pooler, nn.Module):
+            bert_pooler.requires_grad_(False)
+        config = backbone.config
+        self.is_decoder = portable.is_decoder(config)
+        if attention not in ("bidirectional", "causal"):
+            raise ConfigError(f"attention must be 'bidirectional' or 'causal', got {attention!r}")
+        if attention == "causal" and not self.is_decoder:
+            raise ConfigError(f"attention: causal applies to decoder LLMs; {config.model_type!r} is an encoder")
+        self.attention = attention
+        if isinstance(pooling, nn.Module):
+            self.pooler = pooling
+        else:
+            settings = {"name": pooling} if isinstance(pooling, str) else dict(pooling)
+            try:  # on the backbone's device: a meta backbone gets a meta head (no memory)
+                with torch.device(next(backbone.parameters()).device):
+                    self.pooler = portable.build_pooler(settings, int(config.hidden_size))
+            except (ValueError, TypeError) as exc:
+                raise ConfigError(f"pooling {settings}: {exc}") from exc
+        self.tokenizer = tokenizer  # None only for shape-only (meta device) models
+        if tokenizer is not None and padding_side is not None:
+            tokenizer.padding_side = padding_side
+        if tokenizer is not None and tokenizer.pad_token is None:  # decoders often have none; pads are masked
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
         self.normalize = normalize
-        model_max = getattr(backbone.config, "max_position_embeddings", None)
+        self.add_eos = self.is_decoder if add_eos is None else add_eos
+        self.pool_prompt = pool_prompt
+        model_max = getattr(config, "max_position_embeddings", None)
         self.max_seq_len = int(max_seq_len or min(model_max or 512, 512))
         self.prompts = dict(prompts or {})
         if default_prompt_name is not None and default_prompt_name not in self.prompts:
@@ -79,73 +112,62 @@ class Embedder(nn.Module):
             )
         self.default_prompt_name = default_prompt_name
         self.do_lower_case = do_lower_case
+        self.instruction_template = instruction_template
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
     def load(cls, name_or_path: str | Path, *, device: str | torch.device | None = None, **overrides) -> Embedder:
-        """Load a known packaged model name or a local folder (sentence-transformers or transformers).
+        """Load a known packaged model name or a local folder.
+
+        Folders written by embforge, sentence-transformers folders and bare transformers
+        folders all load (see :mod:`embforge.models.saving`).
 
         Args:
             name_or_path: e.g. ``"all-MiniLM-L6-v2"`` or ``"runs/my-model"``.
             device: where to put the model (default: CUDA if available, else CPU).
             **overrides: constructor arguments that replace what the folder says
-                (``max_seq_len=128``, ``pooling="cls"``, ``prompts={...}``).
+                (``max_seq_len=128``, ``pooling="cls"``, ``prompts={...}``). A pooling that
+                differs from the folder's trained head starts a new, randomly initialised head.
         """
-        from transformers import AutoModel, AutoTokenizer  # heavy: import on use
+        from embforge.models.saving import load_folder
 
         folder = resolve_model_path(name_or_path)
-        layout = read_layout(folder)
-        tokenizer = AutoTokenizer.from_pretrained(layout.backbone_dir, local_files_only=True)
-        backbone = AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True)
-        kwargs = dict(
-            pooling=layout.pooling,
-            normalize=layout.normalize,
-            max_seq_len=layout.max_seq_len,
-            prompts=layout.prompts,
-            default_prompt_name=layout.default_prompt_name,
-            do_lower_case=layout.do_lower_case,
-        )
+        backbone, tokenizer, kwargs, pooler_state = load_folder(folder)
+        same_head = "pooling" not in overrides or overrides["pooling"] == kwargs.get("pooling")
         kwargs.update(overrides)
         model = cls(backbone, tokenizer, **kwargs)
+        if pooler_state and same_head:
+            model.pooler.load_state_dict(pooler_state)
         model.eval()
         return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def save(self, path: str | Path) -> Path:
-        """Write the model as a sentence-transformers folder, atomically.
+    def save(self, path: str | Path, *, merge_lora: bool = True) -> Path:
+        """Write the model folder atomically (an existing folder is replaced as a whole).
 
-        The folder is written beside ``path`` and renamed into place only when complete, so
-        a crash never leaves a half-written model (an existing folder is replaced).
+        Encoders with a parameter-free pooling are written as a plain sentence-transformers
+        folder; anything else (decoders, trainable heads, instruction masking) as an embforge
+        folder that ``transformers`` (``trust_remote_code=True``) and sentence-transformers
+        also load. ``merge_lora=False`` keeps a LoRA adapter in ``adapter/`` instead of merging it.
         """
-        import embforge
+        from embforge.models.saving import save_folder
 
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-        try:
-            self.backbone.save_pretrained(tmp)
-            self.tokenizer.save_pretrained(tmp)
-            layout = StLayout(
-                backbone_dir=tmp,
-                pooling=self.pooling.mode,
-                normalize=self.normalize,
-                max_seq_len=self.max_seq_len,
-                do_lower_case=self.do_lower_case,
-                prompts=self.prompts,
-                default_prompt_name=self.default_prompt_name,
-            )
-            versions = {"embforge": embforge.__version__, "torch": torch.__version__}
-            write_layout(tmp, hidden_size=self.hidden_size, layout=layout, versions=versions)
-            old = None
-            if path.exists():
-                old = path.with_name(f".{path.name}.old-{os.getpid()}")
-                os.replace(path, old)
-            os.replace(tmp, path)
-            if old is not None:
-                shutil.rmtree(old)
-        except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise
-        return path
+        return save_folder(self, Path(path), merge_lora=merge_lora)
+
+    def head_settings(self) -> dict:
+        """Everything besides the weights that defines the embedding (constructor keywords)."""
+        return {
+            "pooling": self.pooler.config(),
+            "normalize": self.normalize,
+            "max_seq_len": self.max_seq_len,
+            "prompts": self.prompts,
+            "default_prompt_name": self.default_prompt_name,
+            "do_lower_case": self.do_lower_case,
+            "attention": self.attention,
+            "add_eos": self.add_eos,
+            "pool_prompt": self.pool_prompt,
+            "padding_side": self.tokenizer.padding_side if self.tokenizer is not None else None,
+            "instruction_template": self.instruction_template,
+        }
 
     # ------------------------------------------------------------------ properties
     @property
@@ -157,26 +179,50 @@ class Embedder(nn.Module):
         return next(self.parameters()).device
 
     # ------------------------------------------------------------------ the differentiable path
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **backbone_inputs) -> torch.Tensor:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        pooling_mask: torch.Tensor | None = None,
+        **backbone_inputs,
+    ) -> torch.Tensor:
         """Tokenised batch -> embeddings (with gradients when training).
 
         Args:
             input_ids: (B, T) token ids.
             attention_mask: (B, T), 1 for real tokens.
+            pooling_mask: (B, T), 1 for tokens that are pooled (default: ``attention_mask``).
             **backbone_inputs: extra backbone inputs such as ``token_type_ids``.
 
         Returns:
             (B, D) embeddings, L2-normalised if ``self.normalize``.
         """
-        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask, **backbone_inputs).last_hidden_state
-        pooled = self.pooling(hidden, attention_mask)  # (B, D)
-        return nn.functional.normalize(pooled, dim=-1) if self.normalize else pooled
+        return portable.embed(
+            self.backbone,
+            self.pooler,
+            input_ids,
+            attention_mask,
+            pooling_mask,
+            bidirectional=self.attention == "bidirectional",
+            normalize=self.normalize,
+            **backbone_inputs,
+        )
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None) -> dict[str, torch.Tensor]:
-        """Prompted, truncated, right-padded batch on the model's device."""
-        texts = self._prompted(texts, prompt_name)
-        batch = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_seq_len, return_tensors="pt")
-        return {k: v.to(self.device) for k, v in batch.items()}
+    def tokenize(
+        self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | Sequence[str] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """Prompted, truncated, padded batch on the model's device.
+
+        Args:
+            texts: the texts.
+            prompt_name: a key of ``self.prompts`` (default: ``default_prompt_name``).
+            prompt: prompt text instead of a name, one for all or one per text.
+
+        Returns:
+            ``input_ids``, ``attention_mask`` and ``pooling_mask``, each (B, T).
+        """
+        ids, excluded = self._token_ids(texts, prompt_name, prompt)
+        return portable.pad_batch(self.tokenizer, ids, excluded, device=self.device)
 
     # ------------------------------------------------------------------ inference
     def encode(
@@ -185,6 +231,7 @@ class Embedder(nn.Module):
         *,
         batch_size: int = 32,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         dimensions: int | None = None,
         show_progress: bool | None = None,
     ) -> np.ndarray:
@@ -194,6 +241,7 @@ class Embedder(nn.Module):
             texts: one string or a sequence of strings.
             batch_size: texts per forward pass.
             prompt_name: key of ``self.prompts`` to prepend (default: ``default_prompt_name``).
+            prompt: a prompt text instead of a name (e.g. a task instruction).
             dimensions: keep the first ``dimensions`` components (Matryoshka), then re-normalise.
             show_progress: progress bar; default on for long inputs.
 
@@ -211,26 +259,25 @@ class Embedder(nn.Module):
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
             # tokenise everything once, then batch by exact token length: least padding
-            ids = self.tokenizer(
-                self._prompted(items, prompt_name),
-                truncation=True,
-                max_length=self.max_seq_len,
-                add_special_tokens=True,
-                return_attention_mask=False,
-                return_token_type_ids=False,
-            )["input_ids"]
+            ids, excluded = self._token_ids(items, prompt_name, prompt)
             order = np.argsort([-len(x) for x in ids], kind="stable")
             starts = range(0, len(items), batch_size)
             show = show_progress if show_progress is not None else len(starts) >= _PROGRESS_MIN_BATCHES
-            pad_id = self.tokenizer.pad_token_id or 0
             was_training = self.training
             self.eval()
             with torch.inference_mode():
                 for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
                     idx = order[start : start + batch_size]
-                    input_ids, mask = _pad([ids[i] for i in idx], pad_id, self.device)
-                    hidden = self.backbone(input_ids=input_ids, attention_mask=mask).last_hidden_state  # (B, T, D)
-                    pooled = self.pooling(hidden, mask)[:, :dim].float()  # (B, D')
+                    batch = portable.pad_batch(
+                        self.tokenizer, [ids[i] for i in idx], [excluded[i] for i in idx], device=self.device
+                    )
+                    pooled = portable.embed(
+                        self.backbone,
+                        self.pooler,
+                        **batch,
+                        bidirectional=self.attention == "bidirectional",
+                        normalize=False,
+                    )[:, :dim].float()  # (B, D')
                     if self.normalize:
                         pooled = nn.functional.normalize(pooled, dim=-1)
                     out[idx] = pooled.cpu().numpy()
@@ -239,28 +286,51 @@ class Embedder(nn.Module):
 
     def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``query`` prompt when the model defines one."""
-        kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+        if "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
         return self.encode(texts, **kwargs)
 
     def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``document`` prompt when the model defines one."""
-        kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
+        if "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
         return self.encode(texts, **kwargs)
 
+    def instruction_prompt(self, instruction: str) -> str | None:
+        """The query prompt for a task instruction, or None if this model takes no instructions."""
+        if self.instruction_template is None:
+            return None
+        return self.instruction_template.format(instruction=instruction)
+
     # ------------------------------------------------------------------ helpers
-    def _prompted(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
-        name = prompt_name if prompt_name is not None else self.default_prompt_name
-        prefix = ""
-        if name is not None:
-            if name not in self.prompts:
-                raise InputError(
-                    f"unknown prompt_name {name!r}"
-                    + did_you_mean(name, self.prompts)
-                    + f"; this model has {sorted(self.prompts)}"
-                )
-            prefix = self.prompts[name]
-        texts = [prefix + t for t in texts]
-        return [t.lower() for t in texts] if self.do_lower_case else texts
+    def _token_ids(
+        self, texts: Sequence[str], prompt_name: str | None, prompt: str | Sequence[str] | None
+    ) -> tuple[list[list[int]], list[int]]:
+        if prompt is not None and prompt_name is not None:
+            raise InputError("give prompt_name or prompt, not both")
+        if prompt is None:
+            name = prompt_name if prompt_name is not None else self.default_prompt_name
+            prompt = ""
+            if name is not None:
+                if name not in self.prompts:
+                    raise InputError(
+                        f"unknown prompt_name {name!r}"
+                        + did_you_mean(name, self.prompts)
+                        + f"; this model has {sorted(self.prompts)}"
+                    )
+                prompt = self.prompts[name]
+        prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
+        if len(prompts) != len(texts):
+            raise InputError(f"got {len(prompts)} prompts for {len(texts)} texts")
+        return portable.tokenize_texts(
+            self.tokenizer,
+            texts,
+            prompts,
+            max_len=self.max_seq_len,
+            add_eos=self.add_eos,
+            pool_prompt=self.pool_prompt,
+            lower_case=self.do_lower_case,
+        )
 
     def _check_dimensions(self, dimensions: int | None) -> int:
         if dimensions is None:
@@ -268,14 +338,3 @@ class Embedder(nn.Module):
         if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.hidden_size:
             raise InputError(f"dimensions must be an integer in [1, {self.hidden_size}], got {dimensions!r}")
         return dimensions
-
-
-def _pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad token id lists -> input_ids (B, T) and attention_mask (B, T)."""
-    T = max(len(r) for r in rows)
-    input_ids = torch.full((len(rows), T), pad_id, dtype=torch.long)
-    mask = torch.zeros((len(rows), T), dtype=torch.long)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
-        mask[i, : len(r)] = 1
-    return input_ids.to(device), mask.to(device)

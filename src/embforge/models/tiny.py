@@ -43,3 +43,40 @@ def tiny_bert(seed: int = 0, **config_overrides):
     model = BertModel(BertConfig(**cfg))
     model.eval()
     return model, tokenizer
+
+
+DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
+
+
+def tiny_decoder(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **config_overrides):
+    """(base decoder model, tokenizer): 2 layers, hidden 64, 4 heads / 2 KV heads, seeded random init.
+
+    The tokenizer is the tiny WordPiece one with ``[CLS]`` playing BOS and ``[SEP]`` EOS, so
+    tests see a leading special token and an EOS-terminated input, as with real decoders.
+    """
+    from transformers import AutoConfig, AutoModel, BertTokenizerFast
+
+    if family not in DECODER_FAMILIES:
+        raise ValueError(f"unknown decoder family {family!r}; choose one of {DECODER_FAMILIES}")
+    tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True, bos_token="[CLS]", eos_token="[SEP]")
+    cfg = dict(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=128,
+        bos_token_id=tokenizer.cls_token_id,
+        eos_token_id=tokenizer.sep_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    if family == "qwen3":
+        cfg["head_dim"] = 16
+    cfg.update(config_overrides)
+    config = AutoConfig.for_model(family, **cfg)
+    config._attn_implementation = attn_implementation
+    torch.manual_seed(seed)
+    model = AutoModel.from_config(config)
+    model.eval()
+    return model, tokenizer

@@ -2,7 +2,7 @@
 
 A checkpoint is a folder ``checkpoints/step-00000010/`` holding
 
-    model.safetensors    every trainable and frozen tensor of the Embedder
+    model.safetensors    the trainable tensors of the Embedder (frozen ones never change)
     optimizer.pt         optimizer state (torch.save; tensors of arbitrary structure)
     trainer_state.json   step, scheduler state, data-stream position (sampler state)
     rng.pt               torch (CPU + CUDA), numpy and Python RNG states
@@ -78,18 +78,23 @@ def latest_checkpoint(folder: Path) -> Path | None:
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors`` strictly, naming missing and unexpected keys."""
+    """Load ``model.safetensors``: every trainable parameter must be there, nothing else may be.
+
+    Checkpoints hold the trained tensors only (with LoRA: the adapters and the pooling head,
+    not the frozen base); frozen parameters keep the values the model was built with.
+    """
     file = path / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no model.safetensors")
     state = load_file(str(file))
-    expected = set(model.state_dict())
-    missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+    known = set(model.state_dict())
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - known)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.load_state_dict(state)
+    model.load_state_dict(state, strict=False)
 
 
 def load_training_state(path: Path, load_optimizer, scheduler) -> dict:

@@ -84,18 +84,44 @@ class ContrastiveBatch:
     num_negatives: int
 
 
-def collate(examples: list[Example], data: DataConfig, tokenize, device: torch.device) -> ContrastiveBatch:
-    """Prompt, tokenise and lay out a batch (see :mod:`embforge.losses` for the layout)."""
+def query_prompts(data: DataConfig, embedder) -> list[str]:
+    """Each dataset's query prompt: its instruction through the model's template, else ``query_prompt``."""
+    prompts = []
+    for ds in data.datasets:
+        if ds.instruction is None:
+            prompts.append(ds.query_prompt)
+            continue
+        prompt = embedder.instruction_prompt(ds.instruction)
+        if prompt is None:
+            raise DataError(
+                f"dataset {ds.name!r} has an instruction, but the model has no instruction_template; "
+                "set model.instruction_template or use query_prompt"
+            )
+        prompts.append(prompt)
+    return prompts
+
+
+def collate(
+    examples: list[Example], data: DataConfig, tokenize, device: torch.device, q_prompts: list[str] | None = None
+) -> ContrastiveBatch:
+    """Prompt, tokenise and lay out a batch (see :mod:`embforge.losses` for the layout).
+
+    Args:
+        tokenize: ``(texts, prompts) -> features``, i.e. :meth:`Embedder.tokenize` with one prompt per text.
+        q_prompts: per-dataset query prompts (default: the datasets' ``query_prompt``).
+    """
     cfgs = [data.datasets[e.dataset] for e in examples]
-    q_texts = [c.query_prompt + e.record.query for c, e in zip(cfgs, examples)]
-    d_texts = [c.document_prompt + e.record.positive for c, e in zip(cfgs, examples)]
-    d_texts += [c.document_prompt + n for c, e in zip(cfgs, examples) for n in e.record.negatives]
-    raw_docs = [e.record.positive for e in examples] + [n for e in examples for n in e.record.negatives]
+    q_prompts = q_prompts if q_prompts is not None else [d.query_prompt for d in data.datasets]
+    queries = [e.record.query for e in examples]
+    docs = [e.record.positive for e in examples] + [n for e in examples for n in e.record.negatives]
+    doc_prompts = [c.document_prompt for c in cfgs] + [
+        c.document_prompt for c, e in zip(cfgs, examples) for _ in e.record.negatives
+    ]
     return ContrastiveBatch(
-        queries={k: v.to(device) for k, v in tokenize(q_texts).items()},
-        docs={k: v.to(device) for k, v in tokenize(d_texts).items()},
-        query_keys=torch.tensor([text_key(e.record.query) for e in examples], device=device),
-        doc_keys=torch.tensor([text_key(t) for t in raw_docs], device=device),
+        queries={k: v.to(device) for k, v in tokenize(queries, [q_prompts[e.dataset] for e in examples]).items()},
+        docs={k: v.to(device) for k, v in tokenize(docs, doc_prompts).items()},
+        query_keys=torch.tensor([text_key(q) for q in queries], device=device),
+        doc_keys=torch.tensor([text_key(t) for t in docs], device=device),
         in_batch=torch.tensor([c.in_batch_negatives for c in cfgs], device=device),
         num_negatives=data.num_negatives,
     )
@@ -265,6 +291,7 @@ def train_stage(
     if latest is not None:
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)
+    trainable = {name for name, p in embedder.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, stage.optim)
     scheduler = build_scheduler(optimizer, stage.optim, stage.steps)
     start = 0
@@ -287,9 +314,11 @@ def train_stage(
         else contextlib.nullcontext
     )
     B = stage.data.batch_size
-    tokenize = lambda texts: embedder.tokenizer(  # noqa: E731
-        texts, padding=True, truncation=True, max_length=embedder.max_seq_len, return_tensors="pt"
-    )
+    q_prompts = query_prompts(stage.data, embedder)
+
+    def tokenize(texts, prompts):  # the Embedder's own tokenisation: training text = inference text
+        return embedder.tokenize(texts, prompt=prompts)
+
     model.train()
     bar = tqdm(
         total=stage.steps,
@@ -302,6 +331,7 @@ def train_stage(
 
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
+        model_state = {k: v for k, v in model_state.items() if k in trainable}  # frozen weights never change
         if info.is_main:
             trainer_state = {"sampler": sampler.state_dict(), "stage": stage.name, "data_report": report.summary()}
             save_checkpoint(ckpt_dir, step, model_state, optim_state, scheduler, trainer_state, recipe_dict)
@@ -312,7 +342,7 @@ def train_stage(
         losses = []
         for micro in range(stage.grad_accum_steps):
             examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]
-            batch = collate(examples, stage.data, tokenize, info.device)
+            batch = collate(examples, stage.data, tokenize, info.device, q_prompts)
             losses.append(
                 contrastive_step(
                     model,

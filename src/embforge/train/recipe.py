@@ -13,16 +13,7 @@ from typing import Literal
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
-
-
-@dataclass
-class ModelConfig:
-    name_or_path: str  # known model name or folder (the starting weights)
-    pooling: Literal["mean", "cls", "last"] | None = None  # None: what the model folder says
-    normalize: bool | None = None
-    max_seq_len: int | None = None
-    prompts: dict[str, str] | None = None
-    gradient_checkpointing: bool = False
+from embforge.models.spec import ModelConfig
 
 
 @dataclass
@@ -33,6 +24,7 @@ class DatasetConfig:
     split: str = "train"  # BEIR: qrels/<split>.tsv
     weight: float = 1.0  # sampling weight among the stage's datasets
     query_prompt: str = ""  # text prepended to queries, e.g. "search_query: "
+    instruction: str | None = None  # task instruction -> query prompt through the model's instruction_template
     document_prompt: str = ""  # text prepended to positives and negatives
     in_batch_negatives: bool = True  # false: this dataset's queries see only their own documents
     stream: bool = False  # read shards sequentially (memory independent of size) instead of loading

@@ -9,22 +9,12 @@ import numpy as np
 import torch
 
 from embforge.config import to_dict
+from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights
 from embforge.train.loop import train_stage
 from embforge.train.parallel import DistInfo, barrier, init_distributed
-from embforge.train.recipe import ModelConfig, RecipeConfig
-
-
-def load_embedder(cfg: ModelConfig, device: torch.device) -> Embedder:
-    """The starting model, with the recipe's overrides of pooling, length and prompts."""
-    overrides = {
-        k: getattr(cfg, k) for k in ("pooling", "normalize", "max_seq_len", "prompts") if getattr(cfg, k) is not None
-    }
-    embedder = Embedder.load(cfg.name_or_path, device=device, **overrides)
-    if cfg.gradient_checkpointing:
-        embedder.backbone.gradient_checkpointing_enable()
-    return embedder
+from embforge.train.recipe import RecipeConfig
 
 
 def stage_dirs(recipe: RecipeConfig) -> list[Path]:
@@ -50,7 +40,7 @@ def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, in
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    embedder = load_embedder(recipe.model, info.device)
+    embedder = build_embedder(recipe.model, device=info.device)
     recipe_dict = to_dict(recipe)
     histories: dict[str, list[dict]] = {}
     for i, (stage, folder) in enumerate(zip(recipe.stages, stage_dirs(recipe))):

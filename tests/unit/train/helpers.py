@@ -44,11 +44,30 @@ def make_batch(
     flags = in_batch or [True] * len(recs)
     examples = [Example(0 if f else 1, r) for r, f in zip(recs, flags)]
 
-    def tokenize(texts):
-        return model.tokenizer(texts, padding=True, truncation=True, max_length=model.max_seq_len, return_tensors="pt")
+    def tokenize(texts, prompts):
+        return model.tokenize(texts, prompt=prompts)
 
     return collate(examples, data, tokenize, torch.device("cpu"))
 
 
 def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def tiny_lora_embedder(seed: int = 0) -> Embedder:
+    """A tiny NV-Embed-style model: bidirectional Llama (fixed base), latent head + LoRA seeded by ``seed``."""
+    from embforge.models.build import apply_lora
+    from embforge.models.spec import LoraConfig
+    from embforge.models.tiny import tiny_decoder
+
+    backbone, tokenizer = tiny_decoder("llama", seed=0)  # the frozen base is the same for every seed
+    torch.manual_seed(seed)
+    model = Embedder(
+        backbone,
+        tokenizer,
+        max_seq_len=32,
+        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
+        pool_prompt=False,
+    )
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
+    return model

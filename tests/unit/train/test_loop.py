@@ -101,8 +101,11 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, monkeypatch):
     resumed = tiny_embedder(dropout=0.1, seed=123)  # different init: everything must come from the checkpoint
     _train(resumed, stage_config(), data_dir, tmp_path / "b", resume=True)
     assert seen == straight_batches[10:]  # the data stream continues at the same example
+    frozen = {n for n, p in resumed.named_parameters() if not p.requires_grad}  # BERT's unused task pooler
+    assert frozen == {"backbone.pooler.dense.weight", "backbone.pooler.dense.bias"}
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
-        assert torch.allclose(a, b, atol=1e-6), n
+        if n not in frozen:  # frozen weights come from the starting model, not the checkpoint
+            assert torch.allclose(a, b, atol=1e-6), n
     final = load_file(str(tmp_path / "b" / "checkpoints" / "step-00000020" / "model.safetensors"))
     assert torch.allclose(
         final["backbone.embeddings.word_embeddings.weight"],
@@ -247,3 +250,32 @@ def test_beir_folder_as_a_training_source(tmp_path):
     pairs = {(e.record.query, e.record.positive) for _ in range(3) for e in sampler.next_batch()}
     assert pairs == {("query 0", "T doc 0"), ("query 1", "T doc 1")}  # grade 0 is not a positive
     assert dict(report.skipped["b"]) == {"qrel names a document missing from the corpus": 1}
+
+
+def test_resume_with_lora_adapters_and_a_latent_head(data_dir, tmp_path, monkeypatch):
+    from .helpers import tiny_lora_embedder
+
+    stage = stage_config(data={**stage_config().data.__dict__, "datasets": [{"name": "m", "path": "memory.jsonl"}]})
+    straight = tiny_lora_embedder(seed=1)
+    _train(straight, stage, data_dir, tmp_path / "a", resume=False)
+    saved = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000020" / "model.safetensors"))
+    trainable = {n for n, p in straight.named_parameters() if p.requires_grad}
+    assert set(saved) == trainable  # adapters and head only, not the frozen base
+
+    calls = {"n": 0}
+    real_next = loop.BatchSampler.next_batch
+
+    def crash_after_10(self):
+        calls["n"] += 1
+        if calls["n"] > 10:
+            raise KeyboardInterrupt("simulated crash in step 11")
+        return real_next(self)
+
+    monkeypatch.setattr(loop.BatchSampler, "next_batch", crash_after_10)
+    with pytest.raises(KeyboardInterrupt):
+        _train(tiny_lora_embedder(seed=1), stage, data_dir, tmp_path / "b", resume=False)
+    monkeypatch.setattr(loop.BatchSampler, "next_batch", real_next)
+    resumed = tiny_lora_embedder(seed=99)  # other adapter/head init: they must come from the checkpoint
+    _train(resumed, stage, data_dir, tmp_path / "b", resume=True)
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n

@@ -1,0 +1,76 @@
+"""The one function that turns a recipe's ``model:`` block into an :class:`Embedder`.
+
+``build_embedder(spec)`` loads the starting weights (packaged name or folder) or builds a
+backbone preset from its config, applies the spec's attention, pooling head, prompts and
+dtype, then LoRA. With ``device="meta"`` nothing is allocated: parameter counts and memory
+plans of 7B-parameter models come out in milliseconds.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from embforge.errors import ConfigError
+from embforge.models.embedder import Embedder
+from embforge.models.presets import BACKBONE_PRESETS, preset_config
+from embforge.models.saving import backbone_from_config
+from embforge.models.spec import LoraConfig, ModelConfig
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_HEAD_FIELDS = ("attention", "normalize", "max_seq_len", "prompts", "pool_prompt", "add_eos", "padding_side")
+
+
+def head_overrides(spec: ModelConfig) -> dict:
+    """The spec's Embedder keyword arguments that are set (None: keep what the folder says)."""
+    out = {k: getattr(spec, k) for k in _HEAD_FIELDS if getattr(spec, k) is not None}
+    if spec.pooling is not None:
+        out["pooling"] = spec.pooling_dict()
+    return out
+
+
+def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **preset_overrides) -> Embedder:
+    """Build the model a recipe describes.
+
+    Args:
+        spec: the recipe's ``model:`` block.
+        device: ``cpu``/``cuda``/... or ``meta`` (shapes only, no memory; presets only).
+        **preset_overrides: config fields replacing a preset's (e.g. ``num_hidden_layers=2``).
+
+    Returns:
+        The Embedder, in eval mode; with ``spec.lora`` its backbone is a peft model in which
+        only the adapters (and the pooling head) are trainable.
+    """
+    overrides = head_overrides(spec)
+    if spec.name_or_path in BACKBONE_PRESETS:
+        backbone = backbone_from_config(preset_config(spec.name_or_path, **preset_overrides), device=device, init=True)
+        embedder = Embedder(backbone, None, **overrides)
+        if str(device) != "meta":
+            embedder.to(device)
+    else:
+        if str(device) == "meta":
+            raise ConfigError(f"device=meta builds backbone presets only ({sorted(BACKBONE_PRESETS)})")
+        if preset_overrides:
+            raise ConfigError("config overrides apply to backbone presets only")
+        embedder = Embedder.load(spec.name_or_path, device=device, **overrides)
+    embedder.to(_DTYPES[spec.dtype])
+    if spec.lora is not None:
+        apply_lora(embedder, spec.lora)
+    if spec.gradient_checkpointing:
+        # non-reentrant: frozen embeddings (LoRA) do not stop gradients from flowing through
+        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    return embedder.eval()
+
+
+def apply_lora(embedder: Embedder, lora: LoraConfig) -> None:
+    """Wrap the backbone with peft LoRA adapters: only they, and the pooling head, train."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    config = PeftLoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=list(lora.target_modules)
+    )
+    try:
+        embedder.backbone = get_peft_model(embedder.backbone, config)
+    except ValueError as exc:  # e.g. no module matches target_modules
+        raise ConfigError(f"model.lora: {exc}") from exc
+    embedder.pooler.requires_grad_(True)

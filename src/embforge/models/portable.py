@@ -1,0 +1,448 @@
+"""The embedding model's forward pass, in one self-contained file (torch + transformers only).
+
+embforge uses this module directly, and :meth:`Embedder.save` copies it into every saved
+model folder as ``embforge_modeling.py``, so the folder loads without embforge installed::
+
+    AutoModel.from_pretrained(folder, trust_remote_code=True)            # EmbforgeModel
+    SentenceTransformer(folder, trust_remote_code=True)                  # EmbforgeSTModule
+
+It holds the parts that must compute the same thing everywhere:
+
+- **attention** (:func:`backbone_forward`): decoder LLMs run with the causal mask removed
+  (every token attends to every non-pad token) or kept, for left and right padding;
+- **poolings**: mean / cls / last token, latent attention (NV-Embed) and self-attention;
+- **tokenisation** (:func:`tokenize_texts`, :func:`pad_batch`): prompt + text, EOS appended,
+  and a *pooling mask* that drops pad tokens and, for instruction prompts, the prompt.
+
+Instruction span rule (documented in docs/models.md, tested in tests/unit/models/):
+the prompt is tokenised *inside* the full string, and a leading token belongs to the
+instruction iff all of its characters lie inside the prompt (offset end <= len(prompt));
+leading special tokens (BOS/CLS) count as instruction when there is a prompt. A token that
+straddles the boundary (e.g. "▁how" eating the prompt's trailing space) is content.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+# model_type of decoder-only LLMs whose causal mask embforge knows how to remove
+DECODER_MODEL_TYPES = frozenset({"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3"})
+POOLING_NAMES = ("mean", "cls", "last", "latent", "self_attention")
+MODELING_FILE = "embforge_modeling.py"  # the name this file gets inside a saved model folder
+
+
+def is_decoder(config) -> bool:
+    """True for the decoder-only LLM families in :data:`DECODER_MODEL_TYPES`."""
+    return getattr(config, "model_type", None) in DECODER_MODEL_TYPES
+
+
+# ============================================================================ attention
+def backbone_forward(
+    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, *, bidirectional: bool, **extra
+) -> torch.Tensor:
+    """Run a transformers backbone and return its last hidden states (B, T, D).
+
+    This is the one place that decides how a decoder attends. For decoders, position ids
+    are counted over real tokens (so left and right padding give the same states), and with
+    ``bidirectional`` a 4-D mask lets every token see every non-pad token (transformers
+    uses an already-4-D mask as is). Encoders get the usual 2-D padding mask.
+    """
+    if not is_decoder(backbone.config):
+        return backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+    positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    mask = attention_mask
+    if bidirectional:
+        impl = getattr(backbone.config, "_attn_implementation", "eager") or "eager"
+        if impl not in ("eager", "sdpa"):
+            raise NotImplementedError(f"bidirectional attention supports eager and sdpa, not {impl!r}")
+        keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys every query may attend to
+        keep = keep.expand(-1, 1, attention_mask.shape[1], -1)  # (B, 1, T, T)
+        if impl == "sdpa":
+            mask = keep
+        else:  # eager adds the mask to the scores
+            dtype = next(backbone.parameters()).dtype
+            mask = torch.zeros(keep.shape, dtype=dtype, device=keep.device).masked_fill(~keep, torch.finfo(dtype).min)
+    out = backbone(input_ids=input_ids, attention_mask=mask, position_ids=positions, use_cache=False, **extra)
+    return out.last_hidden_state
+
+
+# ============================================================================ poolings
+def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Average of the masked token states. hidden (B, T, D), mask (B, T) -> (B, D)."""
+    weights = mask.to(hidden.dtype).unsqueeze(-1)  # (B, T, 1)
+    summed = (hidden * weights).sum(dim=1)  # (B, D)
+    # clamp: an all-masked row gives zeros instead of NaN
+    return summed / weights.sum(dim=1).clamp(min=1e-9)
+
+
+def cls_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """State of the first counted token (the [CLS] of BERT inputs). -> (B, D)"""
+    first = mask.long().argmax(dim=1)  # (B,) index of the first 1
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), first]
+
+
+def last_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """State of the last counted token (EOS for decoders), for left or right padding. -> (B, D)"""
+    T = mask.size(1)
+    positions = torch.arange(T, device=mask.device).expand_as(mask)  # (B, T)
+    last = torch.where(mask.bool(), positions, -1).max(dim=1).values.clamp(min=0)  # (B,)
+    return hidden[torch.arange(hidden.size(0), device=hidden.device), last]
+
+
+_PARAMETER_FREE = {"mean": mean_pool, "cls": cls_pool, "last": last_pool}
+
+
+class Pooling(nn.Module):
+    """A parameter-free pooling chosen by name (``mean``, ``cls`` or ``last``)."""
+
+    def __init__(self, name: str = "mean"):
+        super().__init__()
+        if name not in _PARAMETER_FREE:
+            raise ValueError(f"unknown parameter-free pooling {name!r}; choose one of {sorted(_PARAMETER_FREE)}")
+        self.name = name
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return _PARAMETER_FREE[self.name](hidden, mask)
+
+    def config(self) -> dict:
+        return {"name": self.name}
+
+    def extra_repr(self) -> str:
+        return f"name={self.name!r}"
+
+
+class GEGLU(nn.Module):
+    """x, gate = split(x); x * gelu(gate). (B, T, 2F) -> (B, T, F)"""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = x.chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class AttentionPooling(nn.Module):
+    """NV-Embed's latent-attention pooling (or, without latents, a self-attention ablation).
+
+    The token states are the queries. With ``num_latents`` a trainable latent array
+    (K, D) is both keys and values (NV-Embed); with ``num_latents=None`` the token states
+    themselves are keys and values (pad keys masked). Then, as in the released model:
+    pre-LayerNorm + multi-head attention + residual, pre-LayerNorm + GEGLU feed-forward
+    (``mlp_ratio`` x width, with biases) + residual, mean over the pooling mask.
+
+    NV-Embed preset at D = 4096: 512 latents, 8 heads x head_dim 4096 -> 740,356,096 parameters.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        *,
+        num_latents: int | None = 512,
+        num_heads: int = 8,
+        head_dim: int | None = None,
+        mlp_ratio: int = 4,
+    ):
+        super().__init__()
+        self.hidden_size, self.num_latents, self.num_heads = hidden_size, num_latents, num_heads
+        self.head_dim = head_dim or hidden_size
+        self.mlp_ratio = mlp_ratio
+        inner = num_heads * self.head_dim
+        self.norm = nn.LayerNorm(hidden_size)  # on the token states (queries)
+        self.norm_context = nn.LayerNorm(hidden_size)  # on the latents (keys/values)
+        self.to_q = nn.Linear(hidden_size, inner, bias=False)
+        self.to_kv = nn.Linear(hidden_size, 2 * inner, bias=False)
+        self.to_out = nn.Linear(inner, hidden_size, bias=False)
+        self.norm_ff = nn.LayerNorm(hidden_size)
+        self.ff = nn.Sequential(
+            nn.Linear(hidden_size, 2 * mlp_ratio * hidden_size),
+            GEGLU(),
+            nn.Linear(mlp_ratio * hidden_size, hidden_size),
+        )
+        if num_latents:
+            self.latents = nn.Parameter(torch.randn(num_latents, hidden_size))
+
+    @property
+    def name(self) -> str:
+        return "latent" if self.num_latents else "self_attention"
+
+    def config(self) -> dict:
+        return {
+            "name": self.name,
+            "num_latents": self.num_latents,
+            "num_heads": self.num_heads,
+            "head_dim": self.head_dim,
+            "mlp_ratio": self.mlp_ratio,
+        }
+
+    def forward(self, hidden: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor | None = None):
+        """hidden (B, T, D), mask (B, T) pooling mask, attention_mask (B, T) non-pad -> (B, D)."""
+        B, T, _ = hidden.shape
+        H, Dh = self.num_heads, self.head_dim
+        x = self.norm(hidden)
+        key_mask = None
+        if self.num_latents:
+            context = self.norm_context(self.latents).unsqueeze(0).expand(B, -1, -1)  # (B, K, D)
+        else:
+            context = self.norm_context(hidden)  # (B, T, D)
+            if attention_mask is not None:
+                key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
+        q = self.to_q(x).view(B, T, H, Dh).transpose(1, 2)  # (B, H, T, Dh)
+        k, v = self.to_kv(context).chunk(2, dim=-1)  # (B, K, H·Dh) each
+        k = k.reshape(B, -1, H, Dh).transpose(1, 2)  # (B, H, K, Dh)
+        v = v.reshape(B, -1, H, Dh).transpose(1, 2)  # (B, H, K, Dh)
+        attn = F.scaled_dot_product_attention(q, k, v, attn_mask=key_mask)  # (B, H, T, Dh)
+        hidden = self.to_out(attn.transpose(1, 2).reshape(B, T, H * Dh)) + hidden  # (B, T, D)
+        hidden = self.ff(self.norm_ff(hidden)) + hidden  # (B, T, D)
+        return mean_pool(hidden, mask)
+
+
+def build_pooler(cfg: dict, hidden_size: int) -> nn.Module:
+    """A pooler from its config dict, e.g. ``{"name": "latent", "num_latents": 512, "head_dim": 64}``."""
+    cfg = dict(cfg)
+    name = cfg.pop("name", "mean")
+    if name in _PARAMETER_FREE:
+        if cfg:
+            raise ValueError(f"pooling {name!r} takes no settings, got {sorted(cfg)}")
+        return Pooling(name)
+    if name == "latent":
+        return AttentionPooling(hidden_size, **cfg)
+    if name == "self_attention":
+        cfg.pop("num_latents", None)
+        return AttentionPooling(hidden_size, num_latents=None, **cfg)
+    raise ValueError(f"unknown pooling {name!r}; choose one of {POOLING_NAMES}")
+
+
+def pool(pooler: nn.Module, hidden: torch.Tensor, pooling_mask: torch.Tensor, attention_mask: torch.Tensor):
+    """Apply any pooler with the one signature all poolings share. -> (B, D)"""
+    if isinstance(pooler, AttentionPooling):
+        return pooler(hidden, pooling_mask, attention_mask)
+    return pooler(hidden, pooling_mask)
+
+
+# ============================================================================ tokenisation
+def tokenize_texts(
+    tokenizer,
+    texts: Sequence[str],
+    prompts: Sequence[str],
+    *,
+    max_len: int,
+    add_eos: bool = False,
+    pool_prompt: bool = True,
+    lower_case: bool = False,
+) -> tuple[list[list[int]], list[int]]:
+    """Prompt + text -> unpadded token ids and, per text, how many leading tokens to leave out of pooling.
+
+    Args:
+        tokenizer: a fast transformers tokenizer (offsets are needed for the instruction span).
+        texts / prompts: one prompt per text ("" for none).
+        max_len: total length cap, EOS included.
+        add_eos: append the EOS token (decoder embedding models pool over it).
+        pool_prompt: False: the prompt is an instruction, attended to but not pooled.
+        lower_case: lower-case prompt and text first (some sentence-transformers models).
+
+    Returns:
+        (ids, excluded): token id lists and the count of leading instruction tokens.
+    """
+    if lower_case:
+        prompts = [p.lower() for p in prompts]
+        texts = [t.lower() for t in texts]
+    full = [p + t for p, t in zip(prompts, texts)]
+    eos = tokenizer.eos_token_id if add_eos else None
+    if add_eos and eos is None:
+        raise ValueError("add_eos is set but the tokenizer has no EOS token")
+    need_offsets = not pool_prompt and any(prompts)
+    enc = tokenizer(
+        full,
+        truncation=True,
+        max_length=max_len - (1 if add_eos else 0),
+        add_special_tokens=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        return_offsets_mapping=need_offsets,
+    )
+    ids = [list(x) for x in enc["input_ids"]]
+    if eos is not None:
+        ids = [x if x and x[-1] == eos else x + [eos] for x in ids]
+    excluded = [0] * len(ids)
+    if need_offsets:
+        for i, (prompt, offsets) in enumerate(zip(prompts, enc["offset_mapping"])):
+            if prompt:
+                n = 0
+                while n < len(offsets) and offsets[n][1] <= len(prompt):
+                    n += 1
+                excluded[i] = n
+    return ids, excluded
+
+
+def pad_batch(
+    tokenizer, ids: Sequence[Sequence[int]], excluded: Sequence[int], *, device=None
+) -> dict[str, torch.Tensor]:
+    """Pad with the tokenizer's own ``pad`` (its padding side) and add the pooling mask.
+
+    The pooling mask keeps real tokens whose rank among the real tokens is at least the
+    row's instruction length, so it is right for left and right padding alike.
+
+    Returns:
+        ``input_ids``, ``attention_mask`` and ``pooling_mask``, each (B, T).
+    """
+    batch = tokenizer.pad({"input_ids": [list(x) for x in ids]}, padding=True, return_tensors="pt")
+    attention_mask = batch["attention_mask"]
+    rank = attention_mask.cumsum(-1) - 1  # (B, T) position among the real tokens
+    start = torch.tensor(list(excluded), dtype=torch.long).unsqueeze(1)  # (B, 1)
+    pooling_mask = attention_mask * (rank >= start).long()  # (B, T)
+    out = {"input_ids": batch["input_ids"], "attention_mask": attention_mask, "pooling_mask": pooling_mask}
+    return {k: v.to(device) for k, v in out.items()} if device is not None else out
+
+
+# ============================================================================ the model
+def embed(
+    backbone: nn.Module,
+    pooler: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling_mask: torch.Tensor | None = None,
+    *,
+    bidirectional: bool = True,
+    normalize: bool = True,
+    **extra,
+) -> torch.Tensor:
+    """Tokenised batch -> embeddings (B, D): backbone, pooling over ``pooling_mask``, L2 norm."""
+    hidden = backbone_forward(backbone, input_ids, attention_mask, bidirectional=bidirectional, **extra)
+    pooled = pool(pooler, hidden, attention_mask if pooling_mask is None else pooling_mask, attention_mask)
+    return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+def _embforge_classes():
+    """EmbforgeConfig / EmbforgeModel, defined lazily so importing this file stays light."""
+    from transformers import AutoConfig, AutoModel, PretrainedConfig, PreTrainedModel
+    from transformers.utils import ModelOutput
+
+    class EmbforgeConfig(PretrainedConfig):
+        """A backbone config (nested) + the embedding head's settings."""
+
+        model_type = "embforge"
+
+        def __init__(
+            self,
+            backbone: dict | None = None,
+            pooling: dict | None = None,
+            bidirectional: bool = True,
+            normalize: bool = True,
+            add_eos: bool = False,
+            pool_prompt: bool = True,
+            **kwargs,
+        ):
+            self.backbone = dict(backbone or {})
+            self.pooling = dict(pooling or {"name": "mean"})
+            self.bidirectional = bidirectional
+            self.normalize = normalize
+            self.add_eos = add_eos
+            self.pool_prompt = pool_prompt
+            super().__init__(**kwargs)
+
+        def backbone_config(self):
+            cfg = dict(self.backbone)
+            return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
+
+    class EmbforgeModel(PreTrainedModel):
+        """``backbone`` + ``pooler``: ``forward(input_ids, attention_mask, pooling_mask)`` -> embeddings."""
+
+        config_class = EmbforgeConfig
+        base_model_prefix = "embforge"
+        _supports_sdpa = True
+
+        def __init__(self, config: EmbforgeConfig):
+            super().__init__(config)
+            bb_cfg = config.backbone_config()
+            self.backbone = AutoModel.from_config(bb_cfg)
+            self.pooler = build_pooler(config.pooling, bb_cfg.hidden_size)
+            self.post_init()
+
+        def _init_weights(self, module):
+            # the backbone (re)builds its own modules, e.g. rotary frequencies after a meta-device
+            # load; the pooler's weights always come from the checkpoint
+            backbone = getattr(self, "backbone", None)
+            if backbone is not None and module is not self:
+                backbone._init_weights(module)
+
+        def forward(self, input_ids, attention_mask, pooling_mask=None, **extra):
+            emb = embed(
+                self.backbone,
+                self.pooler,
+                input_ids,
+                attention_mask,
+                pooling_mask,
+                bidirectional=self.config.bidirectional,
+                normalize=self.config.normalize,
+                **extra,
+            )
+            return ModelOutput(embeddings=emb)
+
+    return EmbforgeConfig, EmbforgeModel
+
+
+def __getattr__(name: str):  # module-level lazy attributes (PEP 562) for transformers' auto_map
+    if name in ("EmbforgeConfig", "EmbforgeModel"):
+        config_cls, model_cls = _embforge_classes()
+        globals().update(EmbforgeConfig=config_cls, EmbforgeModel=model_cls)
+        return globals()[name]
+    raise AttributeError(name)
+
+
+class EmbforgeSTModule(nn.Module):
+    """The whole embforge pipeline as one sentence-transformers module (prompt-aware tokenisation)."""
+
+    def __init__(self, folder: str):
+        super().__init__()
+        from transformers import AutoModel, AutoTokenizer
+
+        with open(os.path.join(folder, "embforge.json"), encoding="utf-8") as f:
+            self.settings = json.load(f)
+        self.model = AutoModel.from_pretrained(folder, trust_remote_code=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # needs no code
+        self.max_seq_length = int(self.settings["max_seq_len"])
+
+    @staticmethod
+    def load(input_path: str) -> EmbforgeSTModule:
+        return EmbforgeSTModule(input_path)
+
+    def preprocess(self, inputs, prompt: str | None = None, **kwargs) -> dict[str, torch.Tensor]:
+        cfg = self.model.config
+        ids, excluded = tokenize_texts(
+            self.tokenizer,
+            list(inputs),
+            [prompt or ""] * len(inputs),
+            max_len=self.max_seq_length,
+            add_eos=cfg.add_eos,
+            pool_prompt=cfg.pool_prompt,
+            lower_case=self.settings.get("do_lower_case", False),
+        )
+        return pad_batch(self.tokenizer, ids, excluded)
+
+    tokenize = preprocess
+
+    def forward(self, features: dict, **kwargs) -> dict:
+        emb = self.model(features["input_ids"], features["attention_mask"], features.get("pooling_mask")).embeddings
+        features["sentence_embedding"] = emb
+        return features
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return int(self.model.config.backbone_config().hidden_size)
+
+    def save(self, output_path: str, *args, **kwargs) -> None:
+        raise NotImplementedError("save this model with embforge (Embedder.save), which writes every file it needs")
+
+
+def num_parameters(module: nn.Module) -> int:
+    """Parameter count (works on the meta device; shared tensors counted once)."""
+    seen, total = set(), 0
+    for p in module.parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += math.prod(p.shape)
+    return total
