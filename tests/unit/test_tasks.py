@@ -128,3 +128,33 @@ def test_task_file_errors(tmp_path):
     _jsonl(tmp_path / "x.jsonl", [{"sentence1": "a", "sentence2": "b", "score": 1}, {"sentence1": "a"}])
     with pytest.raises(DataError, match=r"x\.jsonl:2: missing field"):
         run_suite(TopicModel(), suite, root)
+
+
+def test_instructions_reach_queries_of_models_that_take_them(tmp_path):
+    from embforge.eval.runner import load_suite
+
+    (tmp_path / "table.yaml").write_text(
+        "by_type: {sts: Retrieve semantically similar text}\nby_task: {special: Find the special one}\n"
+    )
+    (tmp_path / "tasks.yaml").write_text(
+        "instructions: table.yaml\ntasks:\n"
+        "  - {name: special, type: sts, path: a.jsonl}\n"
+        "  - {name: plain, type: sts, path: b.jsonl}\n"
+        "  - {name: own, type: sts, path: c.jsonl, instruction: Mine}\n"
+    )
+    suite, _ = load_suite(tmp_path / "tasks.yaml")
+    assert [t.instruction for t in suite.tasks] == ["Find the special one", "Retrieve semantically similar text", "Mine"]
+
+    from embforge.eval import tasks as T
+
+    class WithTemplate:
+        prompts = {}
+
+        def instruction_prompt(self, instruction):
+            return f"Instruct: {instruction}\nQuery: "
+
+    assert T._symmetric_prompt(WithTemplate(), suite.tasks[0]) == {"prompt": "Instruct: Find the special one\nQuery: "}
+    assert T._symmetric_prompt(object(), suite.tasks[0]) == {}  # a model without instructions ignores them
+    retrieval = T.TaskConfig(name="r", type="retrieval", path="x", instruction="Find passages")
+    assert T._query_prompt(WithTemplate(), retrieval) == {"prompt": "Instruct: Find passages\nQuery: "}
+    assert T._document_prompt(WithTemplate(), retrieval) == {}  # documents get no instruction

@@ -178,9 +178,18 @@ class StreamSource:
         )
 
 
-def load_jsonl_records(path: Path, name: str, num_negatives: int, report: DataReport) -> list[PairRecord]:
+def load_jsonl_records(
+    path: Path, name: str, num_negatives: int, report: DataReport, fields: dict[str, str] | None = None
+) -> list[PairRecord]:
+    """Records of a JSONL file; ``fields`` maps our names to the file's (e.g. ``{"query": "anchor"}``),
+    and a single-string ``negatives`` field (a triplet's negative) counts as a list of one."""
+    rename = {theirs: ours for ours, theirs in (fields or {}).items()}
     records = []
     for lineno, obj in iter_jsonl(path):
+        if rename:
+            obj = {rename.get(k, k): v for k, v in obj.items()}
+            if isinstance(obj.get("negatives"), str):
+                obj["negatives"] = [obj["negatives"]]
         record = parse_record(obj, f"{path}:{lineno}", name, num_negatives, report)
         if record is not None:
             records.append(record)

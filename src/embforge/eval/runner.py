@@ -8,7 +8,7 @@ from typing import Any
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
-from embforge.eval.tasks import TaskSuite, evaluate_task
+from embforge.eval.tasks import InstructionTable, TaskSuite, evaluate_task
 
 
 def load_suite(
@@ -26,6 +26,14 @@ def load_suite(
         suite = from_dict(TaskSuite, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
+    if suite.instructions:
+        table_file = path.parent / suite.instructions
+        try:
+            table = from_dict(InstructionTable, read_yaml(table_file))
+        except ConfigError as exc:
+            raise ConfigError(f"{table_file}: {exc}") from exc
+        for task in suite.tasks:
+            task.instruction = task.instruction or table.lookup(task)
     root = data_root or os.environ.get("EMBFORGE_DATA")
     resolved = Path(root) if root else (path.parent / suite.data_root)
     return suite, resolved.resolve()

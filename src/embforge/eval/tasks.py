@@ -65,6 +65,9 @@ class TaskConfig:
     prompt_name: str | None = None  # symmetric tasks
     query_prompt_name: str | None = None  # retrieval / reranking
     document_prompt_name: str | None = None
+    # task instruction (NV-Embed): models with an instruction_template prepend it to queries (both
+    # sides of symmetric tasks), attended to but not pooled; models without one ignore it
+    instruction: str | None = None
     n_experiments: int = 10  # classification / clustering repetitions
     samples_per_label: int = 8  # classification undersampling (MTEB's default; many tasks set 16 or 32)
     seed: int = 42
@@ -91,11 +94,23 @@ class TaskConfig:
 
 
 @dataclass
+class InstructionTable:
+    """Task instructions (NV-Embed): by task name, else by task type."""
+
+    by_type: dict[TaskType, str] = field(default_factory=dict)
+    by_task: dict[str, str] = field(default_factory=dict)
+
+    def lookup(self, task: TaskConfig) -> str | None:
+        return self.by_task.get(task.name, self.by_type.get(task.type))
+
+
+@dataclass
 class TaskSuite:
     """A task file: where the data lives and which tasks to run."""
 
     tasks: list[TaskConfig]
     data_root: str = "."
+    instructions: str | None = None  # an InstructionTable YAML (relative to this file) for tasks without one
 
     def validate(self, path: str) -> None:
         names = [t.name for t in self.tasks]
@@ -105,11 +120,9 @@ class TaskSuite:
 
 
 # ---------------------------------------------------------------------------- encoding
-def _encode(model: Any, texts: list[str], prompt_name: str | None, batch_size: int) -> np.ndarray:
-    kwargs: dict[str, Any] = {"batch_size": batch_size}
-    if prompt_name is not None:
-        kwargs["prompt_name"] = prompt_name
-    emb = np.asarray(model.encode(texts, **kwargs), dtype=np.float32)
+def _encode(model: Any, texts: list[str], prompt: dict[str, str], batch_size: int) -> np.ndarray:
+    """``model.encode`` with ``prompt`` = {} | {"prompt_name": name} | {"prompt": text}."""
+    emb = np.asarray(model.encode(texts, batch_size=batch_size, **prompt), dtype=np.float32)
     if emb.ndim != 2 or emb.shape[0] != len(texts):
         raise ValueError(f"model.encode returned shape {emb.shape} for {len(texts)} texts")
     return emb
@@ -120,6 +133,31 @@ def _side_prompt(model: Any, explicit: str | None, side: str) -> str | None:
     if explicit is not None:
         return explicit
     return side if side in (getattr(model, "prompts", None) or {}) else None
+
+
+def _instruction(model: Any, task: TaskConfig) -> dict[str, str]:
+    """The task's instruction as the model formats it (NV-Embed), if both exist."""
+    make = getattr(model, "instruction_prompt", None)
+    prompt = make(task.instruction) if task.instruction is not None and make is not None else None
+    return {"prompt": prompt} if prompt is not None else {}
+
+
+def _named(name: str | None) -> dict[str, str]:
+    return {"prompt_name": name} if name is not None else {}
+
+
+def _query_prompt(model: Any, task: TaskConfig) -> dict[str, str]:
+    """Queries of asymmetric tasks: the instruction, else the query prompt. Documents get no instruction."""
+    return _instruction(model, task) or _named(_side_prompt(model, task.query_prompt_name, "query"))
+
+
+def _document_prompt(model: Any, task: TaskConfig) -> dict[str, str]:
+    return _named(_side_prompt(model, task.document_prompt_name, "document"))
+
+
+def _symmetric_prompt(model: Any, task: TaskConfig) -> dict[str, str]:
+    """Both sides of symmetric tasks (STS, classification, clustering, pairs): the instruction, else the prompt."""
+    return _instruction(model, task) or _named(task.prompt_name)
 
 
 def _rows(task: TaskConfig, path: Path, roles: tuple[str, ...]) -> list[dict]:
@@ -149,12 +187,8 @@ def eval_retrieval(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
     corpus, queries, qrels = load_beir(path, task.split)
     doc_ids = list(corpus)
     q_ids = list(queries)
-    q_emb = _encode(
-        model, [queries[q] for q in q_ids], _side_prompt(model, task.query_prompt_name, "query"), batch_size
-    )
-    d_emb = _encode(
-        model, [corpus[d] for d in doc_ids], _side_prompt(model, task.document_prompt_name, "document"), batch_size
-    )
+    q_emb = _encode(model, [queries[q] for q in q_ids], _query_prompt(model, task), batch_size)
+    d_emb = _encode(model, [corpus[d] for d in doc_ids], _document_prompt(model, task), batch_size)
     ranked = search(q_emb, d_emb, doc_ids, top_k=max(task.k_values))
     return metrics.retrieval_scores(dict(zip(q_ids, ranked)), qrels, task.k_values)
 
@@ -165,7 +199,7 @@ def eval_sts(model: Any, task: TaskConfig, path: Path, batch_size: int) -> dict[
     s1 = [r[task.column("sentence1")] for r in rows]
     s2 = [r[task.column("sentence2")] for r in rows]
     gold = np.array([float(r[task.column("score")]) for r in rows])
-    emb = _encode(model, s1 + s2, task.prompt_name, batch_size)  # one pass: shared batching
+    emb = _encode(model, s1 + s2, _symmetric_prompt(model, task), batch_size)  # one pass: shared batching
     a, b = emb[: len(rows)], emb[len(rows) :]
     sims = metrics.pair_similarities(a, b)
     out = {}
@@ -203,7 +237,7 @@ def eval_classification(
     test = _rows(task, path, ("text", "label"))
     y_train = [r[label_col] for r in train]
     y_test = [r[label_col] for r in test]
-    test_emb = _encode(model, [r[text_col] for r in test], task.prompt_name, batch_size)
+    test_emb = _encode(model, [r[text_col] for r in test], _symmetric_prompt(model, task), batch_size)
     idxs = np.arange(len(train))
     train_cache: dict[int, np.ndarray] = {}  # embed each training text at most once
     scores: dict[str, list[float]] = {"accuracy": [], "f1": []}
@@ -211,7 +245,9 @@ def eval_classification(
         chosen = undersample(y_train, task.samples_per_label, idxs, task.seed)
         todo = [int(i) for i in chosen if int(i) not in train_cache]
         if todo:
-            for i, e in zip(todo, _encode(model, [train[i][text_col] for i in todo], task.prompt_name, batch_size)):
+            for i, e in zip(
+                todo, _encode(model, [train[i][text_col] for i in todo], _symmetric_prompt(model, task), batch_size)
+            ):
                 train_cache[i] = e
         x = np.stack([train_cache[int(i)] for i in chosen])
         clf = LogisticRegression(random_state=task.seed, max_iter=100)
@@ -231,7 +267,7 @@ def eval_pair_classification(model: Any, task: TaskConfig, path: Path, batch_siz
     emb = _encode(
         model,
         [r[task.column("sentence1")] for r in rows] + [r[task.column("sentence2")] for r in rows],
-        task.prompt_name,
+        _symmetric_prompt(model, task),
         batch_size,
     )
     a, b = emb[: len(rows)], emb[len(rows) :]
@@ -249,7 +285,7 @@ def eval_clustering(model: Any, task: TaskConfig, path: Path, batch_size: int) -
 
     rows = _rows(task, path, ("text", "label"))
     labels = [r[task.column("label")] for r in rows]
-    emb = _encode(model, [r[task.column("text")] for r in rows], task.prompt_name, batch_size)
+    emb = _encode(model, [r[task.column("text")] for r in rows], _symmetric_prompt(model, task), batch_size)
     n_clusters = len(set(labels))
     scores = []
     for i in range(task.n_experiments):
@@ -272,12 +308,8 @@ def eval_reranking(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
         raise DataError(f"{path}: no query has both positive and negative candidates")
     queries = list(usable)
     docs = sorted({d for c in usable.values() for d, _ in c})
-    q_emb = metrics.l2_normalise(
-        _encode(model, queries, _side_prompt(model, task.query_prompt_name, "query"), batch_size)
-    )
-    d_emb = metrics.l2_normalise(
-        _encode(model, docs, _side_prompt(model, task.document_prompt_name, "document"), batch_size)
-    )
+    q_emb = metrics.l2_normalise(_encode(model, queries, _query_prompt(model, task), batch_size))
+    d_emb = metrics.l2_normalise(_encode(model, docs, _document_prompt(model, task), batch_size))
     doc_index = {d: i for i, d in enumerate(docs)}
     aps, rrs = [], []
     for qi, q in enumerate(queries):

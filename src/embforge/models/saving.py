@@ -261,3 +261,28 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     if missing or unexpected:
         raise CheckpointError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     module.load_state_dict(state)
+
+
+def convert_gguf(source: Path, gguf_file: str, target: Path) -> Path:
+    """Dequantise a GGUF decoder once into a transformers folder (base model + tokenizer), atomically.
+
+    Loading a GGUF file takes 30-45 s and the result cannot ``save_pretrained`` directly; the
+    converted folder loads in about a second.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"embforge: converting {gguf_file} once into {target} (about a minute)", flush=True)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+        lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
+        base = backbone_from_config(backbone_config_dict(lm.config))
+        load_state_strict(base, lm.model.state_dict(), f"{source / gguf_file}")
+        base.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        _replace_dir(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target

@@ -22,6 +22,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from embforge.data.examples import classification_records, sts_records
 from embforge.data.pairs import (
     BatchSampler,
     DataReport,
@@ -51,18 +52,44 @@ def build_sampler(data: DataConfig, data_root: Path, seed: int, world: int) -> t
     sources = []
     for i, ds in enumerate(data.datasets):
         path = data_root / ds.path
+        fields = ds.fields or {}
         if ds.format == "beir":
             if data.num_negatives:
                 raise DataError(f"dataset {ds.name!r}: BEIR pairs carry no hard negatives; mine them first")
             sources.append(MemorySource(load_beir_pairs(path, ds.split, ds.name, report), seed + i, ds.name))
+        elif ds.format in ("classification", "clustering"):
+            records = classification_records(
+                path,
+                ds.name,
+                num_negatives=data.num_negatives,
+                seed=seed + i,
+                report=report,
+                text_field=fields.get("text", "text"),
+                label_field=fields.get("label", "label"),
+                label_texts=ds.label_texts,
+            )
+            sources.append(MemorySource(records, seed + i, ds.name))
+        elif ds.format == "sts":
+            keys = tuple(fields.get(k, k) for k in ("sentence1", "sentence2", "score"))
+            records = sts_records(
+                path,
+                ds.name,
+                num_negatives=data.num_negatives,
+                seed=seed + i,
+                report=report,
+                min_score=ds.min_score,
+                fields=keys,
+            )
+            sources.append(MemorySource(records, seed + i, ds.name))
         elif ds.stream:
+            if fields:
+                raise DataError(f"dataset {ds.name!r}: fields renaming applies to in-memory JSONL, not streamed shards")
             sources.append(StreamSource(str(path), ds.name, data.num_negatives, report))
         else:
             if not path.is_file():
                 raise DataError(f"dataset {ds.name!r}: file not found: {path}")
-            sources.append(
-                MemorySource(load_jsonl_records(path, ds.name, data.num_negatives, report), seed + i, ds.name)
-            )
+            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields=fields)
+            sources.append(MemorySource(records, seed + i, ds.name))
     sampler = BatchSampler(
         sources,
         [d.weight for d in data.datasets],

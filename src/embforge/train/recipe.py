@@ -20,7 +20,13 @@ from embforge.models.spec import ModelConfig
 class DatasetConfig:
     name: str
     path: str  # JSONL file, glob of JSONL shards, or BEIR folder; relative to data_root
-    format: Literal["jsonl", "beir"] = "jsonl"
+    # jsonl: {query, positive, negatives?} records; beir: a BEIR folder; classification / clustering / sts:
+    # the raw task files, turned into contrastive examples (NV-Embed-v2's example-based approach)
+    format: Literal["jsonl", "beir", "classification", "clustering", "sts"] = "jsonl"
+    fields: dict[str, str] | None = None  # our field name -> the file's (jsonl: query/positive/negatives;
+    # classification/clustering: text/label; sts: sentence1/sentence2/score)
+    label_texts: dict[str, str] | None = None  # binary classification: label -> the text used as its document
+    min_score: float = 4.0  # sts: pairs scored >= this are positives in both directions (NV-Embed-v2)
     split: str = "train"  # BEIR: qrels/<split>.tsv
     weight: float = 1.0  # sampling weight among the stage's datasets
     query_prompt: str = ""  # text prepended to queries, e.g. "search_query: "
