@@ -17,7 +17,16 @@ from embforge.models.saving import backbone_from_config
 from embforge.models.spec import LoraConfig, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_HEAD_FIELDS = ("attention", "normalize", "max_seq_len", "prompts", "pool_prompt", "add_eos", "padding_side")
+_HEAD_FIELDS = (
+    "attention",
+    "normalize",
+    "max_seq_len",
+    "prompts",
+    "pool_prompt",
+    "add_eos",
+    "padding_side",
+    "instruction_template",
+)
 
 
 def head_overrides(spec: ModelConfig) -> dict:

@@ -59,6 +59,7 @@ class ModelConfig:
     pool_prompt: bool | None = None  # false: prompts are instructions, attended to but not pooled (NV-Embed)
     add_eos: bool | None = None  # append EOS to every input; None: the folder's choice (true for decoders)
     padding_side: Literal["left", "right"] | None = None
+    instruction_template: str | None = None  # e.g. "Instruct: {instruction}\nQuery: " (NV-Embed)
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights' dtype (bf16 autocast is the stage's precision)
     gradient_checkpointing: bool = False
