@@ -73,10 +73,14 @@ def contrastors_weights(seed: int = 0) -> dict[str, torch.Tensor]:
     return sd
 
 
-def write_folder(path, config=None, weights=None):
+def write_folder(path, config=None, weights=None, file="model.safetensors"):
     path.mkdir(parents=True, exist_ok=True)
     (path / "config.json").write_text(json.dumps(config or CONFIG))
-    save_file(weights if weights is not None else contrastors_weights(), str(path / "model.safetensors"))
+    weights = weights if weights is not None else contrastors_weights()
+    if file.endswith(".bin"):
+        torch.save(weights, path / file)  # nomic-embed-text-v1 also ships pytorch_model.bin
+    else:
+        save_file(weights, str(path / file))
     return path
 
 
@@ -118,8 +122,9 @@ def run(model, x):
         return model(input_ids=x).last_hidden_state
 
 
-def test_synthetic_release_folder_loads_without_remote_code(tmp_path):
-    folder = write_folder(tmp_path / "nomic")
+@pytest.mark.parametrize("file", ["model.safetensors", "pytorch_model.bin"])
+def test_synthetic_release_folder_loads_without_remote_code(tmp_path, file):
+    folder = write_folder(tmp_path / "nomic", file=file)
     assert is_contrastors_folder(folder)
     model, tokenizer = load_contrastors_backbone(folder)
     assert tokenizer is None  # no tokenizer files in this folder
