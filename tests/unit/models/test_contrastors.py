@@ -197,6 +197,12 @@ def test_unsupported_configs_are_named(tmp_path, key, value, message):
         load_contrastors_backbone(folder)
 
 
+def test_unknown_config_keys_are_reported_not_dropped_silently(tmp_path):
+    folder = write_folder(tmp_path / "extra", config={**CONFIG, "my_new_switch": True})
+    with pytest.warns(UserWarning, match=r"ignoring config keys embforge does not know: \['my_new_switch'\]"):
+        load_contrastors_backbone(folder)
+
+
 def test_weight_problems_are_named(tmp_path):
     weights = contrastors_weights()
     del weights["encoder.layers.1.mlp.fc12.weight"]
