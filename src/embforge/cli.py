@@ -167,6 +167,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_pretrain_mlm(args: argparse.Namespace) -> int:
+    from embforge.train.mlm import train_mlm
+    from embforge.train.mlm_recipe import MLMRecipeConfig
+    from embforge.train.recipe import load_recipe
+
+    recipe, data_root = load_recipe(args.recipe, args.set, schema=MLMRecipeConfig)
+    summary = train_mlm(recipe, data_root, resume=not args.no_resume, device=args.device)
+    print(json.dumps(summary, indent=2))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from embforge.quickstart import run_quickstart
 
@@ -266,6 +277,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "pretrain-mlm", help="MLM pre-training of a nomic-bert from scratch (an `objective: mlm` recipe)"
+    )
+    p.add_argument("recipe", help="MLM recipe YAML, e.g. src/embforge/recipes/nomic_embed/cpu_mlm.yaml")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.add_argument("--no-resume", action="store_true", help="refuse (instead of resuming) if checkpoints exist")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.set_defaults(func=cmd_pretrain_mlm)
 
     p = sub.add_parser(
         "quickstart", help="the main job: fine-tune MiniLM for code search on the local stdlib, before/after table"

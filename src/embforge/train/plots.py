@@ -7,8 +7,13 @@ from pathlib import Path
 from embforge.optional import require
 
 
-def plot_history(histories: dict[str, list[dict]], path: Path) -> Path:
-    """Plot loss and ``eval/*`` curves of one or more stages (x: global step) into ``path``."""
+def plot_history(
+    histories: dict[str, list[dict]], path: Path, loss_label: str = "InfoNCE loss (mean per logging window)"
+) -> Path:
+    """Plot loss and ``eval/*`` curves of one or more stages (x: global step) into ``path``.
+
+    Rows without a ``loss`` (e.g. an evaluation before the first step) only add eval points.
+    """
     matplotlib = require("matplotlib")
     matplotlib.use("Agg")
     plt = require("matplotlib.pyplot")
@@ -20,12 +25,12 @@ def plot_history(histories: dict[str, list[dict]], path: Path) -> Path:
         if not rows:
             continue
         steps = [offset + r["step"] for r in rows]
-        ax_loss.plot(steps, [r["loss"] for r in rows], label=stage)
+        ax_loss.plot(*zip(*[(offset + r["step"], r["loss"]) for r in rows if "loss" in r]), label=stage)
         for key in sorted({k for r in rows for k in r if k.startswith("eval/")}) if has_eval else []:
             pts = [(offset + r["step"], r[key]) for r in rows if key in r]
             ax_eval.plot(*zip(*pts), marker="o", label=f"{stage}: {key[5:]}")
         offset = steps[-1]
-    ax_loss.set(xlabel="step", ylabel="InfoNCE loss (mean per logging window)", title="training loss")
+    ax_loss.set(xlabel="step", ylabel=loss_label, title="training loss")
     if has_eval:
         ax_eval.set(xlabel="step", ylabel="score ×100", title="evaluation")
     for ax in axes[0]:

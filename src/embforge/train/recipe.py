@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Literal, TypeVar
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
@@ -121,11 +121,14 @@ class RecipeConfig:
             raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
 
 
-def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeConfig, Path]:
-    """Read a recipe strictly; return it and the resolved data root."""
+R = TypeVar("R")
+
+
+def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[R] = RecipeConfig) -> tuple[R, Path]:
+    """Read a recipe strictly into ``schema``; return it and the resolved data root."""
     path = Path(path)
     try:
-        recipe = from_dict(RecipeConfig, apply_overrides(read_yaml(path), overrides))
+        recipe = from_dict(schema, apply_overrides(read_yaml(path), overrides))
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     root = Path(recipe.data_root)

@@ -1,0 +1,193 @@
+"""nomic-bert on top of transformers' native ``nomic_bert`` model.
+
+The native ``NomicBertModel`` already is the paper's encoder (arXiv 2402.01613 §4.1):
+rotary positions (``rope_theta`` 1000, full head dimension, rotate-half = not
+interleaved), a gated MLP ``down(act(gate(x)) * up(x))`` without biases (contrastors'
+``fc11`` = up, ``fc12`` = gate), q/k/v/o projections without biases, post-LayerNorm
+(eps 1e-12), token-type embeddings, no dropout. This module adds only what it lacks:
+
+- :class:`DynamicNTKRotaryEmbedding`: dynamic NTK scaling whose base depends on the
+  current input alone. transformers' ``rope_type: dynamic`` uses the same formula but
+  keeps state across calls (after one long input, an input of exactly the trained
+  length still gets the stretched base, and a long input reuses the base of the longest
+  one seen before), which breaks "≤ trained length is unchanged".
+- :class:`NomicBertMLMHead`: the MLM head of nomic-bert-2048 (dense without bias, the
+  gate activation, LayerNorm, decoder tied to the word embeddings, no decoder bias).
+  The native ``NomicBertForMaskedLM`` head has a dense bias and a decoder bias
+  (31,296 parameters more than the released model).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from embforge.errors import MissingDependencyError
+from embforge.models.nomic_bert_config import NomicBertSpec
+from embforge.models.registry import resolve_model_path
+
+try:  # the native model (transformers 5.23 has it)
+    from transformers import NomicBertConfig, NomicBertModel
+    from transformers.models.nomic_bert.modeling_nomic_bert import NomicBertRotaryEmbedding
+except ImportError as exc:
+    raise MissingDependencyError(
+        "nomic-bert needs a transformers release with the native nomic_bert model (5.23 has it): "
+        "pip install -U transformers"
+    ) from exc
+
+
+def hf_config(spec: NomicBertSpec):
+    """The transformers ``NomicBertConfig`` of ``spec`` (dropout 0; rope ``dynamic`` when scaled)."""
+    rope = {"rope_type": "default", "rope_theta": float(spec.rope_theta)}
+    if spec.rope_scaling_factor:
+        rope = {"rope_type": "dynamic", "factor": float(spec.rope_scaling_factor), "rope_theta": float(spec.rope_theta)}
+    return NomicBertConfig(
+        vocab_size=spec.vocab_size,
+        hidden_size=spec.hidden_size,
+        num_hidden_layers=spec.num_layers,
+        num_attention_heads=spec.num_heads,
+        intermediate_size=spec.intermediate_size,
+        hidden_act=spec.hidden_act,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+        max_position_embeddings=spec.max_trained_len,  # the NTK formula's L_max: the trained length
+        type_vocab_size=spec.type_vocab_size,
+        layer_norm_eps=spec.layer_norm_eps,
+        pad_token_id=spec.pad_token_id,
+        initializer_range=spec.initializer_range,
+        rope_parameters=rope,
+    )
+
+
+class DynamicNTKRotaryEmbedding(NomicBertRotaryEmbedding):
+    """Rotary cos/sin with dynamic NTK scaling computed from each input row's own length.
+
+    For a row of length L (its largest position id + 1) and trained length L_max:
+    ``base' = base · (s·L/L_max − (s − 1)) ** (d / (d − 2))`` if L > L_max, else ``base``
+    — the formula of contrastors and of transformers' ``dynamic`` rope type, evaluated
+    in the same float32 arithmetic, but without state carried between calls. Rows of
+    L ≤ L_max use the unscaled frequencies bit for bit. Passing position ids whose
+    padded positions are clamped gives each sequence of a padded batch its own L.
+    """
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        params = self.config.rope_parameters
+        s, max_len = params["factor"], self.original_max_seq_len
+        d = 2 * self.original_inv_freq.shape[-1]  # rotary dimension (the full head)
+        length = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1) int64
+        stretch = ((s * length / max_len) - (s - 1)).clamp(min=1.0) ** (d / (d - 2))  # (B, 1) float32
+        exponent = torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d  # (d/2,)
+        scaled = 1.0 / ((params["rope_theta"] * stretch) ** exponent)  # (B, d/2)
+        original = self.original_inv_freq.to(device=x.device, dtype=torch.float)  # (d/2,)
+        inv_freq = torch.where(length > max_len, scaled, original)  # (B, d/2)
+        freqs = position_ids[..., None].float() * inv_freq[:, None, :]  # (B, T, d/2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): rotate-half layout
+        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
+
+
+def apply_dynamic_ntk(model: nn.Module) -> nn.Module:
+    """Swap the native rotary module of a ``NomicBertModel`` for :class:`DynamicNTKRotaryEmbedding`.
+
+    Only when its config asks for ``rope_type: dynamic``; otherwise (and if already
+    swapped) the model is returned unchanged. Call it after ``from_pretrained`` /
+    ``AutoModel`` on any nomic_bert folder.
+    """
+    rotary = getattr(model, "rotary_emb", None)
+    if rotary is None or model.config.rope_parameters.get("rope_type") != "dynamic":
+        return model
+    if not isinstance(rotary, DynamicNTKRotaryEmbedding):
+        with torch.device(rotary.original_inv_freq.device):
+            model.rotary_emb = DynamicNTKRotaryEmbedding(model.config)
+    return model
+
+
+def build_backbone(spec: NomicBertSpec, *, device: str | torch.device = "cpu"):
+    """A randomly initialised ``NomicBertModel`` for ``spec`` (no pooler).
+
+    ``device="meta"`` builds the full-size model without allocating memory (shapes and
+    parameter counts only). Seed ``torch.manual_seed`` first for a reproducible init.
+    """
+    with torch.device(device):
+        model = NomicBertModel(hf_config(spec), add_pooling_layer=False)
+        apply_dynamic_ntk(model)
+    return model
+
+
+class NomicBertMLMHead(nn.Module):
+    """Masked-token logits: dense (no bias) → gate activation → LayerNorm → tied decoder.
+
+    Args:
+        config: the backbone's ``NomicBertConfig``.
+    """
+
+    def __init__(self, config):
+        super().__init__()
+        self.dense = nn.Linear(config.hidden_size, config.hidden_size, bias=False)
+        # contrastors: SiLU for swiglu models, GELU otherwise
+        self.act = nn.SiLU() if config.hidden_act == "silu" else nn.GELU()
+        self.layer_norm = nn.LayerNorm(config.hidden_size, eps=config.layer_norm_eps)
+        nn.init.normal_(self.dense.weight, std=config.initializer_range)
+
+    def forward(self, hidden: torch.Tensor, word_embeddings: torch.Tensor) -> torch.Tensor:
+        """(..., D) hidden states, (V, D) word-embedding matrix -> (..., V) logits."""
+        h = self.layer_norm(self.act(self.dense(hidden)))  # (..., D)
+        return nn.functional.linear(h, word_embeddings)  # (..., V): decoder tied, no bias
+
+
+class NomicBertForMLM(nn.Module):
+    """A ``NomicBertModel`` backbone with the MLM head; logits only where asked.
+
+    Args:
+        backbone: a ``NomicBertModel`` (e.g. from :func:`build_backbone`).
+    """
+
+    def __init__(self, backbone: nn.Module):
+        super().__init__()
+        self.backbone = backbone
+        self.head = NomicBertMLMHead(backbone.config)
+
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        positions: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Token ids (B, T) -> logits.
+
+        Args:
+            attention_mask: (B, T), 1 for real tokens (None: no padding).
+            positions: (B, T) bool, the masked positions. Given, only their logits are
+                computed — (M, V) in row-major order — which saves the (B·T, V) product.
+
+        Returns:
+            (M, V) logits if ``positions`` is given, else (B, T, V).
+        """
+        hidden = self.backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state  # (B, T, D)
+        if positions is not None:
+            hidden = hidden[positions]  # (M, D)
+        return self.head(hidden, self.backbone.embeddings.word_embeddings.weight)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of distinct parameters (a tied weight counts once); works on the meta device."""
+    return sum(p.numel() for p in module.parameters())
+
+
+def nomic_tokenizer(name_or_path: str | Path = "all-MiniLM-L6-v2", max_seq_len: int | None = None):
+    """The bert-base-uncased WordPiece tokenizer (30,522 tokens) nomic-bert uses.
+
+    The packaged all-MiniLM-L6-v2 carries exactly that vocabulary, so no download is
+    needed; any local folder with a tokenizer works too.
+
+    Args:
+        max_seq_len: sets ``model_max_length`` (truncation length), e.g. 2048.
+    """
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
+    if max_seq_len:
+        tokenizer.model_max_length = max_seq_len
+    return tokenizer
