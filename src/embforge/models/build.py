@@ -66,7 +66,11 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
         apply_lora(embedder, spec.lora)
     if spec.gradient_checkpointing:
         # non-reentrant: frozen embeddings (LoRA) do not stop gradients from flowing through
-        embedder.backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        backbone = embedder.backbone
+        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x's name
+            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return embedder.eval()
 
 

@@ -180,11 +180,18 @@ def load_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
     """Read a model folder -> (backbone, tokenizer, Embedder keyword arguments, pooler state)."""
     from transformers import AutoModel, AutoTokenizer  # heavy: import on use
 
+    from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone
+    from embforge.models.nomic_bert import apply_dynamic_ntk, nomic_tokenizer
+
     if (folder / EMBFORGE_FILE).is_file():
         return _load_embforge_folder(folder)
     layout = read_layout(folder)
-    tokenizer = AutoTokenizer.from_pretrained(layout.backbone_dir, local_files_only=True)
-    backbone = AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True)
+    if is_contrastors_folder(layout.backbone_dir):  # nomic-embed-text folders written by contrastors
+        backbone, tokenizer = load_contrastors_backbone(layout.backbone_dir)
+        tokenizer = tokenizer or nomic_tokenizer()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(layout.backbone_dir, local_files_only=True)
+        backbone = apply_dynamic_ntk(AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True))
     kwargs = dict(
         pooling=layout.pooling,
         normalize=layout.normalize,
@@ -199,6 +206,8 @@ def load_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
 def _load_embforge_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
     from transformers import AutoTokenizer
 
+    from embforge.models.nomic_bert import apply_dynamic_ntk
+
     try:
         settings = json.loads((folder / EMBFORGE_FILE).read_text(encoding="utf-8"))
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
@@ -208,7 +217,7 @@ def _load_embforge_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, 
     if not weights.is_file():
         raise CheckpointError(f"{folder}: model.safetensors is missing")
     tensors = load_file(str(weights))
-    backbone = backbone_from_config(config["backbone"])
+    backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"]))
     bb_state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
     load_state_strict(backbone, bb_state, f"{weights} (backbone)")
     if (folder / "adapter").is_dir():

@@ -223,3 +223,33 @@ def test_weight_problems_are_named(tmp_path):
             ),
             tmp_path / "d",
         )
+
+
+def test_embedder_loads_a_released_layout_folder_with_its_sentence_transformers_files(tmp_path, tiny_embedder):
+    """nomic-embed-text folders: contrastors weights + sentence-transformers files (mean pooling, prompts)."""
+    from embforge.models.embedder import Embedder
+
+    folder = write_folder(tmp_path / "nomic")
+    tiny_embedder.tokenizer.save_pretrained(folder)  # any WordPiece tokenizer whose ids fit the vocabulary
+    (folder / "modules.json").write_text(
+        json.dumps(
+            [
+                {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+                {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+                {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"},
+            ]
+        )
+    )
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    (folder / "config_sentence_transformers.json").write_text(
+        json.dumps({"prompts": {"query": "search_query: ", "document": "search_document: "}})
+    )
+    model = Embedder.load(folder, device="cpu")
+    assert model.prompts["query"] == "search_query: " and model.backbone.config.model_type == "nomic_bert"
+    batch = model.tokenize(["the cat runs", "sort a list of data"])
+    expected = reference_forward(contrastors_weights(), batch["input_ids"][:1, :5])  # "[CLS] the cat runs [SEP]"
+    mean = expected.mean(1)
+    torch.testing.assert_close(
+        torch.tensor(model.encode(["the cat runs"])), torch.nn.functional.normalize(mean, dim=-1), atol=2e-5, rtol=1e-5
+    )
