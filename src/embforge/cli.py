@@ -178,6 +178,16 @@ def cmd_pretrain_mlm(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_plan(args: argparse.Namespace) -> int:
+    from embforge.train.plan import format_plan, plan_recipe
+    from embforge.train.recipe import load_recipe
+
+    recipe, _ = load_recipe(args.recipe, args.set)
+    embedder, plans = plan_recipe(recipe, gpus=args.gpus)
+    print(format_plan(embedder, plans, gpus=args.gpus, gpu_memory_gb=args.gpu_memory, parallel=recipe.parallel))
+    return 0
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from embforge.quickstart import run_quickstart
 
@@ -286,6 +296,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-resume", action="store_true", help="refuse (instead of resuming) if checkpoints exist")
     p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_pretrain_mlm)
+
+    p = sub.add_parser(
+        "plan", help="per-GPU memory of a recipe (weights, LoRA, optimizer, activations) from the meta device"
+    )
+    p.add_argument("recipe", help="recipe YAML whose model is a backbone preset (e.g. mistral-7b)")
+    p.add_argument("--gpus", type=int, default=8)
+    p.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
+    p.set_defaults(func=cmd_plan)
 
     p = sub.add_parser(
         "quickstart", help="the main job: fine-tune MiniLM for code search on the local stdlib, before/after table"

@@ -57,7 +57,10 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
             embedder.to(device)
     else:
         if str(device) == "meta":
-            raise ConfigError(f"device=meta builds backbone presets only ({sorted(BACKBONE_PRESETS)})")
+            raise ConfigError(
+                f"device=meta builds backbone presets only ({sorted(BACKBONE_PRESETS)}), not {spec.name_or_path!r}: "
+                "plan with --set model.name_or_path=<preset>"
+            )
         if preset_overrides:
             raise ConfigError("config overrides apply to backbone presets only")
         embedder = Embedder.load(spec.name_or_path, device=device, **overrides)

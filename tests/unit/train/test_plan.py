@@ -1,0 +1,52 @@
+"""`embforge plan`: the memory arithmetic against a hand computation for a tiny model."""
+
+import pytest
+
+from embforge.config import from_dict
+from embforge.models.build import apply_lora
+from embforge.models.embedder import Embedder
+from embforge.models.spec import LoraConfig
+from embforge.models.tiny import tiny_decoder
+from embforge.train.plan import plan_stage
+from embforge.train.recipe import StageConfig
+
+
+@pytest.mark.parametrize("parallel,gpus", [("ddp", 2), ("fsdp", 2)])
+def test_plan_matches_a_hand_computation(parallel, gpus):
+    backbone, tokenizer = tiny_decoder("llama")  # hidden 64, 2 layers, 4 heads x 16, 2 KV heads, MLP 128
+    model = Embedder(
+        backbone, tokenizer, max_seq_len=32, pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}
+    )
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    stage = from_dict(
+        StageConfig,
+        {"name": "s", "steps": 1, "data": {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "d", "path": "x"}]}},
+    )
+    plan = plan_stage(model, stage, gpus=gpus, parallel=parallel, dtype="float32", lora_rank=4, lora_targets=["q_proj", "v_proj"])
+
+    # by hand. Parameters: LoRA A (r x in) + B (out x r) on q (64->64) and v (64->32) in 2 layers; the head
+    lora = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
+    head = (
+        8 * 64  # latents
+        + 3 * 2 * 64  # LayerNorms on the states, the latents and before the feed-forward (weight + bias)
+        + 64 * 32 + 64 * 64 + 32 * 64  # to_q, to_kv, to_out (2 heads x 16, no bias)
+        + (64 * 512 + 512) + (256 * 64 + 64)  # GEGLU feed-forward, 4x width, with biases
+    )
+    vocab = len(tokenizer)
+    base = (
+        vocab * 64  # embeddings
+        + 2 * (64 * 64 + 64 * 32 + 64 * 32 + 64 * 64 + 3 * 64 * 128 + 2 * 64)  # q k v o, gate up down, 2 norms
+        + 64  # final norm
+    )
+    shard = gpus if parallel == "fsdp" else 1
+    assert plan.trainable_weights == (lora + head) * 4 // shard
+    assert plan.frozen_weights == base * 4 // shard
+    assert plan.gradients == plan.trainable_weights and plan.optimizer == 2 * plan.trainable_weights
+    # activations: 4 queries x (query + positive + 1 negative) x 32 tokens
+    tokens = 4 * 3 * 32
+    layer = (2 * 64 + 2 * 64 + (64 + 2 * 32) + 64 + 3 * 128) * 4  # norms in/out, q k v, attn out, gate up product
+    layer += 2 * (64 * 4 + 64 + 4 * 4)  # LoRA on q and v: dropped input (fp32), mask (1 byte), rank-4 output
+    head_acts = (64 + 64 + 32 + 32 + 64 + 64 + 2 * 256 + 256) * 4
+    assert plan.tokens_per_pass == tokens
+    assert plan.activations == tokens * (2 * layer + head_acts)
+    assert plan.activations_checkpointed == tokens * (2 * 64 * 4 + layer + head_acts)
