@@ -171,11 +171,6 @@ class NomicBertForMLM(nn.Module):
         return self.head(hidden, self.backbone.embeddings.word_embeddings.weight)
 
 
-def count_parameters(module: nn.Module) -> int:
-    """Number of distinct parameters (a tied weight counts once); works on the meta device."""
-    return sum(p.numel() for p in module.parameters())
-
-
 def nomic_tokenizer(name_or_path: str | Path = "all-MiniLM-L6-v2", max_seq_len: int | None = None):
     """The bert-base-uncased WordPiece tokenizer (30,522 tokens) nomic-bert uses.
 

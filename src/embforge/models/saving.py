@@ -23,14 +23,13 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
+from embforge.data.io import atomic_folder
 from embforge.errors import CheckpointError, ConfigError
 from embforge.models import portable
 from embforge.models.st_format import StLayout, read_layout, write_layout
@@ -97,10 +96,8 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
     """Write ``embedder`` to ``path`` atomically (see the module docstring for the layouts)."""
     import embforge
 
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     versions = {"embforge": embforge.__version__, "torch": torch.__version__}
-    try:
+    with atomic_folder(path) as tmp:
         base, state = backbone_state(embedder.backbone, merge_lora=merge_lora)
         embedder.tokenizer.save_pretrained(tmp)
         if _is_plain_st(embedder, merge_lora):
@@ -119,10 +116,6 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
             _write_embforge_folder(embedder, tmp, base.config, state, versions)
             if not merge_lora and is_peft(embedder.backbone):
                 embedder.backbone.save_pretrained(tmp / "adapter")
-        _replace_dir(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return path
 
 
@@ -159,16 +152,6 @@ def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict,
             "similarity_fn_name": "cosine",
         },
     )
-
-
-def _replace_dir(tmp: Path, path: Path) -> None:
-    old = None
-    if path.exists():
-        old = path.with_name(f".{path.name}.old-{os.getpid()}")
-        os.replace(path, old)
-    os.replace(tmp, path)
-    if old is not None:
-        shutil.rmtree(old)
 
 
 def _write_json(path: Path, obj: object) -> None:
@@ -281,17 +264,11 @@ def convert_gguf(source: Path, gguf_file: str, target: Path) -> Path:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     print(f"embforge: converting {gguf_file} once into {target} (about a minute)", flush=True)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    try:
+    with atomic_folder(target) as tmp:
         tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
         lm = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
         base = backbone_from_config(backbone_config_dict(lm.config))
         load_state_strict(base, lm.model.state_dict(), f"{source / gguf_file}")
         base.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
-        _replace_dir(tmp, target)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return target

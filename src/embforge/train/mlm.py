@@ -37,8 +37,9 @@ from embforge.data.mlm import (
     tokenize_documents,
 )
 from embforge.errors import CheckpointError, ConfigError, DataError
-from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, count_parameters, nomic_tokenizer
+from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
+from embforge.models.portable import num_parameters
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from embforge.train.loop import TrainingError, build_optimizer, build_scheduler, resolve_precision
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
@@ -201,7 +202,7 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
         )
 
     print(
-        f"mlm: {count_parameters(model.backbone):,} backbone parameters, {precision}, data {json.dumps(data.stats)}",
+        f"mlm: {num_parameters(model.backbone):,} backbone parameters, {precision}, data {json.dumps(data.stats)}",
         flush=True,
     )
     if start == 0:

@@ -13,11 +13,11 @@ from embforge.models.nomic_bert import (
     DynamicNTKRotaryEmbedding,
     NomicBertForMLM,
     build_backbone,
-    count_parameters,
     hf_config,
     nomic_tokenizer,
 )
 from embforge.models.nomic_bert_config import from_name, pad_vocab_size
+from embforge.models.portable import num_parameters
 
 TINY = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=192)
 
@@ -43,8 +43,8 @@ def test_preset_parameter_counts_on_meta():
     with torch.device("meta"):
         mlm = NomicBertForMLM(backbone)
     assert all(p.is_meta for p in mlm.parameters())  # nothing allocated
-    assert count_parameters(backbone) == 136_731_648
-    assert count_parameters(mlm) == 137_323_008  # + dense 768² + LayerNorm 2·768; decoder tied, no bias
+    assert num_parameters(backbone) == 136_731_648
+    assert num_parameters(mlm) == 137_323_008  # + dense 768² + LayerNorm 2·768; decoder tied, no bias
     assert (spec.num_layers, spec.hidden_size, spec.num_heads, spec.intermediate_size) == (12, 768, 12, 3072)
 
 
