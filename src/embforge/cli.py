@@ -15,13 +15,21 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
+    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="override the model's pooling")
+    p.add_argument(
+        "--attention", choices=["bidirectional", "causal"], default=None, help="decoders: override the attention"
+    )
 
 
 def _load_model(args: argparse.Namespace):
     from embforge.models.embedder import Embedder
 
-    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
-    return Embedder.load(args.model, device=args.device, **overrides)
+    return Embedder.load(args.model, device=args.device, **_model_overrides(args))
+
+
+def _model_overrides(args: argparse.Namespace) -> dict:
+    """The model flags the user set (``--max-seq-len``, ``--pooling``, ``--attention``)."""
+    return {key: getattr(args, key) for key in ("max_seq_len", "pooling", "attention") if getattr(args, key, None)}
 
 
 def cmd_encode(args: argparse.Namespace) -> int:
@@ -82,8 +90,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         outputs = [Path(args.output) / p.name for p in inputs]
     corpus = read_corpus(Path(args.corpus)) if args.corpus else None
     info = init_distributed()  # under torchrun, each rank mines every world-th shard
-    overrides = {"max_seq_len": args.max_seq_len} if args.max_seq_len else {}
-    teacher = Embedder.load(args.model, device=args.device or info.device, **overrides)
+    teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
     try:
         with tqdm(desc="mine", unit="query", disable=not info.is_main) as bar:
             summary = mine_shards(
