@@ -56,13 +56,25 @@ def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> tor
         from torch.distributed.fsdp import fully_shard
 
         sharded = copy.deepcopy(model).to(info.device)
-        layers = [m for m in sharded.modules() if type(m).__name__.endswith("Layer") and m is not sharded]
-        for layer in layers:
-            fully_shard(layer)
+        for block in transformer_blocks(sharded):
+            fully_shard(block)
         fully_shard(sharded)
         return sharded
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)
+
+
+def transformer_blocks(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The repeated blocks of a model, found by structure: the items of the ``nn.ModuleList`` whose
+    items all share one type and that holds the most parameters (BERT's ``encoder.layer``,
+    Llama's ``layers``, ...), whatever the blocks' class names."""
+    best, best_size = [], 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) and len({type(m) for m in module}) == 1:
+            size = sum(p.numel() for p in module.parameters())
+            if size > best_size:
+                best, best_size = list(module), size
+    return best
 
 
 def is_fsdp(model: torch.nn.Module) -> bool:

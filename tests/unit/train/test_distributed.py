@@ -68,3 +68,15 @@ def test_two_ranks_equal_one_rank(case, tmp_path):
     assert got["grads"].keys() == expected.keys()
     for name, g in expected.items():
         assert torch.allclose(got["grads"][name], g, atol=1e-5), name
+
+
+def test_fsdp_blocks_are_found_by_structure_not_class_name():
+    from embforge.train.parallel import transformer_blocks
+
+    from .helpers import tiny_lora_embedder
+
+    bert = tiny_embedder()
+    assert transformer_blocks(bert) == list(bert.backbone.encoder.layer)
+    decoder = tiny_lora_embedder()  # Llama blocks inside a peft wrapper, beside a latent head
+    blocks = transformer_blocks(decoder)
+    assert blocks == list(decoder.backbone.get_base_model().layers) and len(blocks) == 2
