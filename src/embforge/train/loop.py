@@ -339,7 +339,8 @@ def train_stage(
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if done % stage.log_every == 0 or done == stage.steps:
+        evaluate = evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps)
+        if evaluate or done % stage.log_every == 0 or done == stage.steps:  # a row per window and per evaluation
             elapsed = time.perf_counter() - window_start
             row = {
                 "step": done,
@@ -349,8 +350,9 @@ def train_stage(
                 "examples_per_s": window_examples / max(elapsed, 1e-9),
             }
             window_start, window_examples, window_losses = time.perf_counter(), 0, []
-            if evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps):
+            if evaluate:
                 if info.is_main:
+                    embedder.eval()
                     row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
                     model.train()
                 barrier()

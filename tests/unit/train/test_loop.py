@@ -247,3 +247,28 @@ def test_beir_folder_as_a_training_source(tmp_path):
     pairs = {(e.record.query, e.record.positive) for _ in range(3) for e in sampler.next_batch()}
     assert pairs == {("query 0", "T doc 0"), ("query 1", "T doc 1")}  # grade 0 is not a positive
     assert dict(report.skipped["b"]) == {"qrel names a document missing from the corpus": 1}
+
+
+def test_evaluation_runs_every_eval_every_steps_whatever_log_every(data_dir, tmp_path):
+    calls = []
+
+    def evaluator(model):
+        calls.append(model.training)
+        return {"score": float(len(calls))}
+
+    stage = stage_config(steps=6, log_every=3, save_every=0, eval_every=2, eval_tasks="unused.yaml")
+    rows = loop.train_stage(
+        tiny_embedder(),
+        stage,
+        data_root=data_dir,
+        stage_dir=tmp_path / "e",
+        recipe_dict={},
+        info=DistInfo(),
+        seed=3,
+        evaluator=evaluator,
+    )
+    assert [r["step"] for r in rows if "eval/score" in r] == [2, 4, 6]
+    assert [r["eval/score"] for r in rows if "eval/score" in r] == [1.0, 2.0, 3.0]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]  # a row every log_every steps and at every evaluation
+    assert calls == [False, False, False]  # evaluated in eval mode (training resumes after)
+
