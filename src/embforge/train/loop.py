@@ -344,7 +344,8 @@ def train_stage(
             elapsed = time.perf_counter() - window_start
             row = {
                 "step": done,
-                "loss": loss,
+                "loss": sum(window_losses) / len(window_losses),  # mean over the steps since the last row
+                "loss_last": loss,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "examples_per_s": window_examples / max(elapsed, 1e-9),

@@ -272,3 +272,14 @@ def test_evaluation_runs_every_eval_every_steps_whatever_log_every(data_dir, tmp
     assert [r["step"] for r in rows] == [2, 3, 4, 6]  # a row every log_every steps and at every evaluation
     assert calls == [False, False, False]  # evaluated in eval mode (training resumes after)
 
+
+def test_logged_loss_is_the_mean_over_the_logging_window(data_dir, tmp_path):
+    every_step = _train(tiny_embedder(), stage_config(steps=10, log_every=1), data_dir, tmp_path / "a", False)
+    windowed = _train(tiny_embedder(), stage_config(steps=10, log_every=4), data_dir, tmp_path / "b", False)
+    losses = [r["loss"] for r in every_step]
+    assert [r["step"] for r in windowed] == [4, 8, 10]
+    expected = [sum(losses[0:4]) / 4, sum(losses[4:8]) / 4, sum(losses[8:10]) / 2]
+    assert [r["loss"] for r in windowed] == pytest.approx(expected, rel=1e-5)
+    assert [r["loss_last"] for r in windowed] == pytest.approx([losses[3], losses[7], losses[9]], rel=1e-5)
+    logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == pytest.approx(expected, rel=1e-5)
