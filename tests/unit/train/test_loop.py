@@ -283,3 +283,46 @@ def test_logged_loss_is_the_mean_over_the_logging_window(data_dir, tmp_path):
     assert [r["loss_last"] for r in windowed] == pytest.approx([losses[3], losses[7], losses[9]], rel=1e-5)
     logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss"] for r in logged] == pytest.approx(expected, rel=1e-5)
+
+
+def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    _train(tiny_embedder(), stage_config(), data_dir, tmp_path / "ref", resume=False)  # the same run, unpoisoned
+    real = loop.contrastive_step
+    calls = {"n": 0}
+
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)  # a finite loss ...
+        calls["n"] += 1
+        if calls["n"] == 13:  # ... but one NaN in one gradient at step 13
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(loop, "contrastive_step", poisoned)
+    model = tiny_embedder()
+    with pytest.raises(loop.TrainingError, match=r"gradient norm became nan at step 13.*step-00000010"):
+        _train(model, stage_config(), data_dir, tmp_path / "n", resume=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the step never reached the weights
+    ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000010"]
+    kept = load_file(str(tmp_path / "n" / "checkpoints" / "step-00000010" / "model.safetensors"))
+    good = load_file(str(tmp_path / "ref" / "checkpoints" / "step-00000010" / "model.safetensors"))
+    assert kept.keys() == good.keys() and all(torch.equal(kept[k], good[k]) for k in kept)
+
+
+def test_on_nonfinite_skip_drops_the_step_and_goes_on(data_dir, tmp_path, monkeypatch):
+    real = loop.info_nce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("inf") if calls["n"] == 13 else loss
+
+    monkeypatch.setattr(loop, "info_nce", poisoned)
+    model = tiny_embedder()
+    rows = _train(model, stage_config(on_nonfinite="skip"), data_dir, tmp_path / "s", resume=False)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 0]  # step 13 is in the window ending at 15
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)  # the skipped loss is not averaged in
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-00000020"
