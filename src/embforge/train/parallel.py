@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import gc
 import importlib
 import os
@@ -152,18 +153,19 @@ def _drop_dtensor_caches() -> None:
     on their classes), the sharding-propagation caches (Python and C++) and the planner cache.
     They only save recomputation, so emptying them at shutdown costs nothing.
     """
-    prefix = "torch.distributed.tensor"
-    modules = [m for name, m in list(sys.modules.items()) if name.startswith(prefix) and m is not None]
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("torch.distributed.tensor") and m]
     if not modules:
         return  # DTensor never used: nothing cached
+    lru_cache_type = type(functools.lru_cache()(len))
     for module in modules:
         for obj in list(vars(module).values()):
             members = list(vars(obj).values()) if isinstance(obj, type) and obj.__module__ == module.__name__ else [obj]
             for member in members:
-                member = getattr(member, "__func__", member)  # staticmethod / classmethod
-                if callable(getattr(member, "cache_clear", None)):
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if isinstance(member, lru_cache_type):
                     member.cache_clear()
-    with contextlib.suppress(ImportError, AttributeError):  # private helpers: absent in other torch versions
+    with contextlib.suppress(ImportError):  # private helpers: absent in other torch versions
         from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
         from torch.distributed.tensor.debug import _clear_sharding_prop_cache
 
