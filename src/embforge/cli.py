@@ -67,7 +67,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
     from embforge.data.mining import MiningConfig, mine_shards, read_corpus
     from embforge.models.embedder import Embedder
-    from embforge.train.parallel import init_distributed, shutdown
+    from embforge.train.parallel import distributed_session
 
     cfg = MiningConfig(
         num_negatives=args.num_negatives,
@@ -89,9 +89,8 @@ def cmd_mine(args: argparse.Namespace) -> int:
     else:  # shards in, shards out: OUTPUT is a folder with one file per input shard
         outputs = [Path(args.output) / p.name for p in inputs]
     corpus = read_corpus(Path(args.corpus)) if args.corpus else None
-    info = init_distributed()  # under torchrun, each rank mines every world-th shard
-    teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
-    try:
+    with distributed_session() as info:  # under torchrun, each rank mines every world-th shard
+        teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
         with tqdm(desc="mine", unit="query", disable=not info.is_main) as bar:
             summary = mine_shards(
                 teacher,
@@ -105,8 +104,6 @@ def cmd_mine(args: argparse.Namespace) -> int:
                 world=info.world,
                 progress=bar.update,
             )
-    finally:
-        shutdown()
     if info.is_main:
         print(json.dumps(summary, indent=2))
     return 0
@@ -161,15 +158,13 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from embforge.train.parallel import shutdown
+    from embforge.train.parallel import distributed_session
     from embforge.train.recipe import load_recipe
     from embforge.train.stages import run_recipe
 
     recipe, data_root = load_recipe(args.recipe, args.set)
-    try:
-        run_recipe(recipe, data_root, resume=not args.no_resume)
-    finally:
-        shutdown()  # under torchrun: leave the process group cleanly
+    with distributed_session() as info:  # under torchrun: join the group, and leave it cleanly
+        run_recipe(recipe, data_root, resume=not args.no_resume, info=info)
     print(f"final model: {recipe.output_dir}/final")
     return 0
 

@@ -115,7 +115,8 @@ def info_nce(
         temperature: τ of softmax(q·d / τ).
         in_batch_negatives: bool, or (B,) bool per query. Where false, a query is scored
             only against its own positive and hard negatives (NV-Embed stage 2; datasets
-            such as classification pairs whose other in-batch documents may share its label).
+            such as classification pairs whose other in-batch documents may share its label),
+            and in the symmetric term its positive sees no other query (that row adds 0).
         doc_keys: (M,) int64 text ids; a candidate whose text equals the query's positive
             (a false negative) is masked out. Also used for the symmetric term.
         query_keys: (B,) int64 text ids of the queries (symmetric term: other queries with
@@ -142,14 +143,16 @@ def info_nce(
     logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
     loss = F.cross_entropy(logits, positive)
     if all_queries is not None:
-        # document -> query: each query's positive picks that query among all queries
+        # document -> query: each query's positive picks that query among all queries; the other
+        # queries are in-batch negatives, so without them the row keeps only its own query (loss 0)
         back = docs[positive] @ all_queries.T / temperature  # (B, Q)
         target = query_offset + torch.arange(B, device=back.device)
+        keep = in_batch.unsqueeze(1).expand_as(back).clone()  # (B, Q)
         if query_keys is not None:
             all_keys = gather_no_grad(query_keys)
-            same = all_keys.unsqueeze(0) == query_keys.unsqueeze(1)  # (B, Q)
-            same[torch.arange(B), target] = False
-            back = back.masked_fill(same, torch.finfo(back.dtype).min)
+            keep &= all_keys.unsqueeze(0) != query_keys.unsqueeze(1)  # a copy of the query is no negative
+        keep[torch.arange(B), target] = True
+        back = back.masked_fill(~keep, torch.finfo(back.dtype).min)
         loss = (loss + F.cross_entropy(back, target)) / 2
     return loss
 

@@ -61,6 +61,31 @@ def test_symmetric_term_is_the_mean_of_both_directions():
     assert got.item() == pytest.approx(((forward + backward) / 2).item(), rel=1e-6)
 
 
+def naive_symmetric_term(q, docs, B, tau, in_batch, query_keys):
+    """Document -> query: each positive picks its query among all queries (or only it, without in-batch negatives)."""
+    total = 0.0
+    for i in range(B):
+        cands = [j for j in range(B) if j == i or (in_batch[i] and query_keys[j] != query_keys[i])]
+        scores = torch.stack([docs[i] @ q[j] / tau for j in cands])
+        total += -(scores[cands.index(i)] - torch.logsumexp(scores, 0))
+    return total / B
+
+
+@pytest.mark.parametrize("in_batch", [[True] * 4, [False] * 4, [True, False, True, False]])
+def test_symmetric_term_honours_in_batch_negatives(in_batch):
+    torch.manual_seed(4)
+    B, N, D = 4, 2, 8
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    keys = torch.tensor([1, 2, 1, 3])  # queries 0 and 2 share a text: never each other's negative
+    flags = torch.tensor(in_batch)
+    layout = contrastive_layout(B, N)
+    got = info_nce(q, docs, layout, temperature=0.05, in_batch_negatives=flags, query_keys=keys, all_queries=q)
+    forward = naive_info_nce(q, docs, B, N, 0.05, in_batch)
+    backward = naive_symmetric_term(q, docs, B, 0.05, in_batch, keys.tolist())
+    assert got.item() == pytest.approx(((forward + backward) / 2).item(), rel=1e-5)
+
+
 def test_layout_of_rank_blocks():
     lay = contrastive_layout(batch_size=2, num_negatives=2, rank=1, world=2)
     # rank 1's block starts at 1 * 2 * (1 + 2) = 6: positives 6, 7; negatives 8, 9 | 10, 11

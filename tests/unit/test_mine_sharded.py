@@ -2,19 +2,13 @@
 
 import json
 import os
-import subprocess
 import sys
 
 import pytest
 
+from .train.helpers import free_port, run_ok
+
 WORDS = ["cat", "dog", "list", "file", "path", "key", "data", "text", "model", "query", "sort", "map"]
-
-
-def _run(cmd, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc.stdout
 
 
 def test_torchrun_sharded_mining_matches_one_process(tiny_model_dir, tmp_path):
@@ -41,13 +35,13 @@ def test_torchrun_sharded_mining_matches_one_process(tiny_model_dir, tmp_path):
     ]
     (tmp_path / "one").mkdir()
     (tmp_path / "two").mkdir()
-    one = json.loads(_run([sys.executable, "-m", "embforge", *common, "--output", "one"], tmp_path))
-    port = str(29700 + os.getpid() % 200)
+    one = json.loads(run_ok([sys.executable, "-m", "embforge", *common, "--output", "one"], tmp_path).stdout)
+    port = str(free_port())
     two = json.loads(
-        _run(
+        run_ok(
             [torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "embforge", *common, "--output", "two"],
             tmp_path,
-        )
+        ).stdout
     )
     assert one["records"] == two["records"] and one["candidates_dropped"] == two["candidates_dropped"]
     assert one["shards"] == 3 and one["records"]["records read"] == 60

@@ -4,7 +4,8 @@ For each (query, positives) the teacher ranks a corpus; candidates are taken in 
 order, skipping the positives (all of them) and texts identical to a positive or to the
 query, then the positive-aware filters: drop a candidate the teacher scores above
 ``max_score_ratio`` × the positive's score (near-copies are most likely unlabelled
-positives), or above ``positive score − margin``. From the ranks ``[range_min,
+positives; for a negative positive score, above ``pos − (1 − ratio)·|pos|``, see
+:func:`ratio_ceiling`), or above ``positive score − margin``. From the ranks ``[range_min,
 range_max)`` that survive, keep the best ``num_negatives`` or a seeded random sample.
 
 Queries are processed ``chunk_size`` at a time against a FAISS index (exact inner
@@ -75,6 +76,16 @@ def build_index(corpus_emb: np.ndarray, kind: str, seed: int = 0):
     return index
 
 
+def ratio_ceiling(pos_score: float, ratio: float) -> float:
+    """The highest score a negative may have under the ratio filter: ``pos − (1 − ratio)·|pos|``.
+
+    For a positive score ≥ 0 this is the paper's ``ratio × pos``. For a negative one,
+    ``ratio × pos`` would lie *above* the positive (keeping candidates the teacher prefers to
+    it); this rule keeps the same relative gap below the positive for either sign.
+    """
+    return pos_score - (1.0 - ratio) * abs(pos_score)
+
+
 def _select(
     query: str,
     positives: list[str],
@@ -107,7 +118,7 @@ def _select(
         if rank >= cfg.range_max:
             break
         rank += 1
-        if cfg.max_score_ratio is not None and score > cfg.max_score_ratio * pos_score:
+        if cfg.max_score_ratio is not None and score > ratio_ceiling(pos_score, cfg.max_score_ratio):
             dropped[f"above {cfg.max_score_ratio} x positive score"] += 1
             continue
         if cfg.margin is not None and score > pos_score - cfg.margin:

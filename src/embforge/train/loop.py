@@ -5,8 +5,9 @@ same *global* batch from an identically seeded sampler and keeps its slice (so a
 R processes sees exactly the batches of a 1-process run with R× the batch), tokenises
 it, embeds queries and documents (plainly or with GradCache), and backpropagates an
 InfoNCE loss whose documents are gathered from all ranks. Then: clip, AdamW step, LR
-schedule, log, evaluate, checkpoint. A non-finite loss stops the run before the
-optimizer touches the weights, so the last checkpoint stays the last good state.
+schedule, log, evaluate, checkpoint. A non-finite loss or gradient stops the run before
+the optimizer touches the weights, so the last checkpoint stays the last good state (or,
+with ``on_nonfinite: skip``, the step is dropped and counted).
 """
 
 from __future__ import annotations
@@ -354,7 +355,7 @@ def train_stage(
         disable=not info.is_main,
         unit="step",
     )
-    window_start, window_examples, window_losses = time.perf_counter(), 0, []
+    window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
 
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
@@ -383,31 +384,46 @@ def train_stage(
                 )
             )
         loss = _mean_over_ranks(torch.stack(losses).mean(), info)
-        if not math.isfinite(loss):
-            raise TrainingError(
-                f"stage {stage.name!r}: loss became {loss} at step {step + 1}; stopped before updating the weights. "
-                f"The last good checkpoint is {latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
-            )
+        # gradients are already reduced over ranks here, so every rank sees the same norm and decides alike
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.max_grad_norm or float("inf"))
-        optimizer.step()
+        checked = {"loss": loss, "gradient norm": float(grad_norm)}
+        bad = next((name for name, value in checked.items() if not math.isfinite(value)), None)
+        if bad is not None and stage.on_nonfinite == "stop":
+            raise TrainingError(
+                f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; stopped before updating the "
+                f"weights. The last good checkpoint is "
+                f"{latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
+            )
+        if bad is not None:  # on_nonfinite: skip -- no update; the schedule and the data stream move on
+            optimizer.zero_grad(set_to_none=True)
+            window_skipped += 1
+            if info.is_main:
+                tqdm.write(f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; step skipped")
+        else:
+            optimizer.step()
+            window_losses.append(loss)
         scheduler.step()
         window_examples += B * info.world * stage.grad_accum_steps
-        window_losses.append(loss)
         done = step + 1
         bar.update(1)
         bar.set_postfix(loss=f"{loss:.4f}")
-        if done % stage.log_every == 0 or done == stage.steps:
+        evaluate = evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps)
+        if evaluate or done % stage.log_every == 0 or done == stage.steps:  # a row per window and per evaluation
             elapsed = time.perf_counter() - window_start
             row = {
                 "step": done,
-                "loss": loss,
+                # mean over the steps since the last row (skipped non-finite steps left out)
+                "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                "loss_last": loss,
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "examples_per_s": window_examples / max(elapsed, 1e-9),
+                "skipped_steps": window_skipped,  # non-finite steps skipped in this window (on_nonfinite: skip)
             }
-            window_start, window_examples, window_losses = time.perf_counter(), 0, []
-            if evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps):
+            window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
+            if evaluate:
                 if info.is_main:
+                    embedder.eval()
                     row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
                     model.train()
                 barrier()

@@ -2,14 +2,22 @@
 
 The same code path runs on 1 CPU process and on N GPUs: :func:`init_distributed` reads
 torchrun's environment (nothing to do without it), picks nccl on GPUs and gloo on CPU,
-and :func:`wrap_model` applies DDP or FSDP to an already-built model.
+and :func:`wrap_model` applies DDP or FSDP to an already-built model. Commands run inside
+:func:`distributed_session`, which also takes the group down cleanly (see :func:`shutdown`).
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import functools
+import gc
+import importlib
 import os
+import sys
+import warnings
+import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -28,6 +36,21 @@ class DistInfo:
         return self.rank == 0
 
 
+# torch modules that bind the default group at import time (``def all_gather(tensor, group=group.WORLD)``).
+# Imported after init_process_group -- transformers (loading a model) and DDP import them lazily
+# through torch._dynamo -- they hold the live group in their default arguments, so
+# destroy_process_group cannot free it: its gloo threads live on into interpreter shutdown, where
+# a gloo thread dropping the last reference to a Python-owned tensor takes the GIL of a finalising
+# interpreter and the process aborts ("terminate called without an active exception", SIGABRT)
+# after its work is done. Imported before any group exists, they bind None instead.
+_BIND_WORLD_AT_IMPORT = (
+    "torch.distributed.nn",
+    "torch.distributed.optim",
+    "torch.distributed.fsdp",
+    "torch._dynamo",  # imports further torch.distributed modules; transformers and DDP import it anyway
+)
+
+
 def init_distributed() -> DistInfo:
     """Join the process group torchrun set up, or return a single-process DistInfo."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -38,9 +61,27 @@ def init_distributed() -> DistInfo:
     else:
         device = torch.device("cpu")
     if world > 1 and not dist.is_initialized():
+        for module in _BIND_WORLD_AT_IMPORT:
+            importlib.import_module(module)
         dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
+
+
+@contextlib.contextmanager
+def distributed_session() -> Iterator[DistInfo]:
+    """``init_distributed()`` for the body, then leave the group: what every multi-rank command runs in.
+
+    On success every rank first meets at a barrier, so no rank tears its group down while another
+    still has a collective in flight with it. After an error there is no barrier (the other ranks
+    may never reach it): the group is destroyed at once and torchrun stops the rest.
+    """
+    info = init_distributed()
+    try:
+        yield info
+        barrier()
+    finally:
+        shutdown()
 
 
 def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> torch.nn.Module:
@@ -117,6 +158,51 @@ def barrier() -> None:
         dist.barrier()
 
 
+def _drop_dtensor_caches() -> None:
+    """Empty DTensor's (FSDP2's) memo caches: their keys hold device meshes, and a mesh holds its group.
+
+    Every ``functools`` cache of the loaded ``torch.distributed.tensor`` modules (module level and
+    on their classes), the sharding-propagation caches (Python and C++) and the planner cache.
+    They only save recomputation, so emptying them at shutdown costs nothing.
+    """
+    modules = [m for name, m in list(sys.modules.items()) if name.startswith("torch.distributed.tensor") and m]
+    if not modules:
+        return  # DTensor never used: nothing cached
+    lru_cache_type = type(functools.lru_cache()(len))
+    for module in modules:
+        for obj in list(vars(module).values()):
+            members = list(vars(obj).values()) if isinstance(obj, type) and obj.__module__ == module.__name__ else [obj]
+            for member in members:
+                if isinstance(member, (staticmethod, classmethod)):
+                    member = member.__func__
+                if isinstance(member, lru_cache_type):
+                    member.cache_clear()
+    with contextlib.suppress(ImportError):  # private helpers: absent in other torch versions
+        from torch.distributed.tensor._redistribute import clear_redistribute_planner_cache
+        from torch.distributed.tensor.debug import _clear_sharding_prop_cache
+
+        _clear_sharding_prop_cache()
+        clear_redistribute_planner_cache()
+
+
 def shutdown() -> None:
-    if dist.is_available() and dist.is_initialized():
-        dist.destroy_process_group()
+    """Destroy the process group now, while the interpreter is fully alive; no-op without one.
+
+    Destroying the last reference joins gloo's worker threads, so none of them is left to touch
+    Python objects during interpreter shutdown (see ``_BIND_WORLD_AT_IMPORT``). Warns, naming
+    what holds it, when something else keeps the group (and so its threads) alive.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    group = weakref.ref(dist.group.WORLD)
+    _drop_dtensor_caches()
+    dist.destroy_process_group()
+    gc.collect()  # reference cycles (modules with hooks) may hold the group
+    if group() is not None:
+        holders = [type(r).__name__ for r in gc.get_referrers(group())]
+        warnings.warn(
+            f"the default process group outlived destroy_process_group (held by {holders or 'C++ or function defaults'}); "
+            "its gloo threads may abort the process at exit",
+            RuntimeWarning,
+            stacklevel=2,
+        )

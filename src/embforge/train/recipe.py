@@ -98,6 +98,7 @@ class StageConfig:
     eval_every: int = 0  # 0: no evaluation during the stage
     eval_tasks: str | None = None  # task file (relative to data_root)
     eval_only: list[str] | None = None  # task names inside it
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip the step
 
     def validate(self, path: str) -> None:
         if self.steps < 1 or self.grad_accum_steps < 1 or self.grad_cache_chunk < 0:

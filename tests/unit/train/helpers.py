@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import random
+import socket
+import subprocess
 
 import torch
 
@@ -71,3 +74,42 @@ def tiny_lora_embedder(seed: int = 0) -> Embedder:
     )
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     return model
+
+
+def free_port() -> int:
+    """A TCP port free right now on localhost (for a test's rendezvous)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def rank_env(rank: int, world: int, port: int) -> None:
+    """What torchrun sets for a worker, so spawned test workers join through ``init_distributed``."""
+    os.environ.update(
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        OMP_NUM_THREADS="1",
+    )
+
+
+def gloo_threads() -> list[str]:
+    """Names of this process's gloo threads (worker loops, TCP loop); empty where /proc is missing."""
+    names = []
+    for tid in os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else []:
+        with open(f"/proc/self/task/{tid}/comm") as f:
+            name = f.read().strip()
+        if "gloo" in name:
+            names.append(name)
+    return sorted(names)
+
+
+def run_ok(cmd: list[str], cwd) -> subprocess.CompletedProcess:
+    """Run a command (e.g. torchrun ... -m embforge) to completion; it must exit 0 and leave its group cleanly."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "outlived destroy_process_group" not in proc.stderr, proc.stderr[-3000:]
+    return proc

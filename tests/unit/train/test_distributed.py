@@ -1,22 +1,24 @@
 """2 gloo processes vs 1 process on the same global batch: same loss and gradients.
 
 Each rank holds half of the queries with their positives and hard negatives; documents
-are gathered across ranks with gradient, and DDP averages the gradients.
+are gathered across ranks with gradient, and DDP averages the gradients. And leaving the
+group really ends it: no gloo thread survives into interpreter shutdown.
 """
 
-import os
-import tempfile
+import json
+import weakref
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from embforge.models.embedder import Embedder
 from embforge.train.loop import contrastive_step
-from embforge.train.parallel import DistInfo, wrap_model
+from embforge.train.parallel import DistInfo, barrier, distributed_session, init_distributed, shutdown, wrap_model
 from embforge.train.recipe import LossConfig
 
-from .helpers import grads, make_batch, records, tiny_embedder
+from .helpers import free_port, gloo_threads, grads, make_batch, rank_env, records, tiny_embedder
 
 GLOBAL_B, N = 6, 2
 FLAGS = [True, True, False, True, True, True]
@@ -35,11 +37,10 @@ def _single(cfg, chunk):
     return loss.item(), grads(model)
 
 
-def _worker(rank, world, init_file, out_file, case):
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
+def _worker(rank, world, port, out_file, case):
+    rank_env(rank, world, port)
+    with distributed_session() as info:  # the commands' own init and teardown
         cfg, chunk = CASES[case]
-        info = DistInfo(rank=rank, world=world)
         model = tiny_embedder()
         model.train()
         per = GLOBAL_B // world
@@ -50,19 +51,14 @@ def _worker(rank, world, init_file, out_file, case):
         dist.all_reduce(loss)
         if rank == 0:
             torch.save({"loss": loss.item() / world, "grads": grads(model)}, out_file)
-        dist.barrier()  # no rank tears gloo down while the other still has collectives in flight
-    finally:
-        dist.destroy_process_group()
 
 
 @pytest.mark.parametrize("case", list(CASES))
 def test_two_ranks_equal_one_rank(case, tmp_path):
     cfg, chunk = CASES[case]
     loss, expected = _single(cfg, chunk)
-    init_file = tempfile.mktemp(dir=tmp_path)
     out = tmp_path / "rank0.pt"
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    mp.spawn(_worker, args=(2, init_file, str(out), case), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, free_port(), str(out), case), nprocs=2, join=True)
     got = torch.load(out)
     assert got["loss"] == pytest.approx(loss, abs=1e-6)
     assert got["grads"].keys() == expected.keys()
@@ -80,3 +76,30 @@ def test_fsdp_blocks_are_found_by_structure_not_class_name():
     decoder = tiny_lora_embedder()  # Llama blocks inside a peft wrapper, beside a latent head
     blocks = transformer_blocks(decoder)
     assert blocks == list(decoder.backbone.get_base_model().layers) and len(blocks) == 2
+
+
+def _shutdown_worker(rank, world, port, model_dir, out_file):
+    rank_env(rank, world, port)
+    info = init_distributed()
+    group = weakref.ref(dist.group.WORLD)
+    model = Embedder.load(model_dir)  # loading through transformers (and DDP) imports torch._dynamo after init
+    model.train()
+    ddp = wrap_model(model, info, "ddp")
+    batch = make_batch(model, records(2, N, seed=rank), N)
+    contrastive_step(ddp, batch, LossConfig(temperature=0.05), info)
+    gathered = [None] * world
+    dist.all_gather_object(gathered, {"rank": rank})
+    del ddp, batch
+    barrier()
+    shutdown()
+    if rank == 0:
+        with open(out_file, "w") as f:
+            json.dump({"group_alive": group() is not None, "gloo_threads": gloo_threads()}, f)
+
+
+def test_shutdown_leaves_no_process_group_behind(tiny_model_dir, tmp_path):
+    """After shutdown() the group and its gloo threads are gone, so none can abort the process at exit."""
+    out = tmp_path / "threads.json"
+    mp.spawn(_shutdown_worker, args=(2, free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
+    got = json.loads(out.read_text())
+    assert got == {"group_alive": False, "gloo_threads": []}

@@ -279,3 +279,82 @@ def test_resume_with_lora_adapters_and_a_latent_head(data_dir, tmp_path, monkeyp
     _train(resumed, stage, data_dir, tmp_path / "b", resume=True)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
         assert torch.allclose(a, b, atol=1e-6), n
+
+
+def test_evaluation_runs_every_eval_every_steps_whatever_log_every(data_dir, tmp_path):
+    calls = []
+
+    def evaluator(model):
+        calls.append(model.training)
+        return {"score": float(len(calls))}
+
+    stage = stage_config(steps=6, log_every=3, save_every=0, eval_every=2, eval_tasks="unused.yaml")
+    rows = loop.train_stage(
+        tiny_embedder(),
+        stage,
+        data_root=data_dir,
+        stage_dir=tmp_path / "e",
+        recipe_dict={},
+        info=DistInfo(),
+        seed=3,
+        evaluator=evaluator,
+    )
+    assert [r["step"] for r in rows if "eval/score" in r] == [2, 4, 6]
+    assert [r["eval/score"] for r in rows if "eval/score" in r] == [1.0, 2.0, 3.0]
+    assert [r["step"] for r in rows] == [2, 3, 4, 6]  # a row every log_every steps and at every evaluation
+    assert calls == [False, False, False]  # evaluated in eval mode (training resumes after)
+
+
+def test_logged_loss_is_the_mean_over_the_logging_window(data_dir, tmp_path):
+    every_step = _train(tiny_embedder(), stage_config(steps=10, log_every=1), data_dir, tmp_path / "a", False)
+    windowed = _train(tiny_embedder(), stage_config(steps=10, log_every=4), data_dir, tmp_path / "b", False)
+    losses = [r["loss"] for r in every_step]
+    assert [r["step"] for r in windowed] == [4, 8, 10]
+    expected = [sum(losses[0:4]) / 4, sum(losses[4:8]) / 4, sum(losses[8:10]) / 2]
+    assert [r["loss"] for r in windowed] == pytest.approx(expected, rel=1e-5)
+    assert [r["loss_last"] for r in windowed] == pytest.approx([losses[3], losses[7], losses[9]], rel=1e-5)
+    logged = [json.loads(x) for x in (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss"] for r in logged] == pytest.approx(expected, rel=1e-5)
+
+
+def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
+    _train(tiny_embedder(), stage_config(), data_dir, tmp_path / "ref", resume=False)  # the same run, unpoisoned
+    real = loop.contrastive_step
+    calls = {"n": 0}
+
+    def poisoned(model, *a, **k):
+        loss = real(model, *a, **k)  # a finite loss ...
+        calls["n"] += 1
+        if calls["n"] == 13:  # ... but one NaN in one gradient at step 13
+            next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
+        return loss
+
+    monkeypatch.setattr(loop, "contrastive_step", poisoned)
+    model = tiny_embedder()
+    with pytest.raises(loop.TrainingError, match=r"gradient norm became nan at step 13.*step-00000010"):
+        _train(model, stage_config(), data_dir, tmp_path / "n", resume=False)
+    assert all(torch.isfinite(p).all() for p in model.parameters())  # the step never reached the weights
+    ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
+    assert ckpts == ["step-00000010"]
+    kept = load_file(str(tmp_path / "n" / "checkpoints" / "step-00000010" / "model.safetensors"))
+    good = load_file(str(tmp_path / "ref" / "checkpoints" / "step-00000010" / "model.safetensors"))
+    assert kept.keys() == good.keys() and all(torch.equal(kept[k], good[k]) for k in kept)
+
+
+def test_on_nonfinite_skip_drops_the_step_and_goes_on(data_dir, tmp_path, monkeypatch):
+    real = loop.info_nce
+    calls = {"n": 0}
+
+    def poisoned(*a, **k):
+        calls["n"] += 1
+        loss = real(*a, **k)
+        return loss * float("inf") if calls["n"] == 13 else loss
+
+    monkeypatch.setattr(loop, "info_nce", poisoned)
+    model = tiny_embedder()
+    rows = _train(model, stage_config(on_nonfinite="skip"), data_dir, tmp_path / "s", resume=False)
+    assert [r["step"] for r in rows] == [5, 10, 15, 20]
+    assert [r["skipped_steps"] for r in rows] == [0, 0, 1, 0]  # step 13 is in the window ending at 15
+    assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)  # the skipped loss is not averaged in
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+    assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-00000020"

@@ -3,14 +3,13 @@
 import json
 import os
 import shutil
-import subprocess
 import sys
 
 import pytest
 import torch
 from safetensors.torch import load_file
 
-from .helpers import records, tiny_embedder
+from .helpers import free_port, records, run_ok, tiny_embedder
 
 RECIPE = """
 model: {{name_or_path: {model}, max_seq_len: 32}}
@@ -29,12 +28,6 @@ stages:
 """
 
 
-def _run(cmd, cwd):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-
-
 @pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
 def test_two_process_torchrun_matches_one_process(tmp_path, parallel):
     if shutil.which("torchrun") is None and not (
@@ -50,14 +43,14 @@ def test_two_process_torchrun_matches_one_process(tmp_path, parallel):
     (tmp_path / "two.yaml").write_text(
         RECIPE.format(model=model, out=tmp_path / "two", batch=2) + f"parallel: {parallel}\n"
     )
-    _run([sys.executable, "-m", "embforge", "train", "one.yaml"], tmp_path)
-    _run(
+    run_ok([sys.executable, "-m", "embforge", "train", "one.yaml"], tmp_path)
+    run_ok(
         [
             torchrun,
             "--nproc-per-node",
             "2",
             "--master-port",
-            str(29500 + os.getpid() % 1000),
+            str(free_port()),
             "-m",
             "embforge",
             "train",
