@@ -113,6 +113,11 @@ def create_app(backend: Backend, settings: ServeSettings):
     max_input_tokens = settings.max_input_tokens or backend.max_seq_len
     if not 1 <= max_input_tokens <= backend.max_seq_len:
         raise InputError(f"max_input_tokens must be in [1, {backend.max_seq_len}] (the model's maximum)")
+    if settings.max_items > settings.max_queued_items:
+        raise InputError(
+            f"max_items ({settings.max_items}) must not exceed max_queued_items ({settings.max_queued_items}): "
+            "such a request could never be queued"
+        )
     names = {settings.model_name, *settings.aliases}
     tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embforge-tokenize")
     batcher = MicroBatcher(
