@@ -1,8 +1,10 @@
 """HTTP serving throughput: `embforge serve` vs infinity-emb, same model, machine, texts and load.
 
 16 concurrent clients (asyncio + httpx, keep-alive) send ``POST /embeddings`` requests of
-``--texts-per-request`` real texts each for ``--duration`` seconds against one server at a
-time, all on 127.0.0.1 (no other address is ever contacted):
+``--texts-per-request`` real texts each, for ``--duration`` seconds per server, all on
+127.0.0.1 (no other address is ever contacted). All servers start together; the load runs
+against one at a time in ``--segments`` slices that alternate between servers, so other
+work on a shared machine weighs on each alike:
 
 - ``embforge serve all-MiniLM-L6-v2`` (PyTorch backend; ``--onnx`` adds the ONNX fp32 backend);
 - infinity-emb 0.0.78 (``--engine torch --device cpu``) in its own virtualenv under the work
@@ -107,38 +109,28 @@ async def _load(url: str, model: str, texts: list[str], clients: int, per_reques
         start = time.perf_counter()
         await asyncio.gather(*(client(i, http) for i in range(clients)))
         elapsed = time.perf_counter() - start
-    latencies.sort()
+    return {"latencies": latencies, "texts": n_texts, "errors": errors, "seconds": elapsed}
 
-    def pct(p: float) -> float:
-        return latencies[min(len(latencies) - 1, int(p * len(latencies)))] * 1000 if latencies else float("nan")
+
+def _merge(parts: list[dict]) -> dict:
+    """Segments of one server -> its totals (latency percentiles over all segments)."""
+    latencies = sorted(x for p in parts for x in p["latencies"])
+    seconds = sum(p["seconds"] for p in parts)
+    n_texts = sum(p["texts"] for p in parts)
+
+    def pct(q: float) -> float:
+        return latencies[min(len(latencies) - 1, int(q * len(latencies)))] * 1000 if latencies else float("nan")
 
     return {
-        "requests_per_s": round(len(latencies) / elapsed, 2),
-        "texts_per_s": round(n_texts / elapsed, 1),
+        "requests_per_s": round(len(latencies) / seconds, 2),
+        "texts_per_s": round(n_texts / seconds, 1),
         "p50_ms": round(pct(0.50), 1),
         "p99_ms": round(pct(0.99), 1),
         "mean_ms": round(statistics.fmean(latencies) * 1000, 1) if latencies else float("nan"),
         "requests": len(latencies),
-        "errors": errors,
-        "seconds": round(elapsed, 1),
+        "errors": sum(p["errors"] for p in parts),
+        "seconds": round(seconds, 1),
     }
-
-
-def run_server(name: str, cmd: list[str], env: dict, url: str, model: str, texts: list[str], args) -> dict:
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        _wait_ready(proc, url, {"input": texts[:4], "model": model})
-        # warm-up under the same load, not counted
-        asyncio.run(_load(url, model, texts, args.clients, args.texts_per_request, min(5.0, args.duration / 4)))
-        result = asyncio.run(_load(url, model, texts, args.clients, args.texts_per_request, args.duration))
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-    print(f"{name:16s} {json.dumps(result)}", file=sys.stderr)
-    return result
 
 
 def main() -> None:
@@ -148,12 +140,13 @@ def main() -> None:
     parser.add_argument("--clients", type=int, default=16)
     parser.add_argument("--texts-per-request", type=int, default=4)
     parser.add_argument("--texts", type=int, default=2000)
-    parser.add_argument("--onnx", action="store_true", help="also run embforge with the ONNX fp32 backend")
+    parser.add_argument("--segments", type=int, default=3, help="load segments per server, alternating servers")
+    parser.add_argument("--onnx", action="store_true", help="also run embforge with the ONNX fp32 and int8 backends")
     parser.add_argument("--no-infinity", action="store_true")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench_serve"))
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.texts, args.no_infinity = 5.0, 200, True
+        args.duration, args.texts, args.no_infinity, args.segments = 5.0, 200, True, 1
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     texts, source = real_texts(args.texts)
@@ -189,7 +182,31 @@ def main() -> None:
                "--engine", "torch", "--device", "cpu", "--host", HOST, "--port", str(port), "--log-level", "warning"]  # fmt: skip
         servers["infinity"] = (cmd, f"http://{HOST}:{port}/embeddings")
 
-    results = {name: run_server(name, cmd, env, url, model, texts, args) for name, (cmd, url) in servers.items()}
+    # all servers up at once (an idle server costs no CPU); load segments alternate between them
+    # so that other work on the machine weighs on every server alike
+    procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for name, (cmd, _) in servers.items()}
+    parts: dict[str, list[dict]] = {name: [] for name in servers}
+    try:
+        for name, (_, url) in servers.items():
+            _wait_ready(procs[name], url, {"input": texts[:4], "model": model})
+            asyncio.run(_load(url, model, texts, args.clients, args.texts_per_request, min(5.0, args.duration / 4)))
+        segment = args.duration / args.segments
+        for seg in range(args.segments):
+            for name in list(servers) if seg % 2 == 0 else list(servers)[::-1]:
+                load = _load(servers[name][1], model, texts, args.clients, args.texts_per_request, segment)
+                parts[name].append(asyncio.run(load))
+                print(
+                    f"segment {seg + 1}/{args.segments} {name}: {json.dumps(_merge(parts[name][-1:]))}", file=sys.stderr
+                )
+    finally:
+        for proc in procs.values():
+            proc.terminate()
+        for proc in procs.values():
+            try:
+                proc.wait(60)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+    results = {name: _merge(p) for name, p in parts.items()}
     import torch
 
     print(
@@ -212,9 +229,11 @@ def main() -> None:
         "cpus": os.cpu_count(),
         "quick": args.quick,
     }
-    if "embforge_onnx" in results and ref:
-        headline["ratio_onnx"] = round(results["embforge_onnx"]["texts_per_s"] / ref["texts_per_s"], 3)
-        headline["p99_ratio_onnx"] = round(results["embforge_onnx"]["p99_ms"] / ref["p99_ms"], 3)
+    for variant in ("onnx", "onnx_int8"):
+        if f"embforge_{variant}" in results and ref:
+            r = results[f"embforge_{variant}"]
+            headline[f"ratio_{variant}"] = round(r["texts_per_s"] / ref["texts_per_s"], 3)
+            headline[f"p99_ratio_{variant}"] = round(r["p99_ms"] / ref["p99_ms"], 3)
     print(json.dumps(headline))
 
 
