@@ -170,12 +170,16 @@ def main() -> None:
     servers["embforge"] = (embforge_cmd(model, port), f"http://{HOST}:{port}/v1/embeddings")
     if args.onnx:
         onnx_dir = work / "minilm-onnx"
-        if not (onnx_dir / "embforge_onnx.json").is_file():
-            subprocess.run(
-                [sys.executable, "-m", "embforge", "export", "onnx", model, str(onnx_dir)], env=env, check=True
-            )
+        if not (onnx_dir / "model_int8.onnx").is_file():
+            export = [sys.executable, "-m", "embforge", "export", "onnx", model, str(onnx_dir), "--int8"]
+            subprocess.run(export, env=env, check=True)
         port = _free_port()
         servers["embforge_onnx"] = (embforge_cmd(str(onnx_dir), port), f"http://{HOST}:{port}/v1/embeddings")
+        port = _free_port()
+        servers["embforge_onnx_int8"] = (
+            [*embforge_cmd(str(onnx_dir), port), "--int8"],
+            f"http://{HOST}:{port}/v1/embeddings",
+        )
     if not args.no_infinity:
         port = _free_port()
         cmd = [str(infinity_venv(work)), "v2", "--model-id", str(folder), "--served-model-name", model,

@@ -149,7 +149,7 @@ def test_api_key(make_client):
 
 
 def test_queue_full_answers_503_with_retry_after(make_client, backend):
-    client = make_client(max_queued_items=3)
+    client = make_client(max_queued_items=3, max_items=2)
     backend.release.clear()  # the model thread blocks inside embed
     first: dict = {}
     thread = threading.Thread(target=lambda: first.update(r=_post(client, {"input": ["a", "b"], "model": "dummy"})))
@@ -162,6 +162,16 @@ def test_queue_full_answers_503_with_retry_after(make_client, backend):
     thread.join(10)
     assert first["r"].status_code == 200
     assert _post(client, {"input": ["c", "d"], "model": "dummy"}).status_code == 200  # room again
+
+
+def test_settings_that_could_never_serve_a_request_are_refused(backend):
+    from embforge.errors import InputError
+    from embforge.serve.app import ServeSettings, create_app
+
+    with pytest.raises(InputError, match="max_items"):
+        create_app(backend, ServeSettings(model_name="dummy", max_items=10, max_queued_items=5))
+    with pytest.raises(InputError, match="max_input_tokens"):
+        create_app(backend, ServeSettings(model_name="dummy", max_input_tokens=9))
 
 
 def test_internal_errors_do_not_leak(client, backend):
