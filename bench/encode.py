@@ -5,8 +5,14 @@ Runs both on the same real texts (MLQuestions passages and SICK sentences from
 reference for several repetitions, and reports the median texts/s of each and their
 ratio. The last line is one JSON object.
 
-    python bench/encode.py            # 2,000 texts, 5 repetitions
-    python bench/encode.py --quick    # 200 texts, 1 repetition (CI)
+It also runs the ONNX Runtime int8 path (``embforge export onnx --int8``, exported once
+into the work directory) on the same texts and threads: ``ratio_int8`` is its texts/s over
+sentence-transformers', ``cos_int8`` the mean cosine of its embeddings to
+sentence-transformers' (``min_cos_int8`` the worst text), and ``ndcg10_change_int8`` the
+change of nDCG@10 (x100) on the shared MLQuestions dev set, int8 minus the PyTorch path.
+
+    python bench/encode.py            # 2,000 texts, 5 repetitions, + MLQuestions nDCG@10
+    python bench/encode.py --quick    # 200 texts, 1 repetition, no nDCG (CI)
 """
 
 from __future__ import annotations
@@ -22,7 +28,18 @@ from pathlib import Path
 import numpy as np
 import torch
 
-SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared" / "data"
+
+
+def mlquestions_ndcg(model) -> float | None:
+    """nDCG@10 (x100) of ``model`` on the shared MLQuestions dev set, or None where it is absent."""
+    if not (SHARED / "mlquestions_dev").is_dir():
+        return None
+    from embforge.eval.runner import load_suite, main_scores, run_suite
+
+    suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=SHARED)
+    return main_scores(run_suite(model, suite, root, only=["MLQuestions"]))["MLQuestions"]
 
 
 def real_texts(n: int) -> tuple[list[str], str]:
@@ -45,6 +62,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--threads", type=int, default=os.cpu_count())
+    parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench_encode"))
     args = parser.parse_args()
     if args.quick:
         args.texts, args.repeats = 200, 1
@@ -53,15 +71,23 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
 
     from embforge.models.embedder import Embedder
+    from embforge.onnx.export import export_onnx
+    from embforge.onnx.runtime import OnnxEmbedder
 
     texts, source = real_texts(args.texts)
     ours = Embedder.load("all-MiniLM-L6-v2", device="cpu")
     ref = SentenceTransformer(str(ours.backbone.name_or_path), device="cpu")
+    onnx_dir = Path(args.work_dir) / "minilm-onnx"
+    if not (onnx_dir / "model_int8.onnx").is_file():
+        print("exporting MiniLM to ONNX + int8 (once)...", file=sys.stderr)
+        export_onnx(ours, onnx_dir, quantize=True, source="all-MiniLM-L6-v2")
+    int8 = OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads)
     runners = {
         "embforge": lambda: ours.encode(texts, batch_size=args.batch_size, show_progress=False),
         "reference": lambda: ref.encode(
             texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True
         ),
+        "onnx_int8": lambda: int8.encode(texts, batch_size=args.batch_size, show_progress=False),
     }
     outputs = {name: run() for name, run in runners.items()}  # warm-up, and the outputs to compare
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -75,14 +101,28 @@ def main() -> None:
             + ", ".join(f"{n} {len(texts) / t[-1]:.1f} texts/s" for n, t in times.items()),
             file=sys.stderr,
         )
-    a, b = outputs["embforge"], outputs["reference"]
-    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+    cos = cosines(outputs["embforge"], outputs["reference"])
+    cos_int8 = cosines(outputs["onnx_int8"], outputs["reference"])
     ours_tps = len(texts) / statistics.median(times["embforge"])
     ref_tps = len(texts) / statistics.median(times["reference"])
+    int8_tps = len(texts) / statistics.median(times["onnx_int8"])
+    ndcg = ndcg_int8 = None
+    if not args.quick:
+        ndcg, ndcg_int8 = mlquestions_ndcg(ours), mlquestions_ndcg(int8)
     print(f"{len(texts)} texts ({source}), batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
     print(
         f"embforge {ours_tps:.1f} texts/s, sentence-transformers {ref_tps:.1f} texts/s, ratio {ours_tps / ref_tps:.2f}"
     )
+    print(
+        f"ONNX int8 {int8_tps:.1f} texts/s, ratio {int8_tps / ref_tps:.2f}, "
+        f"cosine to sentence-transformers mean {cos_int8.mean():.5f} min {cos_int8.min():.5f}"
+    )
+    if ndcg is not None:
+        print(f"MLQuestions nDCG@10: PyTorch {ndcg:.2f}, ONNX int8 {ndcg_int8:.2f} ({ndcg_int8 - ndcg:+.2f})")
     print(
         json.dumps(
             {
@@ -92,6 +132,14 @@ def main() -> None:
                 "unit": "texts/s",
                 "ratio": round(ours_tps / ref_tps, 3),
                 "max_abs_cos_diff": float(np.abs(1 - cos).max()),
+                "onnx_int8": round(int8_tps, 1),
+                "ratio_int8": round(int8_tps / ref_tps, 3),
+                "cos_int8": round(float(cos_int8.mean()), 5),
+                "min_cos_int8": round(float(cos_int8.min()), 5),
+                "ndcg10": None if ndcg is None else round(ndcg, 2),
+                "ndcg10_int8": None if ndcg_int8 is None else round(ndcg_int8, 2),
+                "ndcg10_change_int8": None if ndcg is None else round(ndcg_int8 - ndcg, 2),
+                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "texts": len(texts),
                 "threads": args.threads,
                 "quick": args.quick,

@@ -32,16 +32,69 @@ def _model_overrides(args: argparse.Namespace) -> dict:
     return {key: getattr(args, key) for key in ("max_seq_len", "pooling", "attention") if getattr(args, key, None)}
 
 
+def _load_inference_model(args: argparse.Namespace):
+    """The Embedder, or an OnnxEmbedder for a folder written by `embforge export onnx` (no torch import)."""
+    from embforge.onnx.runtime import OnnxEmbedder, is_onnx_folder
+
+    if is_onnx_folder(args.model):
+        return OnnxEmbedder.load(args.model, quantized=args.int8)
+    if args.int8:
+        raise ConfigError("--int8 needs an ONNX folder: run `embforge export onnx MODEL OUT --int8` first")
+    return _load_model(args)
+
+
 def cmd_encode(args: argparse.Namespace) -> int:
     from embforge.data.io import read_texts, save_npy
 
     texts = read_texts(args.input, field=args.field)
-    model = _load_model(args)
+    model = _load_inference_model(args)
     emb = model.encode(
         texts, batch_size=args.batch_size, prompt_name=args.prompt_name, dimensions=args.dimensions, show_progress=True
     )
     save_npy(args.output, emb)
     print(f"wrote {emb.shape[0]} x {emb.shape[1]} float32 embeddings to {args.output}")
+    return 0
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    from embforge.optional import require
+
+    uvicorn = require("uvicorn")
+    from embforge.serve.app import ServeSettings, create_app
+    from embforge.serve.backend import backend_for
+
+    name = args.served_model_name or args.model
+    api_key = args.api_key or os.environ.get("EMBFORGE_API_KEY") or None
+    if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
+        print(f"embforge: warning: serving on {args.host} without an API key", file=sys.stderr)
+    settings = ServeSettings(
+        model_name=name,
+        aliases=(args.model,),
+        api_key=api_key,
+        max_items=args.max_items,
+        max_input_tokens=args.max_input_tokens,
+        truncate=args.truncate,
+        max_body_bytes=args.max_body_bytes,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_size=args.max_batch_size,
+        max_queued_items=args.max_queued_items,
+    )
+    app = create_app(backend_for(_load_inference_model(args), name), settings)
+    # on SIGINT/SIGTERM uvicorn stops accepting, finishes in-flight requests, then the app drains its queue
+    uvicorn.run(
+        app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level
+    )
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from embforge.onnx.export import export_onnx
+
+    args.device = "cpu"
+    out = export_onnx(_load_model(args), args.output, quantize=args.int8, source=args.model)
+    print(f"wrote ONNX model{' (+ int8)' if args.int8 else ''} to {out}")
     return 0
 
 
@@ -208,7 +261,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     p.add_argument("--prompt-name", default=None, help="name of a model prompt to prepend (e.g. query)")
     p.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
+    p.add_argument("--int8", action="store_true", help="ONNX folder: run the int8-quantised model")
     p.set_defaults(func=cmd_encode)
+
+    p = sub.add_parser("serve", help="OpenAI-compatible embedding server (POST /v1/embeddings)")
+    p.add_argument("model", help="known model name, a model folder, or an ONNX folder (embforge export onnx)")
+    p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EMBFORGE_API_KEY)")
+    p.add_argument("--served-model-name", default=None, help="the id clients send as `model` (default: MODEL)")
+    p.add_argument("--device", default=None, help="cpu, cuda, ... (PyTorch models)")
+    p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
+    p.add_argument("--int8", action="store_true", help="ONNX folder: serve the int8-quantised model")
+    p.add_argument("--max-items", type=int, default=2048, help="inputs per request")
+    p.add_argument("--max-input-tokens", type=int, default=None, help="tokens per input (default: the model's max)")
+    p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 413")
+    p.add_argument("--max-body-bytes", type=int, default=8 * 1024 * 1024)
+    p.add_argument("--max-batch-tokens", type=int, default=8192, help="padded tokens per forward pass")
+    p.add_argument("--max-batch-size", type=int, default=128, help="inputs per forward pass")
+    p.add_argument("--max-queued-items", type=int, default=4096, help="queued inputs before 503 + Retry-After")
+    p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on stop")
+    p.add_argument("--log-level", default="info")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a model for fast inference")
+    esub = p.add_subparsers(dest="export_kind", required=True)
+    e = esub.add_parser("onnx", help="ONNX Runtime folder (the whole Embedder.forward), optionally + int8")
+    e.add_argument("model", help="known model name or a model folder")
+    e.add_argument("output", help="output folder")
+    e.add_argument("--int8", action="store_true", help="also write model_int8.onnx (dynamic int8 quantisation)")
+    e.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
+    e.set_defaults(func=cmd_export)
 
     p = sub.add_parser("eval", help="MTEB-style evaluation on local files")
     _add_model_args(p)

@@ -19,6 +19,9 @@ EXTRAS: dict[str, str] = {
     "httpx": "serve",
     "mteb": "mteb",
     "onnxruntime": "onnx",
+    "onnx": "onnx",
+    "prometheus_client": "serve",
+    "openai": "dev",
     "sentence_transformers": "dev",
     "matplotlib": "plot",
 }

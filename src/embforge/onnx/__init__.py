@@ -1,0 +1,1 @@
+"""Export to ONNX (needs torch) and inference with ONNX Runtime (needs neither torch nor transformers)."""

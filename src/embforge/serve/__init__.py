@@ -1,0 +1,1 @@
+"""The OpenAI-compatible embedding server: ``create_app(backend, settings)`` and its parts."""

@@ -1,0 +1,123 @@
+"""Request/response bodies of the OpenAI-compatible API, and the typed HTTP errors.
+
+``POST /v1/embeddings`` takes the OpenAI body (``input``, ``model``, ``dimensions``,
+``encoding_format``, ``user``) plus two documented extensions that pick the model's prompt:
+
+- ``input_type``: ``"query"`` or ``"document"`` — the model's ``query``/``document`` prompt
+  when it has one (no prompt otherwise);
+- ``prompt_name``: any prompt name the model defines (see ``GET /v1/models``).
+
+Every error the server answers with is an :class:`ApiError` carrying its HTTP status and
+an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+
+from embforge.errors import EmbforgeError
+
+
+class EmbeddingRequest(BaseModel):
+    """The body of ``POST /v1/embeddings`` (unknown fields are rejected, not ignored)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    # a string, a list of strings, one token-id list, or a list of token-id lists
+    input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
+    model: StrictStr
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: StrictInt | None = None
+    user: StrictStr | None = None
+    # extensions: which of the model's prompts to prepend
+    input_type: Literal["query", "document"] | None = None
+    prompt_name: StrictStr | None = None
+
+
+class EmbeddingData(BaseModel):
+    object: Literal["embedding"] = "embedding"
+    index: int
+    embedding: list[float] | str  # base64 of little-endian float32 when encoding_format="base64"
+
+
+class Usage(BaseModel):
+    prompt_tokens: int
+    total_tokens: int
+
+
+class EmbeddingResponse(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[EmbeddingData]
+    model: str
+    usage: Usage
+
+
+class ModelInfo(BaseModel):
+    """An entry of ``GET /v1/models``; ``embforge`` says what the model does."""
+
+    id: str
+    object: Literal["model"] = "model"
+    created: int
+    owned_by: str = "embforge"
+    embforge: dict = Field(default_factory=dict)
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelInfo]
+
+
+# ---------------------------------------------------------------------------- errors
+class ApiError(EmbforgeError):
+    """An error answered to the client. Its message is shown verbatim: never put internals in it."""
+
+    status: int = 400
+    type: str = "invalid_request_error"
+    code: str | None = None
+
+    def __init__(self, message: str, *, param: str | None = None, code: str | None = None):
+        super().__init__(message)
+        self.message = message
+        self.param = param
+        if code is not None:
+            self.code = code
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+class BadRequestError(ApiError):
+    status, code = 400, "invalid_request"
+
+
+class AuthenticationError(ApiError):
+    status, type, code = 401, "authentication_error", "invalid_api_key"
+
+
+class ModelNotFoundApiError(ApiError):
+    status, code = 404, "model_not_found"
+
+
+class NotFoundError(ApiError):
+    status, code = 404, "not_found"
+
+
+class MethodNotAllowedError(ApiError):
+    status, code = 405, "method_not_allowed"
+
+
+class PayloadTooLargeError(ApiError):
+    status, code = 413, "payload_too_large"
+
+
+class OverloadedError(ApiError):
+    """The queue is full: the client should retry after ``retry_after`` seconds."""
+
+    status, type, code = 503, "server_error", "overloaded"
+    retry_after: int = 1
+
+
+class InternalError(ApiError):
+    status, type, code = 500, "server_error", "internal_error"

@@ -1,0 +1,83 @@
+"""ONNX export of the whole Embedder and the ONNX Runtime embedder (tiny model)."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("onnx")
+
+from embforge.errors import ConfigError, InputError  # noqa: E402
+from embforge.onnx.export import export_onnx  # noqa: E402
+from embforge.onnx.runtime import OnnxEmbedder, is_onnx_folder  # noqa: E402
+from embforge.serve.backend import OnnxBackend  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def onnx_dir(tiny_embedder, tmp_path_factory):
+    return export_onnx(tiny_embedder, tmp_path_factory.mktemp("onnx") / "tiny", quantize=True, source="tiny")
+
+
+TEXTS = ["sort a list", "the cat runs fast", "read the file " * 30, "x"]
+
+
+def test_export_reproduces_embedder_encode(tiny_embedder, onnx_dir):
+    assert is_onnx_folder(onnx_dir) and not is_onnx_folder(onnx_dir.parent)
+    onnx = OnnxEmbedder.load(onnx_dir)
+    assert (onnx.hidden_size, onnx.max_seq_len, onnx.prompts) == (64, 64, tiny_embedder.prompts)
+    for kwargs in ({}, {"prompt_name": "query"}, {"dimensions": 16}, {"batch_size": 1}):
+        np.testing.assert_allclose(onnx.encode(TEXTS, **kwargs), tiny_embedder.encode(TEXTS, **kwargs), atol=1e-5)
+    np.testing.assert_allclose(
+        onnx.encode_queries("sort a list"), tiny_embedder.encode_queries("sort a list"), atol=1e-5
+    )
+    # the same token ids as the model's own tokenizer, truncation included
+    assert onnx.tokenize(TEXTS)["input_ids"].tolist() == tiny_embedder.tokenize(TEXTS)["input_ids"].tolist()
+
+
+def test_int8_model_is_close(tiny_embedder, onnx_dir):
+    int8 = OnnxEmbedder(onnx_dir, quantized=True).encode(TEXTS)
+    ref = tiny_embedder.encode(TEXTS)
+    assert int8.shape == ref.shape
+    assert (int8 * ref).sum(1).min() > 0.95
+    assert not np.array_equal(int8, OnnxEmbedder(onnx_dir).encode(TEXTS))  # really another model
+
+
+def test_onnx_backend_counts_full_lengths(onnx_dir):
+    backend = OnnxBackend(OnnxEmbedder(onnx_dir), "tiny")
+    items = backend.tokenize(TEXTS, None)
+    assert items[2].num_tokens == 64 < items[2].input_tokens
+    got = backend.embed([i.features for i in items])
+    np.testing.assert_allclose(got, OnnxEmbedder(onnx_dir).encode(TEXTS), atol=1e-5)
+
+
+def test_bad_folders_and_inputs(onnx_dir, tmp_path):
+    with pytest.raises(ConfigError, match="not an ONNX export"):
+        OnnxEmbedder(tmp_path)
+    (tmp_path / "embforge_onnx.json").write_text(json.dumps({"format_version": 99}))
+    with pytest.raises(ConfigError, match="format_version"):
+        OnnxEmbedder(tmp_path)
+    onnx = OnnxEmbedder(onnx_dir)
+    with pytest.raises(InputError, match="unknown prompt_name 'qurey'"):
+        onnx.encode(["x"], prompt_name="qurey")
+    with pytest.raises(InputError, match="dimensions"):
+        onnx.encode(["x"], dimensions=65)
+    with pytest.raises(InputError, match=r"texts\[1\]"):
+        onnx.encode(["x", 3])
+
+
+def test_cli_export_then_encode_without_torch_path(tiny_model_dir, tmp_path):
+    from embforge.cli import main
+
+    out = tmp_path / "exported"
+    assert main(["export", "onnx", str(tiny_model_dir), str(out), "--int8"]) == 0
+    inp = tmp_path / "in.txt"
+    inp.write_text("sort a list\nread the file\n")
+    for flags in ([], ["--int8"]):
+        assert main(["encode", str(out), "--input", str(inp), "--output", str(tmp_path / "e.npy"), *flags]) == 0
+        assert np.load(tmp_path / "e.npy").shape == (2, 64)
+    assert (
+        main(["encode", str(tiny_model_dir), "--int8", "--input", str(inp), "--output", str(tmp_path / "e.npy")]) == 2
+    )
