@@ -449,16 +449,40 @@ def embed(
     *,
     bidirectional: bool = True,
     normalize: bool = True,
+    matryoshka_rule: str = "truncate",
     unpad: bool | None = None,
     **extra,
 ) -> torch.Tensor:
     """Tokenised batch -> embeddings (B, D): backbone, pooling over ``pooling_mask``, L2 norm.
 
-    ``unpad``: run the encoder on real tokens only (None: wherever supported, see :func:`backbone_forward`).
+    Args:
+        matryoshka_rule: ``truncate`` (pooled vectors as they are) or ``layer_norm``
+            (:func:`matryoshka_norm` on the pooled vectors before L2 normalisation).
+        unpad: run the encoder on real tokens only (None: wherever supported, see :func:`backbone_forward`).
     """
     hidden = backbone_forward(backbone, input_ids, attention_mask, bidirectional=bidirectional, unpad=unpad, **extra)
     pooled = pool(pooler, hidden, attention_mask if pooling_mask is None else pooling_mask, attention_mask)
+    pooled = matryoshka_norm(pooled, matryoshka_rule)
     return F.normalize(pooled, dim=-1) if normalize else pooled
+
+
+MATRYOSHKA_RULES = ("truncate", "layer_norm")
+
+
+def matryoshka_norm(pooled: torch.Tensor, rule: str) -> torch.Tensor:
+    """What comes between pooling and truncation to fewer dimensions. (B, D) -> (B, D)
+
+    ``truncate``: nothing (truncate, then L2-normalise). ``layer_norm``: Nomic Embed v1.5's
+    inference rule (arXiv 2402.01613, v1.5 model card): a non-affine layer norm over all D
+    components (eps 1e-5), then truncate, then L2-normalise; full-size embeddings get the
+    layer norm too. A sentence-transformers folder expresses it as a ``LayerNorm`` module
+    with unit weight and zero bias before ``Normalize``, so its ``truncate_dim`` agrees.
+    """
+    if rule == "truncate":
+        return pooled
+    if rule == "layer_norm":
+        return F.layer_norm(pooled, pooled.shape[-1:])
+    raise ValueError(f"unknown matryoshka_rule {rule!r}; choose one of {MATRYOSHKA_RULES}")
 
 
 def _embforge_classes():
@@ -479,12 +503,14 @@ def _embforge_classes():
             normalize: bool = True,
             add_eos: bool = False,
             pool_prompt: bool = True,
+            matryoshka_rule: str = "truncate",
             **kwargs,
         ):
             self.backbone = dict(backbone or {})
             self.pooling = dict(pooling or {"name": "mean"})
             self.bidirectional = bidirectional
             self.normalize = normalize
+            self.matryoshka_rule = matryoshka_rule
             self.add_eos = add_eos
             self.pool_prompt = pool_prompt
             super().__init__(**kwargs)
@@ -523,6 +549,7 @@ def _embforge_classes():
                 pooling_mask,
                 bidirectional=self.config.bidirectional,
                 normalize=self.config.normalize,
+                matryoshka_rule=self.config.matryoshka_rule,
                 **extra,
             )
             return ModelOutput(embeddings=emb)
