@@ -1,0 +1,84 @@
+"""Output-embedding quantisation and rescored search (numpy, seeded synthetic embeddings)."""
+
+import numpy as np
+import pytest
+
+from embforge.errors import InputError
+from embforge.quantization import (
+    calibration_ranges,
+    dequantize_embeddings,
+    quantize_embeddings,
+    search,
+)
+
+
+def _unit(x):
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
+@pytest.fixture(scope="module")
+def data():
+    rng = np.random.default_rng(0)
+    centers = rng.standard_normal((40, 384))
+    corpus = _unit(centers[rng.integers(0, 40, 2000)] + rng.standard_normal((2000, 384)))  # topical clusters
+    queries = _unit(corpus[:200] + 0.6 * rng.standard_normal((200, 384)) / 20)  # near their own document
+    return corpus, queries
+
+
+def test_int8_round_trip_within_half_a_step(data):
+    corpus, _ = data
+    ranges = calibration_ranges(corpus)
+    for precision in ("int8", "uint8"):
+        q = quantize_embeddings(corpus, precision, ranges)
+        assert q.dtype == np.dtype(precision) and q.shape == corpus.shape
+        back = dequantize_embeddings(q, precision, ranges)
+        step = (ranges[1] - ranges[0]) / 255
+        assert np.all(np.abs(back - corpus) <= step / 2 + 1e-6)
+    # values outside the calibration range are clipped, not wrapped
+    wide = quantize_embeddings(corpus * 3, "int8", ranges)
+    assert wide.min() == -128 and wide.max() == 127
+
+
+def test_binary_packs_signs(data):
+    corpus, _ = data
+    b = quantize_embeddings(corpus, "binary")
+    u = quantize_embeddings(corpus, "ubinary")
+    assert b.shape == u.shape == (2000, 48) and b.dtype == np.int8 and u.dtype == np.uint8
+    np.testing.assert_array_equal(b.astype(np.int16) + 128, u)
+    np.testing.assert_array_equal(dequantize_embeddings(u, "ubinary", dim=384), np.where(corpus > 0, 1.0, -1.0))
+    np.testing.assert_array_equal(dequantize_embeddings(b, "binary", dim=384), np.where(corpus > 0, 1.0, -1.0))
+
+
+def _score_ratio(queries, corpus, indices):
+    """Float similarity of what was retrieved / that of the exact float top-k (1.0 = as good as float)."""
+    sims = queries @ corpus.T  # (Q, N)
+    best = -np.sort(-sims, axis=1)[:, : indices.shape[1]]
+    return np.take_along_axis(sims, indices, axis=1).sum() / best.sum()
+
+
+@pytest.mark.parametrize("precision", ["int8", "uint8", "binary", "ubinary"])
+def test_rescored_search_recovers_the_float_ranking(data, precision):
+    corpus, queries = data
+    ranges = calibration_ranges(corpus[:500])  # calibrated on a sample, as in practice
+    q = quantize_embeddings(corpus, precision, ranges)
+    scores, idx = search(queries, q, precision, top_k=10, ranges=ranges, rescore_multiplier=4)
+    assert idx.shape == scores.shape == (200, 10)
+    assert np.all(np.diff(scores, axis=1) <= 1e-6)  # best first
+    assert np.mean(idx[:, 0] == np.arange(200)) >= 0.98  # each query finds its own document
+    ratio = _score_ratio(queries, corpus, idx)
+    assert ratio >= (0.99 if precision in ("int8", "uint8") else 0.9), ratio
+    if precision in ("binary", "ubinary"):  # rescoring more candidates helps
+        _, plain = search(queries, q, precision, top_k=10, rescore_multiplier=1)
+        assert ratio > _score_ratio(queries, corpus, plain)
+
+
+def test_bad_arguments():
+    x = np.ones((3, 4), dtype=np.float32)
+    with pytest.raises(InputError, match="unknown precision"):
+        quantize_embeddings(x, "int4")
+    with pytest.raises(InputError, match=r"shape \(2, 4\)"):
+        quantize_embeddings(x, "int8", np.zeros((2, 5)))
+    with pytest.raises(InputError, match="calibration ranges"):
+        search(x, quantize_embeddings(x, "int8"), "int8")
+    with pytest.raises(InputError, match="non-empty"):
+        calibration_ranges(np.zeros((0, 4)))
