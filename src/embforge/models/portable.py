@@ -71,6 +71,8 @@ def backbone_forward(
             unpad = supports_unpadding(backbone) and not bool(attention_mask.bool().all())
         if unpad:
             return unpadded_forward(backbone, input_ids, attention_mask, **extra)
+        if backbone.config.model_type in ROTARY_ENCODER_TYPES and "position_ids" not in extra:
+            extra = {**extra, "position_ids": encoder_positions(backbone, attention_mask)}
         return backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     mask = attention_mask
@@ -94,6 +96,7 @@ def backbone_forward(
 # function and whose positions are the padded layout's column index (BERT family: absolute
 # position embeddings; nomic-bert: rotary). Unpadding them changes nothing but the cost.
 UNPAD_MODEL_TYPES = frozenset({"bert", "nomic_bert"})
+ROTARY_ENCODER_TYPES = frozenset({"nomic_bert"})  # positions only enter attention, through rotary embeddings
 VARLEN_ATTENTION = "embforge_varlen"  # the name our attention function is registered under in transformers
 
 
@@ -173,6 +176,21 @@ def _use_varlen_attention(config) -> None:
     config._attn_implementation = VARLEN_ATTENTION
 
 
+def encoder_positions(backbone: nn.Module, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Position ids (B, T) of an encoder batch, the same padded or unpadded.
+
+    Absolute-position encoders (BERT): the column, as transformers numbers them. Rotary
+    encoders (:data:`ROTARY_ENCODER_TYPES`): the rank among the row's real tokens, pads
+    repeating a neighbour's — attention scores only see position differences, and a
+    length-dependent rotary scaling (dynamic NTK) then sees each text's own length
+    (whatever it is batched with) and the same one for left and right padding.
+    """
+    B, T = attention_mask.shape
+    if backbone.config.model_type in ROTARY_ENCODER_TYPES:
+        return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
+    return torch.arange(T, device=attention_mask.device).expand(B, T)  # (B, T)
+
+
 def supports_unpadding(backbone: nn.Module) -> bool:
     """True for encoders of :data:`UNPAD_MODEL_TYPES` that attend with SDPA (or already unpadded)."""
     config = backbone.config
@@ -185,7 +203,7 @@ def unpadded_forward(
     """Run an encoder on the real tokens only; return (B, T, D) last hidden states, zeros at pads.
 
     The batch is packed into one (1, N) sequence; every token keeps the position id the
-    padded layout gives it (its column), and attention stays within each sequence
+    padded path gives it (:func:`encoder_positions`), and attention stays within each sequence
     (:func:`varlen_attention`), so the result equals the padded forward's on real tokens.
     Per-token extra inputs (``token_type_ids``) are packed alike.
 
@@ -201,11 +219,12 @@ def unpadded_forward(
     _use_varlen_attention(backbone.config)
     packed = PackedBatch(attention_mask)
     B, T = input_ids.shape
-    columns = torch.arange(T, device=input_ids.device).expand(B, T)  # (B, T) the padded path's position ids
+    positions = extra.pop("position_ids", None)
+    positions = encoder_positions(backbone, attention_mask) if positions is None else positions  # (B, T)
     extra = {k: packed.pack(v)[None] if torch.is_tensor(v) and v.shape[:2] == (B, T) else v for k, v in extra.items()}
     out = backbone(
         input_ids=packed.pack(input_ids)[None],  # (1, N)
-        position_ids=packed.pack(columns)[None],  # (1, N)
+        position_ids=packed.pack(positions)[None],  # (1, N)
         attention_mask=None,
         embforge_packed=packed,
         **extra,

@@ -119,3 +119,24 @@ def test_saved_config_does_not_name_the_packed_attention(tmp_path):
     assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
     again = Embedder.load(folder, device="cpu")
     torch.testing.assert_close(torch.from_numpy(again.encode(TEXTS)), torch.from_numpy(before), atol=1e-6, rtol=0)
+
+
+def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(minilm_dir):
+    torch.manual_seed(0)
+    spec = from_name(
+        "nomic-bert-2048",
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=128,
+        max_trained_len=16,
+        max_seq_len=128,
+    )
+    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=128).eval()
+    texts = [" ".join(TEXTS * 4), TEXTS[0], " ".join(TEXTS[:2])]  # ~80 tokens (stretched), 10 and ~16 (not)
+    assert_paths_agree(model, texts)
+    batch = model.tokenize(texts)
+    together = portable.embed(model.backbone, model.pooler, **batch, unpad=False).detach()
+    for i, text in enumerate(texts):  # no text's embedding depends on what it is batched with
+        alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=False).detach()
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
