@@ -148,3 +148,47 @@ def search(
             scores[start + row] = fine[best]
             indices[start + row] = ids[best]
     return scores, indices
+
+
+def hamming_distances(queries: np.ndarray, corpus: np.ndarray) -> np.ndarray:
+    """Hamming distances between sign-packed codes (``ubinary`` output). (Q, B), (N, B) uint8 -> (Q, N) int32.
+
+    XOR then popcount, on 64-bit words when the code length allows (8x fewer elements);
+    memory is Q x N x words: pass a few hundred queries at a time for large corpora.
+    """
+    queries, corpus = np.asarray(queries), np.asarray(corpus)
+    if queries.ndim != 2 or corpus.ndim != 2 or queries.shape[1] != corpus.shape[1]:
+        raise InputError(f"codes must be (Q, B) and (N, B) with the same B, got {queries.shape} and {corpus.shape}")
+    if queries.dtype != np.uint8 or corpus.dtype != np.uint8:
+        raise InputError("Hamming distances take ubinary (uint8) codes")
+    if queries.shape[1] % 8 == 0:  # whole 64-bit words
+        queries = np.ascontiguousarray(queries).view(np.uint64)
+        corpus = np.ascontiguousarray(corpus).view(np.uint64)
+    xor = queries[:, None, :] ^ corpus[None, :, :]  # (Q, N, W)
+    return np.bitwise_count(xor).sum(axis=-1, dtype=np.int32)
+
+
+def hamming_search(
+    queries: np.ndarray, corpus: np.ndarray, top_k: int = 10, query_chunk: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
+    """Exact top-k by Hamming distance between sign-packed codes (no float rescoring).
+
+    Args:
+        queries: (Q, B) ``ubinary`` codes (:func:`quantize_embeddings` of the query embeddings).
+        corpus: (N, B) ``ubinary`` codes.
+        top_k: results per query.
+        query_chunk: queries compared at once.
+
+    Returns:
+        (distances, indices), each (Q, k) with k = min(top_k, N), nearest first; equal
+        distances keep corpus order.
+    """
+    k = min(top_k, len(corpus))
+    distances = np.empty((len(queries), k), dtype=np.int32)
+    indices = np.empty((len(queries), k), dtype=np.int64)
+    for start in range(0, len(queries), query_chunk):
+        dist = hamming_distances(queries[start : start + query_chunk], corpus)  # (C, N)
+        order = np.argsort(dist, axis=1, kind="stable")[:, :k]  # (C, k)
+        distances[start : start + len(dist)] = np.take_along_axis(dist, order, axis=1)
+        indices[start : start + len(dist)] = order
+    return distances, indices

@@ -82,3 +82,22 @@ def test_bad_arguments():
         search(x, quantize_embeddings(x, "int8"), "int8")
     with pytest.raises(InputError, match="non-empty"):
         calibration_ranges(np.zeros((0, 4)))
+
+
+def test_hamming_distances_and_search_match_a_naive_count(data):
+    from embforge.quantization import hamming_distances, hamming_search
+
+    corpus, queries = data
+    for dim in (384, 60):  # whole 64-bit words, and a ragged tail of bits
+        cq = quantize_embeddings(corpus[:300, :dim], "ubinary")
+        qq = quantize_embeddings(queries[:20, :dim], "ubinary")
+        naive = (np.sign(queries[:20, None, :dim]) != np.sign(corpus[None, :300, :dim])).sum(-1)  # no exact zeros
+        np.testing.assert_array_equal(hamming_distances(qq, cq), naive)
+        dist, idx = hamming_search(qq, cq, top_k=5, query_chunk=7)
+        np.testing.assert_array_equal(dist, np.sort(naive, axis=1)[:, :5])
+        np.testing.assert_array_equal(np.take_along_axis(naive, idx, axis=1), dist)
+    # each query's own document (it is a small perturbation of it) is its nearest code
+    _, idx = hamming_search(quantize_embeddings(queries, "ubinary"), quantize_embeddings(corpus, "ubinary"), top_k=1)
+    assert (idx[:, 0] == np.arange(len(queries))).mean() > 0.95
+    with pytest.raises(InputError, match="ubinary"):
+        hamming_distances(quantize_embeddings(queries[:2], "binary"), quantize_embeddings(corpus[:3], "binary"))

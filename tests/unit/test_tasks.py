@@ -143,7 +143,11 @@ def test_instructions_reach_queries_of_models_that_take_them(tmp_path):
         "  - {name: own, type: sts, path: c.jsonl, instruction: Mine}\n"
     )
     suite, _ = load_suite(tmp_path / "tasks.yaml")
-    assert [t.instruction for t in suite.tasks] == ["Find the special one", "Retrieve semantically similar text", "Mine"]
+    assert [t.instruction for t in suite.tasks] == [
+        "Find the special one",
+        "Retrieve semantically similar text",
+        "Mine",
+    ]
 
     from embforge.eval import tasks as T
 
@@ -158,3 +162,29 @@ def test_instructions_reach_queries_of_models_that_take_them(tmp_path):
     retrieval = T.TaskConfig(name="r", type="retrieval", path="x", instruction="Find passages")
     assert T._query_prompt(WithTemplate(), retrieval) == {"prompt": "Instruct: Find passages\nQuery: "}
     assert T._document_prompt(WithTemplate(), retrieval) == {}  # documents get no instruction
+
+
+def test_matryoshka_curve_float_and_binary(tmp_path):
+    from embforge.eval.tasks import eval_retrieval_dims
+
+    beir = tmp_path / "beir"
+    (beir / "qrels").mkdir(parents=True)
+    _jsonl(beir / "corpus.jsonl", [{"_id": f"d{i}", "title": w, "text": "about it"} for i, w in enumerate(TOPICS)])
+    _jsonl(beir / "queries.jsonl", [{"_id": f"q{i}", "text": f"what is {w}"} for i, w in enumerate(TOPICS)])
+    (beir / "qrels" / "test.tsv").write_text(
+        "query-id\tcorpus-id\tscore\n" + "".join(f"q{i}\td{i}\t1\n" for i in range(4))
+    )
+
+    class Signed(TopicModel):  # +1 / -1 per topic, then 4 dimensions of noise
+        def encode(self, texts, batch_size=32, prompt_name=None):
+            topics = 2 * super().encode(texts, batch_size, prompt_name).round() - 1  # (N, 4)
+            noise = np.random.default_rng(len(texts)).standard_normal((len(texts), 4)) * 0.1
+            return np.hstack([topics, noise]).astype(np.float32)
+
+    task = TaskConfig(name="r", type="retrieval", path="beir")
+    curve = eval_retrieval_dims(Signed(), task, beir, dims=[8, 4, 1])
+    assert curve["4"] == {"float": pytest.approx(1.0), "binary": pytest.approx(1.0)}
+    assert curve["8"]["float"] == pytest.approx(1.0)
+    assert curve["1"]["float"] < 0.8 and curve["1"]["binary"] < 0.8  # one topic bit cannot tell four apart
+    with pytest.raises(ConfigError, match="outside"):
+        eval_retrieval_dims(Signed(), task, beir, dims=[9])

@@ -167,17 +167,31 @@ def _rows(task: TaskConfig, path: Path, roles: tuple[str, ...]) -> list[dict]:
 
 # ---------------------------------------------------------------------------- retrieval
 def search(
-    query_emb: np.ndarray, corpus_emb: np.ndarray, doc_ids: list[str], top_k: int, chunk: int = 256
+    query_emb: np.ndarray,
+    corpus_emb: np.ndarray,
+    doc_ids: list[str],
+    top_k: int,
+    chunk: int = 256,
+    binary: bool = False,
 ) -> list[list[str]]:
-    """Exact cosine search, ``chunk`` queries at a time (never a full Q×N matrix)."""
-    q = metrics.l2_normalise(query_emb)
-    c = metrics.l2_normalise(corpus_emb)
+    """Exact cosine search, ``chunk`` queries at a time (never a full Q×N matrix).
+
+    With ``binary``, both sides are reduced to their signs packed 8 per byte and ranked
+    by Hamming distance (:func:`embforge.quantization.hamming_distances`), 32x smaller.
+    """
+    from embforge.quantization import hamming_distances, quantize_embeddings
+
+    if binary:
+        q, c = quantize_embeddings(query_emb, "ubinary"), quantize_embeddings(corpus_emb, "ubinary")
+    else:
+        q, c = metrics.l2_normalise(query_emb), metrics.l2_normalise(corpus_emb)
     # rank of each id in ascending string order: trec_eval breaks ties by id, descending
     tie_key = np.empty(len(doc_ids), dtype=np.int64)
     tie_key[np.argsort(np.array(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
     ranked: list[list[str]] = []
     for start in range(0, len(q), chunk):
-        scores = q[start : start + chunk] @ c.T  # (chunk, N) float32
+        part = q[start : start + chunk]
+        scores = -hamming_distances(part, c).astype(np.float32) if binary else part @ c.T  # (chunk, N)
         for row in metrics.rank_top_k(scores, top_k, tie_key):
             ranked.append([doc_ids[i] for i in row])
     return ranked
@@ -191,6 +205,34 @@ def eval_retrieval(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
     d_emb = _encode(model, [corpus[d] for d in doc_ids], _document_prompt(model, task), batch_size)
     ranked = search(q_emb, d_emb, doc_ids, top_k=max(task.k_values))
     return metrics.retrieval_scores(dict(zip(q_ids, ranked)), qrels, task.k_values)
+
+
+def eval_retrieval_dims(
+    model: Any, task: TaskConfig, path: Path, dims: list[int], batch_size: int = 32
+) -> dict[str, dict[str, float]]:
+    """A Matryoshka curve: nDCG@10 of float and of binary (Hamming) search at each of ``dims``.
+
+    Texts are encoded once at full size; the first d components of an L2-normalised
+    embedding, re-normalised, are exactly ``encode(dimensions=d)`` under either
+    ``matryoshka_rule`` (truncation commutes with positive scaling), and their signs are
+    the binary codes.
+
+    Returns:
+        ``{"768": {"float": ..., "binary": ...}, "64": {...}}`` (fractions in [0, 1]).
+    """
+    corpus, queries, qrels = load_beir(path, task.split)
+    doc_ids, q_ids = list(corpus), list(queries)
+    q_emb = _encode(model, [queries[q] for q in q_ids], _query_prompt(model, task), batch_size)
+    d_emb = _encode(model, [corpus[d] for d in doc_ids], _document_prompt(model, task), batch_size)
+    curve: dict[str, dict[str, float]] = {}
+    for d in dims:
+        if not 1 <= d <= q_emb.shape[1]:
+            raise ConfigError(f"dimension {d} is outside [1, {q_emb.shape[1]}]")
+        curve[str(d)] = {}
+        for kind in ("float", "binary"):
+            ranked = search(q_emb[:, :d], d_emb[:, :d], doc_ids, top_k=10, binary=kind == "binary")
+            curve[str(d)][kind] = metrics.retrieval_scores(dict(zip(q_ids, ranked)), qrels, (10,))["ndcg_at_10"]
+    return curve
 
 
 # ---------------------------------------------------------------------------- STS

@@ -26,6 +26,7 @@ _HEAD_FIELDS = (
     "add_eos",
     "padding_side",
     "instruction_template",
+    "matryoshka_rule",
 )
 
 

@@ -53,6 +53,9 @@ class Embedder(nn.Module):
         padding_side: ``left`` or ``right`` (default: the tokenizer's).
         instruction_template: how a task instruction becomes a query prompt, e.g.
             ``"Instruct: {instruction}\\nQuery: "`` (NV-Embed); None: the model takes no instructions.
+        matryoshka_rule: how embeddings are shortened to ``dimensions``: ``truncate`` (then
+            L2-normalise) or ``layer_norm`` (Nomic Embed v1.5: non-affine layer norm over all
+            dimensions, then truncate, then L2-normalise; see ``portable.matryoshka_norm``).
     """
 
     def __init__(
@@ -71,6 +74,7 @@ class Embedder(nn.Module):
         pool_prompt: bool = True,
         padding_side: str | None = None,
         instruction_template: str | None = None,
+        matryoshka_rule: str = "truncate",
     ):
         super().__init__()
         self.backbone = backbone
@@ -113,6 +117,9 @@ class Embedder(nn.Module):
         self.default_prompt_name = default_prompt_name
         self.do_lower_case = do_lower_case
         self.instruction_template = instruction_template
+        if matryoshka_rule not in portable.MATRYOSHKA_RULES:
+            raise ConfigError(f"matryoshka_rule must be one of {portable.MATRYOSHKA_RULES}, got {matryoshka_rule!r}")
+        self.matryoshka_rule = matryoshka_rule
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -167,6 +174,7 @@ class Embedder(nn.Module):
             "pool_prompt": self.pool_prompt,
             "padding_side": self.tokenizer.padding_side if self.tokenizer is not None else None,
             "instruction_template": self.instruction_template,
+            "matryoshka_rule": self.matryoshka_rule,
         }
 
     # ------------------------------------------------------------------ properties
@@ -205,6 +213,7 @@ class Embedder(nn.Module):
             pooling_mask,
             bidirectional=self.attention == "bidirectional",
             normalize=self.normalize,
+            matryoshka_rule=self.matryoshka_rule,
             **backbone_inputs,
         )
 
@@ -242,7 +251,8 @@ class Embedder(nn.Module):
             batch_size: texts per forward pass.
             prompt_name: key of ``self.prompts`` to prepend (default: ``default_prompt_name``).
             prompt: a prompt text instead of a name (e.g. a task instruction).
-            dimensions: keep the first ``dimensions`` components (Matryoshka), then re-normalise.
+            dimensions: keep the first ``dimensions`` components (Matryoshka, after the model's
+                ``matryoshka_rule``), then re-normalise.
             show_progress: progress bar; default on for long inputs.
 
         Returns:
@@ -277,6 +287,7 @@ class Embedder(nn.Module):
                         **batch,
                         bidirectional=self.attention == "bidirectional",
                         normalize=False,
+                        matryoshka_rule=self.matryoshka_rule,
                     )[:, :dim].float()  # (B, D')
                     if self.normalize:
                         pooled = nn.functional.normalize(pooled, dim=-1)

@@ -62,14 +62,18 @@ def hf_config(spec: NomicBertSpec):
 
 
 class DynamicNTKRotaryEmbedding(NomicBertRotaryEmbedding):
-    """Rotary cos/sin with dynamic NTK scaling computed from each input row's own length.
+    """Rotary cos/sin with dynamic NTK scaling computed from each sequence's own length.
 
-    For a row of length L (its largest position id + 1) and trained length L_max:
+    For a sequence of length L (its largest position id + 1) and trained length L_max:
     ``base' = base · (s·L/L_max − (s − 1)) ** (d / (d − 2))`` if L > L_max, else ``base``
     — the formula of contrastors and of transformers' ``dynamic`` rope type, evaluated
-    in the same float32 arithmetic, but without state carried between calls. Rows of
-    L ≤ L_max use the unscaled frequencies bit for bit. Passing position ids whose
-    padded positions are clamped gives each sequence of a padded batch its own L.
+    in the same float32 arithmetic, but without state carried between calls. Sequences of
+    L ≤ L_max use the unscaled frequencies bit for bit.
+
+    A row of ``position_ids`` may hold several sequences: a new one starts wherever the
+    position does not increase (packed batches, whose positions restart at 0, and padded
+    rows whose pad positions are clamped to the last real one), so every text gets its
+    own L whatever it is batched with.
     """
 
     @torch.no_grad()
@@ -77,13 +81,18 @@ class DynamicNTKRotaryEmbedding(NomicBertRotaryEmbedding):
         params = self.config.rope_parameters
         s, max_len = params["factor"], self.original_max_seq_len
         d = 2 * self.original_inv_freq.shape[-1]  # rotary dimension (the full head)
-        length = position_ids.amax(dim=-1, keepdim=True) + 1  # (B, 1) int64
-        stretch = ((s * length / max_len) - (s - 1)).clamp(min=1.0) ** (d / (d - 2))  # (B, 1) float32
+        B, T = position_ids.shape
+        starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T) first token of a sequence
+        starts[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
+        segment = starts.long().cumsum(-1)  # (B, T) sequence number within the row, from 1
+        last = position_ids.new_zeros(B, T + 1).scatter_reduce(1, segment, position_ids, "amax")  # (B, T+1)
+        length = last.gather(1, segment)[..., None] + 1  # (B, T, 1) int64: the token's sequence length
+        stretch = ((s * length / max_len) - (s - 1)).clamp(min=1.0) ** (d / (d - 2))  # (B, T, 1) float32
         exponent = torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d  # (d/2,)
-        scaled = 1.0 / ((params["rope_theta"] * stretch) ** exponent)  # (B, d/2)
+        scaled = 1.0 / ((params["rope_theta"] * stretch) ** exponent)  # (B, T, d/2)
         original = self.original_inv_freq.to(device=x.device, dtype=torch.float)  # (d/2,)
-        inv_freq = torch.where(length > max_len, scaled, original)  # (B, d/2)
-        freqs = position_ids[..., None].float() * inv_freq[:, None, :]  # (B, T, d/2)
+        inv_freq = torch.where(length > max_len, scaled, original)  # (B, T, d/2)
+        freqs = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
         emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): rotate-half layout
         return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
 

@@ -110,6 +110,7 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
                 do_lower_case=embedder.do_lower_case,
                 prompts=embedder.prompts,
                 default_prompt_name=embedder.default_prompt_name,
+                matryoshka_rule=embedder.matryoshka_rule,
             )
             write_layout(tmp, hidden_size=embedder.hidden_size, layout=layout, versions=versions)
         else:
@@ -129,6 +130,7 @@ def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict,
         normalize=embedder.normalize,
         add_eos=embedder.add_eos,
         pool_prompt=embedder.pool_prompt,
+        matryoshka_rule=embedder.matryoshka_rule,
         architectures=["EmbforgeModel"],
         auto_map={
             "AutoConfig": f"{Path(portable.MODELING_FILE).stem}.EmbforgeConfig",
@@ -182,6 +184,7 @@ def load_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
         prompts=layout.prompts,
         default_prompt_name=layout.default_prompt_name,
         do_lower_case=layout.do_lower_case,
+        matryoshka_rule=layout.matryoshka_rule,
     )
     return backbone, tokenizer, kwargs, {}
 

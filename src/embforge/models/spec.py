@@ -60,6 +60,9 @@ class ModelConfig:
     add_eos: bool | None = None  # append EOS to every input; None: the folder's choice (true for decoders)
     padding_side: Literal["left", "right"] | None = None
     instruction_template: str | None = None  # e.g. "Instruct: {instruction}\nQuery: " (NV-Embed)
+    # how embeddings shorten to fewer dimensions: "truncate" then L2, or "layer_norm" (Nomic Embed v1.5:
+    # non-affine layer norm, truncate, L2); None: what the model folder says
+    matryoshka_rule: Literal["truncate", "layer_norm"] | None = None
     lora: LoraConfig | None = None
     dtype: Literal["float32", "bfloat16"] = "float32"  # weights' dtype (bf16 autocast is the stage's precision)
     gradient_checkpointing: bool = False

@@ -7,10 +7,12 @@ it unchanged::
     modules.json                                     (Transformer -> Pooling [-> Normalize])
     sentence_bert_config.json                        (max_seq_length, do_lower_case)
     1_Pooling/config.json                            (pooling mode)
-    2_Normalize/                                     (present iff embeddings are L2-normalised)
+    2_LayerNorm/                                     (only with matryoshka_rule: layer_norm; unit weight, zero bias)
+    2_Normalize/ or 3_Normalize/                     (present iff embeddings are L2-normalised)
     config_sentence_transformers.json                (prompts, default prompt, similarity)
 
-This module only handles the JSON side; it imports no torch.
+This module only handles the JSON side (and the LayerNorm module's two vectors, through
+``safetensors.numpy``); it imports no torch.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ from embforge.errors import ConfigError
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
 ST_NORMALIZE = "sentence_transformers.models.Normalize"
+ST_LAYER_NORM = "sentence_transformers.models.LayerNorm"
 
 # pooling name <-> the legacy boolean keys every sentence-transformers version reads
 _POOLING_KEYS = {
@@ -51,6 +54,7 @@ class StLayout:
     do_lower_case: bool = False
     prompts: dict[str, str] = field(default_factory=dict)
     default_prompt_name: str | None = None
+    matryoshka_rule: str = "truncate"  # "layer_norm": a non-affine LayerNorm module after pooling
 
 
 def _read_json(path: Path) -> dict | list:
@@ -87,7 +91,7 @@ def read_layout(folder: Path) -> StLayout:
     kinds = [_module_type(m) for m in modules]
     if kinds[0] != "Transformer":
         raise ConfigError(f"{modules_file}: the first module must be a Transformer, got {kinds[0]!r}")
-    for entry, kind in zip(modules, kinds):
+    for i, (entry, kind) in enumerate(zip(modules, kinds)):
         sub = folder / str(entry.get("path", ""))
         if kind == "Transformer":
             layout.backbone_dir = sub
@@ -100,6 +104,10 @@ def read_layout(folder: Path) -> StLayout:
             layout.pooling = _read_pooling(sub / "config.json")
         elif kind == "Normalize":
             layout.normalize = True
+        elif kind == "LayerNorm" and "Pooling" in kinds[:i] and not layout.normalize and "LayerNorm" not in kinds[:i]:
+            # between pooling and normalisation: Nomic Embed v1.5's Matryoshka rule
+            _check_identity_layer_norm(sub)
+            layout.matryoshka_rule = "layer_norm"
         else:
             raise ConfigError(f"{modules_file}: module type {entry.get('type')!r} is not supported by embforge")
     st_cfg = folder / "config_sentence_transformers.json"
@@ -108,6 +116,23 @@ def read_layout(folder: Path) -> StLayout:
         layout.prompts = dict(cfg.get("prompts") or {})
         layout.default_prompt_name = cfg.get("default_prompt_name")
     return layout
+
+
+def _check_identity_layer_norm(folder: Path) -> None:
+    """A LayerNorm module is Nomic's non-affine layer norm only with unit weight and zero bias."""
+    import numpy as np
+    from safetensors.numpy import load_file
+
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise ConfigError(f"{folder}: a LayerNorm module needs its model.safetensors (norm.weight, norm.bias)")
+    tensors = load_file(str(weights))
+    weight, bias = tensors.get("norm.weight"), tensors.get("norm.bias")
+    if weight is None or bias is None or not (np.all(weight == 1) and np.all(bias == 0)):
+        raise ConfigError(
+            f"{weights}: only a non-affine LayerNorm (weight 1, bias 0; Nomic Embed v1.5's Matryoshka rule) "
+            "is supported, this one has trained weights"
+        )
 
 
 def _read_pooling(path: Path) -> str:
@@ -132,9 +157,19 @@ def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: 
         {"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_POOLING},
     ]
+    if layout.matryoshka_rule == "layer_norm":  # nn.LayerNorm with weight 1 and bias 0 = the non-affine one
+        import numpy as np
+        from safetensors.numpy import save_file
+
+        (folder / "2_LayerNorm").mkdir(exist_ok=True)
+        _write_json(folder / "2_LayerNorm" / "config.json", {"dimension": hidden_size})
+        norm = {"norm.weight": np.ones(hidden_size, np.float32), "norm.bias": np.zeros(hidden_size, np.float32)}
+        save_file(norm, str(folder / "2_LayerNorm" / "model.safetensors"))
+        modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": ST_LAYER_NORM})
     if layout.normalize:
-        modules.append({"idx": 2, "name": "2", "path": "2_Normalize", "type": ST_NORMALIZE})
-        (folder / "2_Normalize").mkdir(exist_ok=True)
+        n = len(modules)
+        modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize", "type": ST_NORMALIZE})
+        (folder / f"{n}_Normalize").mkdir(exist_ok=True)
     pooling = {"word_embedding_dimension": hidden_size}
     pooling.update({key: name == layout.pooling for name, key in _POOLING_KEYS.items()})
     (folder / "1_Pooling").mkdir(exist_ok=True)

@@ -230,14 +230,21 @@ def contrastive_step(
 
 # ---------------------------------------------------------------------------- optimizer
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
-    """AdamW; biases and normalisation weights get no weight decay."""
+    """AdamW; biases and normalisation weights get no weight decay.
+
+    The fused kernel (one pass over all parameters, same update rule) where every parameter
+    is a floating-point CPU or CUDA tensor: measured several times faster than the default
+    per-tensor loop on CPU for MiniLM's 22.7 M parameters (the transformers Trainer also
+    defaults to it).
+    """
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps)
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, cfg: OptimConfig, total_steps: int):

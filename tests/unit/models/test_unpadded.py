@@ -1,0 +1,142 @@
+"""Unpadded (packed, variable-length) encoders give the padded path's outputs and gradients."""
+
+import json
+
+import pytest
+import torch
+
+from embforge.models import portable
+from embforge.models.embedder import Embedder
+from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+from embforge.models.nomic_bert_config import from_name
+from embforge.models.tiny import tiny_bert, tiny_decoder
+
+TEXTS = [
+    "sort a list of python dict values by key",
+    "a",
+    "the cat runs fast",
+    "find the matching file path in a text document search",
+    "red blue green",
+]
+
+
+def tiny_nomic(seed: int = 0):
+    torch.manual_seed(seed)
+    spec = from_name("nomic-bert-2048", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)
+    return build_backbone(spec)
+
+
+def outputs_and_grads(model: Embedder, batch: dict, unpad: bool):
+    """(embeddings (B, D), hidden states on real tokens (N, D), d(sum of embeddings·w)/d(params))."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    hidden = portable.backbone_forward(
+        model.backbone, batch["input_ids"], batch["attention_mask"], bidirectional=True, unpad=unpad
+    )
+    emb = portable.embed(model.backbone, model.pooler, **batch, unpad=unpad)
+    weights = torch.linspace(-1, 1, emb.shape[-1])
+    grads = torch.autograd.grad((emb * weights).sum(), params)  # leaves no .grad on shared fixtures
+    return emb.detach(), hidden[batch["attention_mask"].bool()].detach(), grads
+
+
+def assert_paths_agree(model: Embedder, texts: list[str], atol: float = 1e-5) -> None:
+    batch = model.tokenize(texts)
+    assert not batch["attention_mask"].bool().all(), "the batch must have padding"
+    emb_p, hid_p, grads_p = outputs_and_grads(model, batch, unpad=False)
+    emb_u, hid_u, grads_u = outputs_and_grads(model, batch, unpad=True)
+    torch.testing.assert_close(hid_u, hid_p, atol=atol, rtol=1e-5)
+    torch.testing.assert_close(emb_u, emb_p, atol=atol, rtol=1e-5)
+    assert len(grads_u) == len(grads_p) > 10
+    for gu, gp in zip(grads_u, grads_p):
+        torch.testing.assert_close(gu, gp, atol=atol, rtol=1e-4)
+
+
+def test_tiny_bert_unpadded_equals_padded_in_train_mode():
+    backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Embedder(backbone, tokenizer, max_seq_len=32).train()
+    assert_paths_agree(model, TEXTS)
+
+
+def test_tiny_nomic_bert_unpadded_equals_padded_in_train_mode(minilm_dir):
+    model = Embedder(tiny_nomic(), nomic_tokenizer(minilm_dir), max_seq_len=64).train()  # no dropout: train = eval
+    assert_paths_agree(model, TEXTS + ["search_query: " + " ".join(TEXTS)])
+
+
+def test_packaged_minilm_unpadded_equals_padded(minilm, real_sentences):
+    texts = sorted(real_sentences[:12], key=len)[::3] + real_sentences[12:14]  # lengths far apart
+    assert_paths_agree(minilm, texts)  # eval mode: MiniLM's dropout off
+
+
+def test_token_type_ids_are_packed_too():
+    backbone, tokenizer = tiny_bert()
+    batch = tokenizer(["the cat", "sort a list of files"], ["a dog", "b"], padding=True, return_tensors="pt")
+    assert batch["token_type_ids"].any()
+    kwargs = dict(bidirectional=True, token_type_ids=batch["token_type_ids"])
+    with torch.no_grad():
+        padded = portable.backbone_forward(backbone, batch["input_ids"], batch["attention_mask"], unpad=False, **kwargs)
+        unpadded = portable.backbone_forward(
+            backbone, batch["input_ids"], batch["attention_mask"], unpad=True, **kwargs
+        )
+    keep = batch["attention_mask"].bool()
+    torch.testing.assert_close(unpadded[keep], padded[keep], atol=1e-5, rtol=1e-5)
+    assert torch.count_nonzero(unpadded[~keep]) == 0  # nothing computed at pad positions
+
+
+def test_gradient_checkpointing_recomputes_the_unpadded_forward():
+    backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    plain = Embedder(backbone, tokenizer, max_seq_len=32).train()
+    backbone2, _ = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    backbone2.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    ckpt = Embedder(backbone2, tokenizer, max_seq_len=32).train()
+    batch = plain.tokenize(TEXTS)
+    _, _, grads = outputs_and_grads(plain, batch, unpad=False)
+    _, _, grads_ckpt = outputs_and_grads(ckpt, batch, unpad=True)
+    for a, b in zip(grads, grads_ckpt):
+        torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-4)
+
+
+def test_auto_choice_and_unsupported_backbones():
+    backbone, tokenizer = tiny_bert()
+    assert portable.supports_unpadding(backbone)
+    decoder, _ = tiny_decoder("llama")
+    assert not portable.supports_unpadding(decoder)
+    eager, _ = tiny_bert(attn_implementation="eager")
+    assert not portable.supports_unpadding(eager)
+    ids = torch.ones(1, 4, dtype=torch.long)
+    with pytest.raises(ValueError, match="unpadded attention supports"):
+        portable.unpadded_forward(eager, ids, torch.tensor([[1, 1, 0, 0]]))
+    # encoders of other families keep the padded path, whatever the switch says
+    model = Embedder(eager, tokenizer, max_seq_len=32)
+    assert model.encode(["the cat", "a"]).shape == (2, 64)
+
+
+def test_saved_config_does_not_name_the_packed_attention(tmp_path):
+    backbone, tokenizer = tiny_bert()
+    model = Embedder(backbone, tokenizer, max_seq_len=32)
+    before = model.encode(TEXTS)  # runs unpadded: the backbone now attends through embforge_varlen
+    assert backbone.config._attn_implementation == portable.VARLEN_ATTENTION
+    folder = model.save(tmp_path / "m")
+    assert portable.VARLEN_ATTENTION not in (folder / "config.json").read_text()
+    assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
+    again = Embedder.load(folder, device="cpu")
+    torch.testing.assert_close(torch.from_numpy(again.encode(TEXTS)), torch.from_numpy(before), atol=1e-6, rtol=0)
+
+
+def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(minilm_dir):
+    torch.manual_seed(0)
+    spec = from_name(
+        "nomic-bert-2048",
+        num_layers=2,
+        hidden_size=64,
+        num_heads=4,
+        intermediate_size=128,
+        max_trained_len=16,
+        max_seq_len=128,
+    )
+    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=128).eval()
+    texts = [" ".join(TEXTS * 4), TEXTS[0], " ".join(TEXTS[:2])]  # ~80 tokens (stretched), 10 and ~16 (not)
+    assert_paths_agree(model, texts)
+    batch = model.tokenize(texts)
+    together = portable.embed(model.backbone, model.pooler, **batch, unpad=False).detach()
+    for i, text in enumerate(texts):  # no text's embedding depends on what it is batched with
+        alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=False).detach()
+        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
