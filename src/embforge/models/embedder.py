@@ -24,9 +24,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from embforge.config import did_you_mean
 from embforge.errors import ConfigError, InputError
 from embforge.models import portable
+from embforge.models.prompts import resolve_prompt
 from embforge.models.registry import resolve_model_path
 
 # texts are encoded in batches of similar token length; a progress bar appears past this many
@@ -320,16 +320,7 @@ class Embedder(nn.Module):
         if prompt is not None and prompt_name is not None:
             raise InputError("give prompt_name or prompt, not both")
         if prompt is None:
-            name = prompt_name if prompt_name is not None else self.default_prompt_name
-            prompt = ""
-            if name is not None:
-                if name not in self.prompts:
-                    raise InputError(
-                        f"unknown prompt_name {name!r}"
-                        + did_you_mean(name, self.prompts)
-                        + f"; this model has {sorted(self.prompts)}"
-                    )
-                prompt = self.prompts[name]
+            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
         prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(texts):
             raise InputError(f"got {len(prompts)} prompts for {len(texts)} texts")

@@ -22,9 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from embforge.config import did_you_mean
 from embforge.errors import ConfigError, InputError
 from embforge.models.matryoshka import check_dimensions, truncate_dimensions
+from embforge.models.prompts import resolve_prompt
 from embforge.optional import require
 
 ONNX_CONFIG = "embforge_onnx.json"
@@ -101,16 +101,7 @@ class OnnxEmbedder:
 
     # ------------------------------------------------------------------ tokenisation
     def _prompted(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
-        name = prompt_name if prompt_name is not None else self.default_prompt_name
-        prefix = ""
-        if name is not None:
-            if name not in self.prompts:
-                raise InputError(
-                    f"unknown prompt_name {name!r}"
-                    + did_you_mean(name, self.prompts)
-                    + f"; this model has {sorted(self.prompts)}"
-                )
-            prefix = self.prompts[name]
+        prefix = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
         texts = [prefix + t for t in texts]
         return [t.lower() for t in texts] if self.do_lower_case else texts
 
