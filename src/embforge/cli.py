@@ -59,6 +59,10 @@ def cmd_encode(args: argparse.Namespace) -> int:
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
+    # OpenMP workers that spin between forward passes starve the event loop and tokenizer
+    # threads on small machines: measured 3x fewer texts/s on 2 cores (docs/results.md).
+    # Must be set before torch is imported; an explicit setting wins.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from embforge.optional import require
 
     uvicorn = require("uvicorn")

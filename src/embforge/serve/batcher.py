@@ -44,6 +44,9 @@ class _Entry:
     item: Encoded = field(compare=False)
 
 
+# a batch holds items at least 1/2 as long as its longest (at most half of it is padding)
+_MAX_LENGTH_SPREAD = 2
+
 BatchStats = Callable[[int, int, float], None]  # (items, padded tokens, seconds) of one forward pass
 
 
@@ -132,12 +135,19 @@ class MicroBatcher:
                 self._run_batch(batch)
 
     def _cut(self, entries: list[_Entry]) -> list[list[_Entry]]:
-        """Longest-first entries -> batches with ``len x longest <= max_batch_tokens``."""
+        """Longest-first entries -> batches with ``len x longest <= max_batch_tokens``.
+
+        A batch also ends where lengths drop below ``1 / _MAX_LENGTH_SPREAD`` of its longest
+        item: padding is paid in full on CPU, and one long text padding dozens of short ones
+        to its length made forward passes several times dearer in the serving benchmark.
+        """
         batches, current = [], []
         for entry in entries:
             longest = -current[0].sort_key if current else entry.item.num_tokens
             if current and (
-                len(current) >= self.max_batch_size or (len(current) + 1) * longest > self.max_batch_tokens
+                len(current) >= self.max_batch_size
+                or (len(current) + 1) * longest > self.max_batch_tokens
+                or entry.item.num_tokens * _MAX_LENGTH_SPREAD < longest
             ):
                 batches.append(current)
                 current = []

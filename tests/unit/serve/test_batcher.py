@@ -44,6 +44,21 @@ def test_batches_respect_the_token_budget_longest_first_and_results_keep_input_o
     assert batcher.queued == 0
 
 
+def test_long_items_do_not_pad_short_ones():
+    log: list = []
+    batcher = MicroBatcher(_recording_embed(log), max_batch_tokens=1000)
+
+    async def main():
+        batcher.start()
+        try:
+            return await batcher.submit([_item(n, i) for i, n in enumerate([100, 12, 60, 10, 9, 50, 11])])
+        finally:
+            batcher.stop()
+
+    asyncio.run(main())
+    assert log == [[100, 60, 50], [12, 11, 10, 9]]  # no batch holds an item under half its longest
+
+
 def test_stop_finishes_every_accepted_item():
     gate = threading.Event()
     log: list = []
