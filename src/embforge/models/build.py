@@ -52,10 +52,13 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
     """
     overrides = head_overrides(spec)
     if spec.name_or_path in BACKBONE_PRESETS:
+        if str(device) != "meta":  # a preset has a shape but no weights and no tokenizer
+            raise ConfigError(
+                f"backbone preset {spec.name_or_path!r} builds shapes only (device=meta, `embforge plan`); "
+                "train from a model folder or a packaged model name"
+            )
         backbone = backbone_from_config(preset_config(spec.name_or_path, **preset_overrides), device=device, init=True)
         embedder = Embedder(backbone, None, **overrides)
-        if str(device) != "meta":
-            embedder.to(device)
     else:
         if str(device) == "meta":
             raise ConfigError(
