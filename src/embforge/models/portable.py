@@ -340,13 +340,15 @@ class AttentionPooling(nn.Module):
 
     def forward(self, hidden: torch.Tensor, mask: torch.Tensor, attention_mask: torch.Tensor | None = None):
         """hidden (B, T, D), mask (B, T) pooling mask, attention_mask (B, T) non-pad -> (B, D)."""
+        if self.num_latents and not (torch.jit.is_tracing() or torch.onnx.is_in_onnx_export()):
+            return self._latent_forward(hidden, mask)  # the same result, pooled tokens only (exports trace this path)
         B, T, _ = hidden.shape
         H, Dh = self.num_heads, self.head_dim
         x = self.norm(hidden)
         key_mask = None
         if self.num_latents:
             context = self.norm_context(self.latents).unsqueeze(0).expand(B, -1, -1)  # (B, K, D)
-        else:
+        else:  # self-attention: the tokens are keys and values too, pad keys masked
             context = self.norm_context(hidden)  # (B, T, D)
             if attention_mask is not None:
                 key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
@@ -358,6 +360,30 @@ class AttentionPooling(nn.Module):
         hidden = self.to_out(attn.transpose(1, 2).reshape(B, T, H * Dh)) + hidden  # (B, T, D)
         hidden = self.ff(self.norm_ff(hidden)) + hidden  # (B, T, D)
         return mean_pool(hidden, mask)
+
+    def _latent_forward(self, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Latent attention on the pooled tokens only.
+
+        Every token attends to the latents, never to another token, so a token's output
+        depends on its own state alone: the pad and instruction positions, which the mean
+        leaves out, are not computed at all (same result as computing them; with right-padded
+        batches most positions are pads). The pooled tokens are packed (N, D), run through
+        attention and feed-forward, and averaged back per row.
+        """
+        B, _, D = hidden.shape
+        H, Dh = self.num_heads, self.head_dim
+        keep = mask.bool()
+        rows = keep.nonzero()[:, 0]  # (N,) row of each pooled token
+        tokens = hidden[keep]  # (N, D)
+        context = self.norm_context(self.latents)  # (K, D)
+        q = self.to_q(self.norm(tokens)).view(-1, H, Dh).transpose(0, 1)  # (H, N, Dh)
+        k, v = (t.view(-1, H, Dh).transpose(0, 1) for t in self.to_kv(context).chunk(2, dim=-1))  # (H, K, Dh)
+        attn = F.scaled_dot_product_attention(q, k, v)  # (H, N, Dh)
+        tokens = self.to_out(attn.transpose(0, 1).reshape(-1, H * Dh)) + tokens  # (N, D)
+        tokens = self.ff(self.norm_ff(tokens)) + tokens  # (N, D)
+        summed = tokens.new_zeros(B, D).index_add_(0, rows, tokens)
+        counts = keep.sum(dim=1, keepdim=True).to(tokens.dtype).clamp(min=1e-9)  # an empty row gives zeros
+        return summed / counts
 
 
 def build_pooler(cfg: dict, hidden_size: int) -> nn.Module:

@@ -276,12 +276,15 @@ def resolve_precision(precision: str, device: torch.device) -> str:
     return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
 
 
-def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
+def _sum_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
     if info.world > 1:
         x = x.clone()
         dist.all_reduce(x)
-        x /= info.world
     return float(x)
+
+
+def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
+    return _sum_over_ranks(x, info) / info.world
 
 
 def train_stage(
@@ -363,6 +366,9 @@ def train_stage(
         unit="step",
     )
     window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
+    window_tokens = torch.zeros((), dtype=torch.long, device=info.device)  # real (non-pad) tokens, no host sync
+    if info.device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(info.device)
 
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
@@ -378,6 +384,7 @@ def train_stage(
         for micro in range(stage.grad_accum_steps):
             examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]
             batch = collate(examples, stage.data, tokenize, info.device, q_prompts)
+            window_tokens += batch.queries["attention_mask"].sum() + batch.docs["attention_mask"].sum()
             losses.append(
                 contrastive_step(
                     model,
@@ -425,9 +432,13 @@ def train_stage(
                 "lr": scheduler.get_last_lr()[0],
                 "grad_norm": float(grad_norm),
                 "examples_per_s": window_examples / max(elapsed, 1e-9),
+                "tokens_per_s": _sum_over_ranks(window_tokens, info) / max(elapsed, 1e-9),  # all ranks, pads left out
                 "skipped_steps": window_skipped,  # non-finite steps skipped in this window (on_nonfinite: skip)
             }
+            if info.device.type == "cuda":  # this rank's peak since the stage began
+                row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
             window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
+            window_tokens.zero_()
             if evaluate:
                 if info.is_main:
                     embedder.eval()

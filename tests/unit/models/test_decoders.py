@@ -102,6 +102,37 @@ def test_latent_pooling_ignores_pad_and_instruction_positions():
     assert torch.allclose(a, b, atol=1e-5)
 
 
+def _dense_latent_pooling(pool, hidden, mask):
+    """The released head as written: every position through attention and feed-forward, then the masked mean."""
+    B, T, _ = hidden.shape
+    H, Dh = pool.num_heads, pool.head_dim
+    context = pool.norm_context(pool.latents)
+    q = pool.to_q(pool.norm(hidden)).view(B, T, H, Dh).transpose(1, 2)
+    k, v = (t.view(-1, H, Dh).transpose(0, 1).expand(B, -1, -1, -1) for t in pool.to_kv(context).chunk(2, -1))
+    attn = torch.softmax(q @ k.transpose(-1, -2) / Dh**0.5, dim=-1) @ v
+    out = pool.to_out(attn.transpose(1, 2).reshape(B, T, H * Dh)) + hidden
+    out = pool.ff(pool.norm_ff(out)) + out
+    w = mask.unsqueeze(-1).float()
+    return (out * w).sum(1) / w.sum(1).clamp(min=1e-9)
+
+
+def test_latent_pooling_on_pooled_tokens_only_equals_the_dense_head():
+    torch.manual_seed(0)
+    pool = _embedder("llama").pooler
+    hidden = torch.randn(3, 7, 64)
+    mask = torch.tensor(
+        [[0, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1], [0, 0, 0, 0, 0, 0, 0]]
+    )  # last row: nothing pooled
+    hidden.requires_grad_(True)
+    packed = pool(hidden, mask)
+    dense = _dense_latent_pooling(pool, hidden, mask)
+    assert torch.allclose(packed, dense, atol=1e-5) and (packed[2] == 0).all()
+    g_packed = torch.autograd.grad(packed.square().sum(), [hidden, pool.latents, pool.to_q.weight])
+    g_dense = torch.autograd.grad(dense.square().sum(), [hidden, pool.latents, pool.to_q.weight])
+    for a, b in zip(g_packed, g_dense):
+        assert torch.allclose(a, b, atol=1e-5)
+
+
 def test_instruction_tokens_are_attended_to_but_not_pooled():
     model = _embedder("llama")
     other = "instruct: sort the data\nquery: "
