@@ -254,6 +254,17 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_nomic_cpu(args: argparse.Namespace) -> int:
+    from embforge.errors import DataError
+    from embforge.nomic_cpu import run_nomic_cpu
+
+    shared = Path(args.data_root)
+    if not (shared / "wikitext2").is_dir():
+        raise DataError(f"{shared}: not the shared datasets folder (no wikitext2/); pass --data-root")
+    run_nomic_cpu(Path(args.output_dir), shared, Path(args.tasks))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embforge", description="Train, evaluate and serve text-embedding models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -394,6 +405,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gpu-memory", type=float, default=80, help="GiB per GPU")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.set_defaults(func=cmd_plan)
+
+    p = sub.add_parser(
+        "nomic-cpu",
+        help="Nomic Embed at CPU size: MLM -> consistency-filtered contrastive -> fine-tune on ../shared/data, scored",
+    )
+    p.add_argument("--output-dir", default="runs/nomic_cpu")
+    p.add_argument("--data-root", default="../shared/data", help="the shared datasets folder")
+    p.add_argument("--tasks", default="tasks/shared_mteb.yaml", help="task file naming MLQuestions and DBPedia-Subset")
+    p.set_defaults(func=cmd_nomic_cpu)
 
     p = sub.add_parser(
         "quickstart", help="the main job: fine-tune MiniLM for code search on the local stdlib, before/after table"

@@ -67,6 +67,37 @@ def read_documents(path: Path, fmt: TextFormat, field: str = "text") -> list[str
     return ["\n".join(d) for d in docs if d]
 
 
+_WIKITEXT_HEADING = re.compile(r"^ (?P<level>(= )+)(?P<name>.+?)(?: =)+ $")  # " = Title = ", " = = Section = = "
+
+
+def read_wikitext_sections(path: Path) -> list[tuple[str, str]]:
+    """(heading, first paragraph) of every article intro and section of a WikiText file.
+
+    The heading is the article title, or ``"Title: Section"`` for a section; the paragraph
+    is de-tokenised like :func:`read_documents`. Title-body pairs of this kind are among
+    Nomic Embed's weakly supervised contrastive sources (Wikipedia title-body).
+    """
+    lines = require_file(path, "WikiText file").read_text(encoding="utf-8").splitlines()
+    pairs: list[tuple[str, str]] = []
+    title = heading = None
+    for line in lines:
+        match = _WIKITEXT_HEADING.match(line)
+        if match:
+            name = match["name"].strip()
+            if match["level"] == "= ":
+                title = heading = name
+            elif title is not None:
+                heading = f"{title}: {name}"
+            continue
+        text = line.strip()
+        if text and heading is not None:
+            for old, new in _WIKITEXT_DETOK:
+                text = text.replace(old, new)
+            pairs.append((heading, text))
+            heading = None  # the first paragraph only
+    return pairs
+
+
 def split_heldout(docs: list[str], fraction: float) -> tuple[list[str], list[str]]:
     """(training documents, held-back documents): the last ``fraction`` of the documents.
 

@@ -42,3 +42,24 @@ def plot_history(
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+def plot_matryoshka(curve: dict[str, dict[str, float]], path: Path, title: str = "nDCG@10") -> Path:
+    """Score vs embedding dimensions, float and binary (``eval_retrieval_dims`` output) into ``path``."""
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot")
+    dims = sorted(curve, key=int)
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for kind, style in (("float", "o-"), ("binary", "s--")):
+        ax.plot([int(d) for d in dims], [100 * curve[d][kind] for d in dims], style, label=kind)
+    ax.set_xscale("log", base=2)
+    ax.set_xticks([int(d) for d in dims], labels=dims)
+    ax.set(xlabel="embedding dimensions (Matryoshka truncation)", ylabel="score ×100", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path

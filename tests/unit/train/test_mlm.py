@@ -135,7 +135,7 @@ def test_recipe_errors_name_the_key(corpus, tmp_path):
 
 
 def test_shipped_mlm_recipes_load_and_train_at_tiny_size(corpus, tmp_path):
-    assert [p.name for p in RECIPES] == ["cpu_mlm.yaml", "mlm.yaml"]
+    assert [p.name for p in RECIPES] == ["cpu_mlm.yaml", "cpu_twin_mlm.yaml", "mlm.yaml"]
     for path in RECIPES:
         full, _ = load_recipe(path, schema=MLMRecipeConfig)
         assert full.optim.betas == [0.9, 0.98] and full.optim.eps == 1e-6 and full.optim.weight_decay == 1e-5
@@ -159,7 +159,7 @@ def test_shipped_mlm_recipes_load_and_train_at_tiny_size(corpus, tmp_path):
         ]
         assert main(["pretrain-mlm", str(path), *[a for o in overrides for a in ("--set", o)]]) == 0
         assert (out / "model" / "config.json").is_file()
-    full, _ = load_recipe(RECIPES[1], schema=MLMRecipeConfig)
+    full, _ = load_recipe(RECIPES[2], schema=MLMRecipeConfig)
     assert (full.data.chunk_len, full.batch_size, full.optim.lr, full.model.preset) == (
         2048,
         4096,

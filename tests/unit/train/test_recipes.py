@@ -25,7 +25,7 @@ RECIPES = sorted(
 
 
 def test_recipe_count():
-    assert len(RECIPES) == 5, [r.name for r in RECIPES]
+    assert len(RECIPES) == 9, [r.name for r in RECIPES]
 
 
 def _write_dataset(path: Path, ds, seed: int) -> None:
