@@ -6,22 +6,26 @@ from embforge.data.mlm import read_wikitext_sections
 from embforge.nomic_cpu import RECIPES, raw_pairs
 from embforge.quickstart import recipe_path
 
-WIKI = """ 
- = Homarus gammarus = 
- 
- Homarus gammarus , known as the European lobster , is a species of <unk> lobster . 
- It is closely related to the American lobster . 
- 
- = = Description = = 
- 
- Homarus gammarus is a large crustacean , 0 @.@ 7 kg . 
- 
- = = = Claws = = = 
- 
- The first pair is armed with claws . 
- = Second article = 
- Text of the second article . 
-"""
+WIKI = "\n".join(  # WikiText's own layout: space-padded lines, headings " = Title = "
+    [
+        " ",
+        " = Homarus gammarus = ",
+        " ",
+        " Homarus gammarus , known as the European lobster , is a species of <unk> lobster . ",
+        " It is closely related to the American lobster . ",
+        " ",
+        " = = Description = = ",
+        " ",
+        " Homarus gammarus is a large crustacean , 0 @.@ 7 kg . ",
+        " ",
+        " = = = Claws = = = ",
+        " ",
+        " The first pair is armed with claws . ",
+        " = Second article = ",
+        " Text of the second article . ",
+        "",
+    ]
+)
 
 
 def _jsonl(path, rows):
