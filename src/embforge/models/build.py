@@ -43,7 +43,7 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
 
     Args:
         spec: the recipe's ``model:`` block.
-        device: ``cpu``/``cuda``/... or ``meta`` (shapes only, no memory; presets only).
+        device: ``cpu``/``cuda``/... or ``meta`` (shapes only: no memory, no weights read).
         **preset_overrides: config fields replacing a preset's (e.g. ``num_hidden_layers=2``).
 
     Returns:
@@ -60,11 +60,6 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
         backbone = backbone_from_config(preset_config(spec.name_or_path, **preset_overrides), device=device, init=True)
         embedder = Embedder(backbone, None, **overrides)
     else:
-        if str(device) == "meta":
-            raise ConfigError(
-                f"device=meta builds backbone presets only ({sorted(BACKBONE_PRESETS)}), not {spec.name_or_path!r}: "
-                "plan with --set model.name_or_path=<preset>"
-            )
         if preset_overrides:
             raise ConfigError("config overrides apply to backbone presets only")
         embedder = Embedder.load(spec.name_or_path, device=device, **overrides)

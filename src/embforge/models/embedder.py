@@ -16,6 +16,7 @@ The forward pass itself lives in :mod:`embforge.models.portable`, which saved fo
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -139,10 +140,12 @@ class Embedder(nn.Module):
         from embforge.models.saving import load_folder
 
         folder = resolve_model_path(name_or_path)
-        backbone, tokenizer, kwargs, pooler_state = load_folder(folder)
+        meta = str(device) == "meta"  # shapes only: the backbone from the folder's config, no weights read
+        backbone, tokenizer, kwargs, pooler_state = load_folder(folder, weights=not meta)
         same_head = "pooling" not in overrides or overrides["pooling"] == kwargs.get("pooling")
         kwargs.update(overrides)
-        model = cls(backbone, tokenizer, **kwargs)
+        with torch.device("meta") if meta else contextlib.nullcontext():
+            model = cls(backbone, tokenizer, **kwargs)
         if pooler_state and same_head:
             model.pooler.load_state_dict(pooler_state)
         model.eval()
@@ -231,7 +234,8 @@ class Embedder(nn.Module):
             ``input_ids``, ``attention_mask`` and ``pooling_mask``, each (B, T).
         """
         ids, excluded = self._token_ids(texts, prompt_name, prompt)
-        return portable.pad_batch(self.tokenizer, ids, excluded, device=self.device)
+        device = self.device if self.device.type != "meta" else "cpu"  # a meta model (FSDP rank) still tokenises
+        return portable.pad_batch(self.tokenizer, ids, excluded, device=device)
 
     # ------------------------------------------------------------------ inference
     def encode(

@@ -161,22 +161,37 @@ def _write_json(path: Path, obj: object) -> None:
 
 
 # ---------------------------------------------------------------------------- load
-def load_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
-    """Read a model folder -> (backbone, tokenizer, Embedder keyword arguments, pooler state)."""
-    from transformers import AutoModel, AutoTokenizer  # heavy: import on use
+def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module, object, dict, dict]:
+    """Read a model folder -> (backbone, tokenizer, Embedder keyword arguments, pooler state).
+
+    ``weights=False`` builds the backbone on the ``meta`` device from the folder's config and
+    reads no weights (FSDP ranks that receive their shards from rank 0); the pooler state is
+    then empty.
+    """
+    from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy: import on use
 
     from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone
     from embforge.models.nomic_bert import apply_dynamic_ntk, nomic_tokenizer
 
     if (folder / EMBFORGE_FILE).is_file():
-        return _load_embforge_folder(folder)
+        return _load_embforge_folder(folder, weights=weights)
     layout = read_layout(folder)
     if is_contrastors_folder(layout.backbone_dir):  # nomic-embed-text folders written by contrastors
+        if not weights:
+            raise ConfigError(
+                f"{folder}: a contrastors-layout folder cannot be built without its weights (meta); "
+                "load it once and save it with Embedder.save, then train from that folder"
+            )
         backbone, tokenizer = load_contrastors_backbone(layout.backbone_dir)
         tokenizer = tokenizer or nomic_tokenizer()
     else:
         tokenizer = AutoTokenizer.from_pretrained(layout.backbone_dir, local_files_only=True)
-        backbone = apply_dynamic_ntk(AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True))
+        if weights:
+            backbone = AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True)
+        else:
+            with torch.device("meta"):
+                backbone = AutoModel.from_config(AutoConfig.from_pretrained(layout.backbone_dir, local_files_only=True))
+        backbone = apply_dynamic_ntk(backbone)
     kwargs = dict(
         pooling=layout.pooling,
         normalize=layout.normalize,
@@ -189,7 +204,7 @@ def load_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
     return backbone, tokenizer, kwargs, {}
 
 
-def _load_embforge_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, dict]:
+def _load_embforge_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module, object, dict, dict]:
     from transformers import AutoTokenizer
 
     from embforge.models.nomic_bert import apply_dynamic_ntk
@@ -199,13 +214,21 @@ def _load_embforge_folder(folder: Path) -> tuple[torch.nn.Module, object, dict, 
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{folder}: unreadable embforge model folder: {exc}") from exc
-    weights = folder / "model.safetensors"
-    if not weights.is_file():
+    file = folder / "model.safetensors"
+    if not file.is_file():
         raise CheckpointError(f"{folder}: model.safetensors is missing")
-    tensors = load_file(str(weights))
-    backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"]))
-    bb_state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
-    load_state_strict(backbone, bb_state, f"{weights} (backbone)")
+    if not weights:
+        if (folder / "adapter").is_dir():
+            raise ConfigError(
+                f"{folder}: a folder with a separate LoRA adapter cannot be built on meta; save it merged"
+            )
+        backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"], device="meta"))
+        tensors = {}
+    else:
+        tensors = load_file(str(file))
+        backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"]))
+        bb_state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
+        load_state_strict(backbone, bb_state, f"{file} (backbone)")
     if (folder / "adapter").is_dir():
         from peft import PeftModel
 

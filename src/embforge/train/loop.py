@@ -38,7 +38,16 @@ from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
 from embforge.train.grad_cache import grad_cache_step, split_features
-from embforge.train.parallel import DistInfo, barrier, full_states, is_fsdp, no_sync, optimizer_loader, wrap_model
+from embforge.train.parallel import (
+    DistInfo,
+    barrier,
+    full_states,
+    holds_weights,
+    is_fsdp,
+    no_sync,
+    optimizer_loader,
+    wrap_model,
+)
 from embforge.train.recipe import DataConfig, LossConfig, OptimConfig, StageConfig
 
 
@@ -326,7 +335,7 @@ def train_stage(
             f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
             "(embforge never deletes them for you)"
         )
-    if latest is not None:
+    if latest is not None and holds_weights(embedder):  # FSDP ranks > 0 hold a meta model: rank 0's is broadcast
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)
     trainable = {name for name, p in embedder.named_parameters() if p.requires_grad}
@@ -454,7 +463,7 @@ def train_stage(
     bar.close()
     if latest is None or start < stage.steps:
         save(stage.steps)
-    if is_fsdp(model):
+    if is_fsdp(model) and holds_weights(embedder):
         load_model_weights(latest_checkpoint(ckpt_dir), embedder)  # the trained weights, unsharded
     if info.is_main:
         print(f"stage {stage.name}: data {report.summary()}")

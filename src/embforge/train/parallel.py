@@ -84,22 +84,62 @@ def distributed_session() -> Iterator[DistInfo]:
         shutdown()
 
 
+def build_device(info: DistInfo, mode: str) -> torch.device:
+    """Where a rank builds the model before :func:`wrap_model`.
+
+    Under FSDP, rank 0 builds it in host memory (it holds the one full copy, which gets the
+    trained weights back and is saved) and every other rank on ``meta`` (no weights read, no
+    memory); :func:`wrap_model` then gives each rank its own shards only.
+    """
+    if mode == "fsdp" and info.world > 1:
+        return torch.device("cpu") if info.is_main else torch.device("meta")
+    return info.device
+
+
+def holds_weights(model: torch.nn.Module) -> bool:
+    """False for a model built on ``meta`` (an FSDP rank other than 0, see :func:`build_device`)."""
+    return not any(p.is_meta for p in model.parameters())
+
+
+def meta_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A structural copy of ``model`` on the ``meta`` device: no tensor data is copied."""
+    memo = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        twin = torch.empty_like(t, device="meta")
+        memo[id(t)] = (
+            torch.nn.Parameter(twin, requires_grad=t.requires_grad) if isinstance(t, torch.nn.Parameter) else twin
+        )
+    return copy.deepcopy(model, memo)
+
+
 def wrap_model(model: torch.nn.Module, info: DistInfo, mode: str = "ddp") -> torch.nn.Module:
     """DDP (default) or FSDP over an already-built model.
 
-    FSDP shards a *copy* (``fully_shard`` on every transformer layer, then the root): the
-    original stays an ordinary module in host memory, which receives the trained weights
-    from the final checkpoint and is what gets saved and evaluated.
+    FSDP shards a meta copy (``fully_shard`` on every transformer block, found by structure,
+    then the root), materialises on each rank only that rank's shards (``to_empty``), and
+    fills them from rank 0's full model by broadcast: no rank ever holds a full copy on its
+    device, and ranks other than 0 never hold one at all (they built ``model`` on meta, see
+    :func:`build_device`). Rank 0's ``model`` stays an ordinary module in host memory, which
+    receives the trained weights from the final checkpoint and is what gets saved.
     """
     if info.world == 1:
         return model
     if mode == "fsdp":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
         from torch.distributed.fsdp import fully_shard
 
-        sharded = copy.deepcopy(model).to(info.device)
+        sharded = meta_copy(model)
         for block in transformer_blocks(sharded):
             fully_shard(block)
         fully_shard(sharded)
+        sharded.to_empty(device=info.device)  # this rank's shards only, uninitialised
+        full = model.state_dict() if info.is_main else {}
+        set_model_state_dict(sharded, full, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True))
+        host_buffers = dict(model.named_buffers()) if info.is_main else {}
+        for name, buffer in sharded.named_buffers():  # buffers are not sharded: rank 0's values, e.g. rotary tables
+            if info.is_main:
+                buffer.copy_(host_buffers[name])
+            dist.broadcast(buffer, src=0)
         return sharded
     device_ids = [info.device.index] if info.device.type == "cuda" else None
     return torch.nn.parallel.DistributedDataParallel(model, device_ids=device_ids)

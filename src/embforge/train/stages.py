@@ -13,7 +13,7 @@ from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights
 from embforge.train.loop import train_stage
-from embforge.train.parallel import DistInfo, barrier, init_distributed
+from embforge.train.parallel import DistInfo, barrier, build_device, holds_weights, init_distributed
 from embforge.train.recipe import RecipeConfig
 
 
@@ -40,13 +40,14 @@ def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, in
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    embedder = build_embedder(recipe.model, device=info.device)
+    embedder = build_embedder(recipe.model, device=build_device(info, recipe.parallel))
     recipe_dict = to_dict(recipe)
     histories: dict[str, list[dict]] = {}
     for i, (stage, folder) in enumerate(zip(recipe.stages, stage_dirs(recipe))):
         latest = latest_checkpoint(folder / "checkpoints") if resume else None
         if latest is not None and latest.name == f"step-{stage.steps:08d}":
-            load_model_weights(latest, embedder)  # this stage already finished
+            if holds_weights(embedder):  # an FSDP rank > 0 holds a meta model
+                load_model_weights(latest, embedder)  # this stage already finished
             continue
         histories[stage.name] = train_stage(
             embedder,

@@ -103,3 +103,46 @@ def test_shutdown_leaves_no_process_group_behind(tiny_model_dir, tmp_path):
     mp.spawn(_shutdown_worker, args=(2, free_port(), str(tiny_model_dir), str(out)), nprocs=2, join=True)
     got = json.loads(out.read_text())
     assert got == {"group_alive": False, "gloo_threads": []}
+
+
+def _fsdp_worker(rank, world, port, folder, out_file):
+    rank_env(rank, world, port)
+    from embforge.models.build import build_embedder
+    from embforge.models.spec import LoraConfig, ModelConfig, PoolingConfig
+    from embforge.train.parallel import build_device, holds_weights
+
+    with distributed_session() as info:
+        spec = ModelConfig(
+            name_or_path=folder,
+            attention="bidirectional",
+            pooling=PoolingConfig(name="latent", num_latents=8, num_heads=2, head_dim=16),
+            lora=LoraConfig(r=4, alpha=8, dropout=0.0),
+        )
+        torch.manual_seed(0)  # rank 0's LoRA and head init is the one every rank gets
+        embedder = build_embedder(spec, device=build_device(info, "fsdp"))
+        sharded = wrap_model(embedder, info, "fsdp")
+        local = sum(p.to_local().numel() for p in sharded.parameters())
+        batch = embedder.tokenize(["a short text", "a somewhat longer text than the first one"])
+        with torch.no_grad():
+            emb = sharded(**batch)
+        report = {"holds_weights": holds_weights(embedder), "local": local, "emb": emb}
+        if rank == 0:
+            report["full"] = sum(p.numel() for p in embedder.parameters())
+            with torch.no_grad():
+                report["reference"] = embedder(**batch)
+        torch.save(report, f"{out_file}.{rank}")
+
+
+def test_fsdp_ranks_materialise_only_their_own_shards(tmp_path):
+    from embforge.models.tiny import tiny_decoder
+
+    backbone, tokenizer = tiny_decoder("llama")
+    folder = tmp_path / "decoder"
+    Embedder(backbone, tokenizer, pooling="mean").save(folder)
+    out = tmp_path / "rank"
+    mp.spawn(_fsdp_worker, args=(2, free_port(), str(folder), str(out)), nprocs=2, join=True)
+    r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")
+    assert r0["holds_weights"] and not r1["holds_weights"]  # rank 1 never read the weights: it built on meta
+    assert r0["local"] + r1["local"] >= r0["full"] and max(r0["local"], r1["local"]) <= r0["full"] // 2 + 1024
+    for r in (r0, r1):  # the shards, filled from rank 0, compute rank 0's full model
+        assert torch.allclose(r["emb"], r0["reference"], atol=1e-5)
