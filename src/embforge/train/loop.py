@@ -56,8 +56,15 @@ class TrainingError(EmbforgeError):
 
 
 # ---------------------------------------------------------------------------- data
-def build_sampler(data: DataConfig, data_root: Path, seed: int, world: int) -> tuple[BatchSampler, DataReport]:
-    """Sources for every dataset of the stage, combined by the configured sampler."""
+def build_sampler(
+    data: DataConfig, data_root: Path, seed: int, world: int, *, in_batch_negatives: bool = True
+) -> tuple[BatchSampler, DataReport]:
+    """Sources for every dataset of the stage, combined by the configured sampler.
+
+    ``no_duplicates`` only matters where a query is scored against other examples' documents:
+    with the stage's in-batch negatives off (or every dataset's), a batch may repeat a text
+    (e.g. the two label texts of a binary classification set), since no query sees another's.
+    """
     report = DataReport()
     sources = []
     for i, ds in enumerate(data.datasets):
@@ -105,7 +112,7 @@ def build_sampler(data: DataConfig, data_root: Path, seed: int, world: int) -> t
         [d.weight for d in data.datasets],
         data.batch_size * world,
         data.sampler,
-        data.no_duplicates,
+        data.no_duplicates and in_batch_negatives and any(d.in_batch_negatives for d in data.datasets),
         seed,
     )
     return sampler, report
@@ -327,7 +334,9 @@ def train_stage(
         raise TrainingError(
             f"stage {stage.name!r}: eval_every is not supported with parallel: fsdp; evaluate the saved model"
         )
-    sampler, report = build_sampler(stage.data, data_root, seed, info.world)
+    sampler, report = build_sampler(
+        stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives
+    )
     ckpt_dir = stage_dir / "checkpoints"
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if not resume and latest_checkpoint(ckpt_dir) is not None:

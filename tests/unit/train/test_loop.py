@@ -172,6 +172,22 @@ def test_no_duplicate_texts_in_a_batch(tmp_path):
         sampler.next_batch()
 
 
+def test_label_text_documents_repeat_in_a_batch_without_in_batch_negatives(tmp_path):
+    # NV-Embed stage 2: a binary classification set has two documents (its label texts), so a
+    # batch of 8 must repeat them; harmless when no query is scored against another's documents
+    with (tmp_path / "cf.jsonl").open("w") as f:
+        for i in range(40):
+            f.write(json.dumps({"text": f"review number {i}", "label": i % 2}) + "\n")
+    cf = {"name": "cf", "path": "cf.jsonl", "format": "classification", "label_texts": {"0": "factual", "1": "wish"}}
+    stage = stage_config(data={"batch_size": 8, "num_negatives": 1, "datasets": [cf]})
+    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1, in_batch_negatives=False)
+    positives = [e.record.positive for e in sampler.next_batch()]
+    assert len(positives) == 8 and set(positives) == {"factual", "wish"}
+    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)  # in-batch negatives: still refused
+    with pytest.raises(DataError, match="without duplicate texts"):
+        sampler.next_batch()
+
+
 def test_bad_records_are_errors_or_counted(tmp_path):
     lines = [
         {"query": "q1", "positive": "p1", "negatives": ["p1", "n1"]},  # negative == positive: removed, counted
