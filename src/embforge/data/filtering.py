@@ -52,18 +52,19 @@ def consistency_filter(
     document_prompt_name: str | None = None,
     batch_size: int = 64,
     on_bad_record: OnBadRecord = "error",
+    bad: DataReport | None = None,
 ) -> dict[str, dict[str, int]]:
     """Keep the pairs of ``input_path`` that pass the consistency check; write them to ``output_path``.
 
     Training records (:mod:`embforge.data.records`); a record with several positives is
     checked on its first. The source is ``source_field`` (default ``"source"``, missing ->
     ``"default"``). Pairs are grouped by source, chunked in file order, and written back in
-    file order. Returns ``{source: {"kept", "dropped"}}``, plus ``{"skipped": {reason: n}}``
-    for bad lines skipped with ``on_bad_record="skip"``.
+    file order. Returns ``{source: {"kept", "dropped"}}``; bad lines skipped with
+    ``on_bad_record="skip"`` are counted in ``bad`` (dataset ``"input"``).
     """
     by_source: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     lines: list[str] = []
-    bad = DataReport()
+    bad = bad if bad is not None else DataReport()
     for _, obj, record in read_records(input_path, bad, "input", on_bad_record):
         by_source[str(obj.get(source_field, "default"))].append((len(lines), record.query, record.positive))
         lines.append(json.dumps(obj, ensure_ascii=False))
@@ -79,8 +80,6 @@ def consistency_filter(
             keep[[p[0] for p in chunk]] = ok
         kept = int(keep[[p[0] for p in pairs]].sum())
         report[source] = {"kept": kept, "dropped": len(pairs) - kept}
-    if bad.skipped:
-        report["skipped"] = dict(bad.skipped["input"])
 
     def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
