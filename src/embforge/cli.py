@@ -117,6 +117,15 @@ def cmd_eval(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_on_bad_record(p: argparse.ArgumentParser, default: str) -> None:
+    p.add_argument(
+        "--on-bad-record",
+        choices=["error", "skip"],
+        default=default,
+        help=f"a bad input line: stop naming file:line, or skip it and count it by reason (default: {default})",
+    )
+
+
 def cmd_mine(args: argparse.Namespace) -> int:
     import glob
 
@@ -139,6 +148,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         batch_size=args.batch_size,
         query_prompt_name=args.query_prompt_name,
         document_prompt_name=args.document_prompt_name,
+        on_bad_record=args.on_bad_record,
     )
     inputs = [Path(p) for p in sorted(glob.glob(args.input))] or [Path(args.input)]
     if len(inputs) == 1 and not Path(args.output).is_dir():
@@ -168,8 +178,10 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from embforge.data.filtering import clean_pairs, consistency_filter
+    from embforge.data.records import DataReport
 
     if args.filter_kind == "consistency":
+        bad = DataReport()
         report = consistency_filter(
             _load_model(args),
             Path(args.input),
@@ -180,10 +192,13 @@ def cmd_filter(args: argparse.Namespace) -> int:
             query_prompt_name=args.query_prompt_name,
             document_prompt_name=args.document_prompt_name,
             batch_size=args.batch_size,
+            on_bad_record=args.on_bad_record,
+            bad=bad,
         )
         total_kept = sum(r["kept"] for r in report.values())
         total = total_kept + sum(r["dropped"] for r in report.values())
-        print(json.dumps({"per_source": report, "kept": total_kept, "total": total}, indent=2))
+        skipped = dict(bad.skipped.get("input", {}))
+        print(json.dumps({"per_source": report, "kept": total_kept, "total": total, "skipped": skipped}, indent=2))
     else:
         if args.near_duplicates is not None and args.model is None:
             raise ConfigError("filter clean --near-duplicates needs a teacher MODEL argument")
@@ -196,6 +211,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
             teacher=teacher,
             near_duplicate_threshold=args.near_duplicates,
             batch_size=args.batch_size,
+            on_bad_record=args.on_bad_record,
         )
         print(json.dumps(dict(counts), indent=2))
     return 0
@@ -343,6 +359,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--document-prompt-name", default=None)
     p.add_argument("--cache-dir", default=None, help="re-use corpus embeddings across runs")
     p.add_argument("--keep-incomplete", action="store_true", help="write records with fewer negatives than asked")
+    _add_on_bad_record(p, "error")
     p.set_defaults(func=cmd_mine)
 
     p = sub.add_parser("filter", help="consistency filtering (Nomic) or dedup/hygiene of training pairs")
@@ -358,6 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--source-field", default="source")
     c.add_argument("--query-prompt-name", default=None)
     c.add_argument("--document-prompt-name", default=None)
+    _add_on_bad_record(c, "error")
     c.set_defaults(func=cmd_filter)
     c = fsub.add_parser("clean", help="drop empty, too short/long, duplicate and near-duplicate pairs")
     c.add_argument("model", nargs="?", default=None, help="teacher for --near-duplicates")
@@ -371,6 +389,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-seq-len", type=int, default=None)
     c.add_argument("--device", default=None)
+    _add_on_bad_record(c, "skip")
     c.set_defaults(func=cmd_filter)
 
     p = sub.add_parser("synth", help="generate synthetic retrieval examples with an OpenAI-compatible chat endpoint")

@@ -34,3 +34,11 @@ class ModelNotFoundError(ConfigError):
 
 class MissingDependencyError(EmbforgeError, ImportError):
     """An optional dependency is not installed (the message names the extra)."""
+
+
+class BadRecordError(DataError):
+    """One bad line of a data file; ``reason`` is the short name it is counted under when skipped."""
+
+    def __init__(self, where: str, reason: str, detail: str):
+        super().__init__(f"{where}: {detail}")
+        self.reason = reason

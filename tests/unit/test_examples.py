@@ -5,7 +5,8 @@ import json
 import pytest
 
 from embforge.data.examples import classification_records, sts_records
-from embforge.data.pairs import DataReport, load_jsonl_records
+from embforge.data.pairs import load_jsonl_records
+from embforge.data.records import DataReport
 from embforge.errors import DataError
 
 

@@ -75,7 +75,7 @@ def test_clean_counts_every_removal(tmp_path):
         "read": 5,
         "kept": 2,
         "exact duplicate (normalised text)": 1,
-        "empty query or positive": 1,
+        "empty text": 1,
         "longer than 40 characters": 1,
     }
     assert normalise_text("Héllo,  WORLD!") == "hello world"

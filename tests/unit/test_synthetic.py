@@ -7,6 +7,7 @@ import time
 
 import pytest
 
+from embforge.data.records import DataReport, read_records
 from embforge.data.synthetic import SynthConfig, SynthError, generate
 
 from .fake_llm import FakeLLM
@@ -50,6 +51,9 @@ def test_survives_malformed_answers_timeouts_and_429s(fake, tmp_path):
     assert stats["retried: HTTP 429"] == 2 and stats["retried: HTTP 500"] == 1 and stats["retried: timeout"] == 1
     assert stats["retried: invalid answer"] == 3  # bad_json, not_json, bad_schema
     assert stats["regenerated: duplicate query"] == 1 and stats["written"] == 12
+    report = DataReport()  # the output is training records, instruction included
+    parsed = [record for _, _, record in read_records(tmp_path / "syn.jsonl", report, "syn")]
+    assert [r.instruction for r in parsed] == [r["instruction"] for r in rows] and not report.skipped
 
 
 def test_gives_up_with_a_clear_error(fake, tmp_path):

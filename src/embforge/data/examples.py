@@ -18,7 +18,7 @@ from collections import defaultdict
 from pathlib import Path
 
 from embforge.data.io import iter_jsonl
-from embforge.data.pairs import DataReport, PairRecord
+from embforge.data.records import DataReport, TrainingRecord
 from embforge.errors import DataError
 
 
@@ -43,7 +43,7 @@ def classification_records(
     text_field: str = "text",
     label_field: str = "label",
     label_texts: dict[str, str] | None = None,
-) -> list[PairRecord]:
+) -> list[TrainingRecord]:
     """Classification or clustering rows -> (text, same-label text | label text, other-label texts)."""
     rows = []
     for lineno, obj in iter_jsonl(path):
@@ -67,7 +67,7 @@ def classification_records(
         out = []
         for text, label in rows:
             others = [label_texts[x] for x in labels if x != label]
-            out.append(PairRecord(text, label_texts[label], rng.sample(others, num_negatives), name))
+            out.append(TrainingRecord(text, [label_texts[label]], rng.sample(others, num_negatives), name))
         return out
     by_label: dict[str, list[str]] = defaultdict(list)
     for text, label in rows:
@@ -89,7 +89,7 @@ def classification_records(
             continue
         others = [x for x in labels if x != label]
         negatives = [rng.choice(by_label[rng.choice(others)]) for _ in range(num_negatives)]
-        out.append(PairRecord(text, positive, negatives, name))
+        out.append(TrainingRecord(text, [positive], negatives, name))
     return out
 
 
@@ -102,7 +102,7 @@ def sts_records(
     report: DataReport,
     min_score: float = 4.0,
     fields: tuple[str, str, str] = ("sentence1", "sentence2", "score"),
-) -> list[PairRecord]:
+) -> list[TrainingRecord]:
     """STS rows -> a record per direction for every pair scored >= ``min_score``."""
     s1_key, s2_key, score_key = fields
     pairs, pool = [], []
@@ -129,5 +129,5 @@ def sts_records(
                 candidate = rng.choice(pool)
                 if candidate not in (a, b):
                     negatives.append(candidate)
-            out.append(PairRecord(query, positive, negatives, name))
+            out.append(TrainingRecord(query, [positive], negatives, name))
     return out

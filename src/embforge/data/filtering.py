@@ -20,8 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from embforge.data.io import atomic_write, iter_jsonl
-from embforge.errors import DataError
+from embforge.data.io import atomic_write
+from embforge.data.records import DataReport, OnBadRecord, TrainingRecord, read_records
 from embforge.eval.metrics import l2_normalise
 
 
@@ -51,20 +51,22 @@ def consistency_filter(
     query_prompt_name: str | None = None,
     document_prompt_name: str | None = None,
     batch_size: int = 64,
+    on_bad_record: OnBadRecord = "error",
+    bad: DataReport | None = None,
 ) -> dict[str, dict[str, int]]:
     """Keep the pairs of ``input_path`` that pass the consistency check; write them to ``output_path``.
 
-    Records need ``query`` and ``positive``; the source is ``source_field`` (default
-    ``"source"``, missing -> ``"default"``). Pairs are grouped by source, chunked in file
-    order, and written back in file order. Returns ``{source: {"kept", "dropped"}}``.
+    Training records (:mod:`embforge.data.records`); a record with several positives is
+    checked on its first. The source is ``source_field`` (default ``"source"``, missing ->
+    ``"default"``). Pairs are grouped by source, chunked in file order, and written back in
+    file order. Returns ``{source: {"kept", "dropped"}}``; bad lines skipped with
+    ``on_bad_record="skip"`` are counted in ``bad`` (dataset ``"input"``).
     """
     by_source: dict[str, list[tuple[int, str, str]]] = defaultdict(list)
     lines: list[str] = []
-    for lineno, obj in iter_jsonl(input_path):
-        for key in ("query", "positive"):
-            if not isinstance(obj.get(key), str) or not obj[key].strip():
-                raise DataError(f"{input_path}:{lineno}: field {key!r} must be a non-empty string")
-        by_source[str(obj.get(source_field, "default"))].append((len(lines), obj["query"], obj["positive"]))
+    bad = bad if bad is not None else DataReport()
+    for _, obj, record in read_records(input_path, bad, "input", on_bad_record):
+        by_source[str(obj.get(source_field, "default"))].append((len(lines), record.query, record.positive))
         lines.append(json.dumps(obj, ensure_ascii=False))
     keep = np.zeros(len(lines), dtype=bool)
     report: dict[str, dict[str, int]] = {}
@@ -112,44 +114,46 @@ def clean_pairs(
     teacher: Any = None,
     near_duplicate_threshold: float | None = None,
     batch_size: int = 64,
+    on_bad_record: OnBadRecord = "skip",
 ) -> Counter:
-    """Remove empty, too short/long, exact-duplicate and (with a teacher) near-duplicate pairs.
+    """Remove bad, too short/long, exact-duplicate and (with a teacher) near-duplicate records.
 
-    Exact duplicates: same normalised (query, positive). Near duplicates: a pair whose
-    teacher embedding (query and positive concatenated, so the cosine is the mean of the
-    two cosines) reaches ``near_duplicate_threshold`` with an already kept pair; the
-    first occurrence is kept. Returns counts: read, kept, and each removal reason.
+    Bad lines (:mod:`embforge.data.records`: empty texts, a positive among the negatives,
+    malformed lines) are removed and counted by reason, this tool's job; with
+    ``on_bad_record="error"`` the first one is an error naming file:line instead. Lengths
+    apply to the query and every positive. Exact duplicates: same normalised (query,
+    positives). Near duplicates: a pair whose teacher embedding (query and first positive
+    concatenated, so the cosine is the mean of the two cosines) reaches
+    ``near_duplicate_threshold`` with an already kept pair; the first occurrence is kept.
+    Returns counts: read, kept, and each removal reason.
     """
     counts: Counter = Counter()
-    kept_rows: list[dict] = []
+    kept_rows: list[tuple[dict, TrainingRecord]] = []
     seen: set[str] = set()
-    for lineno, obj in iter_jsonl(input_path):
-        counts["read"] += 1
-        q, p = obj.get("query"), obj.get("positive")
-        if not isinstance(q, str) or not isinstance(p, str):
-            raise DataError(f"{input_path}:{lineno}: fields 'query' and 'positive' must be strings")
-        if not q.strip() or not p.strip():
-            counts["empty query or positive"] += 1
-            continue
-        if len(q) < min_chars or len(p) < min_chars:
+    bad = DataReport()
+    for _, obj, record in read_records(input_path, bad, "input", on_bad_record):
+        lengths = [len(t) for t in (record.query, *record.positives)]
+        if min(lengths) < min_chars:
             counts[f"shorter than {min_chars} characters"] += 1
             continue
-        if max_chars is not None and (len(q) > max_chars or len(p) > max_chars):
+        if max_chars is not None and max(lengths) > max_chars:
             counts[f"longer than {max_chars} characters"] += 1
             continue
-        key = text_hash(q, p)
+        key = text_hash(record.query, *record.positives)
         if key in seen:
             counts["exact duplicate (normalised text)"] += 1
             continue
         seen.add(key)
-        kept_rows.append(obj)
+        kept_rows.append((obj, record))
     if teacher is not None and near_duplicate_threshold is not None and kept_rows:
         kept_rows = _drop_near_duplicates(teacher, kept_rows, near_duplicate_threshold, batch_size, counts)
+    counts["read"] = bad.read["input"]
+    counts.update(bad.skipped.get("input", {}))
     counts["kept"] = len(kept_rows)
 
     def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
-            for row in kept_rows:
+            for row, _ in kept_rows:
                 f.write(json.dumps(row, ensure_ascii=False) + "\n")
 
     atomic_write(output_path, write)
@@ -157,15 +161,15 @@ def clean_pairs(
 
 
 def _drop_near_duplicates(
-    teacher: Any, rows: list[dict], threshold: float, batch_size: int, counts: Counter
-) -> list[dict]:
+    teacher: Any, rows: list[tuple[dict, TrainingRecord]], threshold: float, batch_size: int, counts: Counter
+) -> list[tuple[dict, TrainingRecord]]:
     import faiss
 
-    q = l2_normalise(np.asarray(teacher.encode([r["query"] for r in rows], batch_size=batch_size)))
-    p = l2_normalise(np.asarray(teacher.encode([r["positive"] for r in rows], batch_size=batch_size)))
+    q = l2_normalise(np.asarray(teacher.encode([r.query for _, r in rows], batch_size=batch_size)))
+    p = l2_normalise(np.asarray(teacher.encode([r.positive for _, r in rows], batch_size=batch_size)))
     both = np.concatenate([q, p], axis=1) / np.sqrt(2)  # cosine of the pair = mean of the two cosines
     index = faiss.IndexFlatIP(both.shape[1])
-    kept: list[dict] = []
+    kept: list[tuple[dict, TrainingRecord]] = []
     for i, row in enumerate(rows):
         if index.ntotal:
             score, _ = index.search(both[i : i + 1], 1)

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from embforge.errors import DataError
+from embforge.errors import BadRecordError, DataError
 
 
 def require_file(path: str | Path, what: str = "file") -> Path:
@@ -29,27 +29,41 @@ def require_file(path: str | Path, what: str = "file") -> Path:
 
 
 def parse_json_line(line: str | bytes, where: str) -> dict:
-    """One JSONL line -> dict, or DataError naming ``where`` (``file:line``)."""
+    """One JSONL line -> dict, or :class:`BadRecordError` naming ``where`` (``file:line``)."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise BadRecordError(
+                where, "undecodable bytes", f"undecodable bytes (not UTF-8) at byte {exc.start}"
+            ) from exc
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
-        raise DataError(f"{where}: invalid JSON ({exc.msg} at column {exc.colno})") from exc
+        raise BadRecordError(where, "invalid JSON", f"invalid JSON ({exc.msg} at column {exc.colno})") from exc
     if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        raise BadRecordError(where, "invalid JSON", f"expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def iter_lines(path: str | Path) -> Iterator[tuple[int, bytes]]:
+    """Yield (line number, raw line) for each non-blank line; decoding is the parser's job, so
+    undecodable bytes are reported with their ``file:line`` too."""
+    path = require_file(path, "JSONL file")
+    with path.open("rb") as f:
+        for lineno, line in enumerate(f, start=1):
+            if line.strip():
+                yield lineno, line
 
 
 def iter_jsonl(path: str | Path) -> Iterator[tuple[int, dict]]:
     """Yield (line number, object) for each non-blank line of a JSONL file.
 
     Raises:
-        DataError: the file is missing, a line is not valid JSON, or not a JSON object.
+        DataError: the file is missing, a line is not UTF-8, not valid JSON, or not a JSON object.
     """
-    path = require_file(path, "JSONL file")
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if line.strip():
-                yield lineno, parse_json_line(line, f"{path}:{lineno}")
+    for lineno, line in iter_lines(path):
+        yield lineno, parse_json_line(line, f"{path}:{lineno}")
 
 
 def read_jsonl(path: str | Path, fields: tuple[str, ...] = ()) -> list[dict]:

@@ -29,6 +29,7 @@ import numpy as np
 
 from embforge.data.embedding_cache import encode_cached, encode_normalised, load_cached, store_cached
 from embforge.data.io import atomic_write, iter_jsonl
+from embforge.data.records import DataReport, OnBadRecord, read_records
 from embforge.errors import DataError
 
 
@@ -46,6 +47,7 @@ class MiningConfig:
     batch_size: int = 64
     query_prompt_name: str | None = None
     document_prompt_name: str | None = None
+    on_bad_record: OnBadRecord = "error"  # a bad input line: error naming file:line, or skip and count it
 
 
 @dataclass
@@ -223,18 +225,6 @@ def mine_hard_negatives(
 
 
 # ---------------------------------------------------------------------------- files
-def _positives(obj: dict, where: str) -> list[str]:
-    if "positives" in obj:
-        pos = obj["positives"]
-    elif "positive" in obj:
-        pos = [obj["positive"]]
-    else:
-        raise DataError(f"{where}: needs 'positive' (string) or 'positives' (list of strings)")
-    if not isinstance(pos, list) or not pos or not all(isinstance(p, str) and p.strip() for p in pos):
-        raise DataError(f"{where}: positives must be non-empty strings")
-    return pos
-
-
 def read_corpus(path: Path, field_name: str = "text") -> list[str]:
     """Corpus texts from .txt (a line each), JSONL (``field_name``) or a BEIR corpus.jsonl (title + text)."""
     from embforge.data.io import read_texts
@@ -252,17 +242,12 @@ def read_corpus(path: Path, field_name: str = "text") -> list[str]:
     return read_texts(path)
 
 
-def _chunks(path: Path, size: int, stats: Counter) -> Iterator[list[tuple[dict, list[str]]]]:
+def _chunks(
+    path: Path, size: int, report: DataReport, on_bad_record: OnBadRecord
+) -> Iterator[list[tuple[dict, list[str]]]]:
     chunk = []
-    for lineno, obj in iter_jsonl(path):
-        where = f"{path}:{lineno}"
-        if not isinstance(obj.get("query"), str):
-            raise DataError(f"{where}: missing or non-string field 'query'")
-        stats["records read"] += 1
-        if not obj["query"].strip():
-            stats["records skipped: empty query"] += 1
-            continue
-        chunk.append((obj, _positives(obj, where)))
+    for _, obj, record in read_records(path, report, "records", on_bad_record):
+        chunk.append((obj, record.positives))
         if len(chunk) == size:
             yield chunk
             chunk = []
@@ -270,15 +255,12 @@ def _chunks(path: Path, size: int, stats: Counter) -> Iterator[list[tuple[dict, 
         yield chunk
 
 
-def corpus_from_inputs(inputs: list[Path]) -> list[str]:
+def corpus_from_inputs(inputs: list[Path], on_bad_record: OnBadRecord = "error") -> list[str]:
     """Every distinct positive and existing negative of the input files, in order of appearance."""
     seen: dict[str, None] = {}
     for path in inputs:
-        for _, obj in iter_jsonl(path):
-            positives = [obj["positive"]] if isinstance(obj.get("positive"), str) else obj.get("positives", [])
-            for text in list(positives) + list(obj.get("negatives", [])):
-                if isinstance(text, str) and text.strip():
-                    seen.setdefault(text, None)
+        for _, _, record in read_records(path, DataReport(), "records", on_bad_record):
+            seen.update(dict.fromkeys(record.positives + record.negatives))
     return list(seen)
 
 
@@ -329,19 +311,20 @@ def mine_shards(
     """
     if len(inputs) != len(outputs):
         raise DataError(f"{len(inputs)} input shards but {len(outputs)} output paths")
-    corpus = corpus if corpus is not None else corpus_from_inputs(inputs)
+    corpus = corpus if corpus is not None else corpus_from_inputs(inputs, cfg.on_bad_record)
     if not corpus:
         raise DataError("the mining corpus is empty")
     corpus_emb, from_cache = distributed_corpus_embeddings(teacher, corpus, cfg, cache_dir, rank, world)
     miner = Miner(teacher, corpus, cfg, corpus_emb=corpus_emb)
     stats: Counter = Counter()
+    report = DataReport()
     for i, (input_path, output_path) in enumerate(zip(inputs, outputs)):
         if i % world != rank:
             continue
 
         def write(tmp: Path, input_path=input_path) -> None:
             with tmp.open("w", encoding="utf-8") as f:
-                for chunk in _chunks(input_path, cfg.chunk_size, stats):
+                for chunk in _chunks(input_path, cfg.chunk_size, report, cfg.on_bad_record):
                     result = miner.mine([o["query"] for o, _ in chunk], [p for _, p in chunk])
                     for (obj, _), negs, scores, pos_score in zip(
                         chunk, result.negatives, result.scores, result.positive_scores
@@ -361,6 +344,8 @@ def mine_shards(
                         progress(len(chunk))
 
         atomic_write(output_path, write)
+    stats["records read"] = report.read["records"]
+    stats.update({f"records skipped: {reason}": n for reason, n in report.skipped.get("records", {}).items()})
     records, dropped = dict(stats), dict(miner.dropped)
     if world > 1:
         import torch.distributed as dist

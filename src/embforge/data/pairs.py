@@ -1,15 +1,16 @@
-"""Contrastive training data: records, sources (in memory or streamed), and batch samplers.
+"""Contrastive training data: sources of records (in memory or streamed) and batch samplers.
 
-A record is one JSONL object ``{"query", "positive", "negatives"?, "source"?}``.
-Malformed lines (bad JSON, missing or non-string fields) raise :class:`DataError` naming
-file and line. Records that are well-formed but unusable are *skipped and counted*, never
-dropped silently: empty query or positive, too few negatives; a negative equal to the
-positive is removed and counted. :class:`DataReport` carries the counts.
+Records are :class:`~embforge.data.records.TrainingRecord` objects, read and validated by
+:mod:`embforge.data.records` (a bad line is an error naming file:line, or, with
+``on_bad_record: skip``, skipped and counted by reason in the :class:`DataReport`).
+Well-formed records a stage cannot use (too few negatives) are skipped and counted too.
 
-Sources hand out records forever (epoch after epoch) and have a small resumable state:
-:class:`MemorySource` (a seeded permutation per epoch) and :class:`StreamSource`
+Sources hand out (record, positive) forever (epoch after epoch) and have a small resumable
+state: :class:`MemorySource` (a seeded permutation per epoch) and :class:`StreamSource`
 (sequential read over sorted shards, state = shard index + byte offset, so memory does
-not depend on the dataset size). :class:`BatchSampler` combines sources into batches:
+not depend on the dataset size). A record with several positives trains with one of them
+per epoch, drawn from (seed, epoch, record position) alone, so a resumed run draws the
+same. :class:`BatchSampler` combines sources into batches:
 ``mixed`` (every example drawn by weight: NV-Embed's well-blended batches),
 ``proportional`` (fixed per-dataset counts in every batch) or ``single_source`` (every
 batch from one dataset chosen by weight: Nomic). ``no_duplicates`` defers an example
@@ -20,45 +21,14 @@ from __future__ import annotations
 
 import glob
 import hashlib
-from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from embforge.data.io import iter_jsonl, load_beir, parse_json_line
+from embforge.data.io import load_beir
+from embforge.data.records import DataReport, OnBadRecord, TrainingRecord, parse_line, read_records
 from embforge.errors import DataError
-
-
-@dataclass
-class PairRecord:
-    query: str
-    positive: str
-    negatives: list[str] = field(default_factory=list)
-    source: str = ""
-
-
-@dataclass
-class DataReport:
-    """What was read, kept and skipped (by reason), per dataset."""
-
-    read: Counter = field(default_factory=Counter)
-    skipped: dict[str, Counter] = field(default_factory=dict)
-    fixed: dict[str, Counter] = field(default_factory=dict)
-
-    def skip(self, dataset: str, reason: str) -> None:
-        self.skipped.setdefault(dataset, Counter())[reason] += 1
-
-    def fix(self, dataset: str, reason: str) -> None:
-        self.fixed.setdefault(dataset, Counter())[reason] += 1
-
-    def summary(self) -> str:
-        parts = []
-        for name in sorted(self.read):
-            skipped = dict(self.skipped.get(name, {}))
-            fixed = dict(self.fixed.get(name, {}))
-            parts.append(f"{name}: read {self.read[name]}, skipped {skipped or 0}, fixed {fixed or 0}")
-        return "; ".join(parts)
 
 
 def text_key(text: str) -> int:
@@ -66,29 +36,22 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
-def parse_record(obj: dict, where: str, dataset: str, num_negatives: int, report: DataReport) -> PairRecord | None:
-    """Validate one JSON object. Raises DataError if malformed; returns None (counted) if unusable."""
-    for key in ("query", "positive"):
-        if key not in obj:
-            raise DataError(f"{where}: missing field {key!r}; the line has {sorted(obj)}")
-        if not isinstance(obj[key], str):
-            raise DataError(f"{where}: field {key!r} must be a string, got {type(obj[key]).__name__}")
-    negatives = obj.get("negatives", [])
-    if not isinstance(negatives, list) or not all(isinstance(n, str) for n in negatives):
-        raise DataError(f"{where}: field 'negatives' must be a list of strings")
-    report.read[dataset] += 1
-    if not obj["query"].strip() or not obj["positive"].strip():
-        report.skip(dataset, "empty query or positive")
-        return None
-    kept = [n for n in negatives if n.strip() and n != obj["positive"]]
-    if len(kept) != len(negatives):
-        report.fix(dataset, "negative equal to the positive, or empty, removed")
-    if len(kept) < num_negatives:
+def usable(record: TrainingRecord, dataset: str, num_negatives: int, report: DataReport) -> TrainingRecord | None:
+    """The record as a stage uses it (``num_negatives`` negatives, source defaulting to the
+    dataset), or None (counted) if it has too few negatives."""
+    if len(record.negatives) < num_negatives:
         report.skip(dataset, f"fewer than {num_negatives} negatives")
         return None
-    return PairRecord(
-        obj["query"], obj["positive"], kept[:num_negatives] if num_negatives else [], str(obj.get("source", dataset))
-    )
+    record.negatives = record.negatives[:num_negatives]
+    record.source = record.source or dataset
+    return record
+
+
+def draw_positive(record: TrainingRecord, seed: int, epoch: int, position: tuple[int, ...]) -> str:
+    """The positive ``record`` trains with in ``epoch``: a function of (seed, epoch, position) only."""
+    if len(record.positives) == 1:
+        return record.positives[0]
+    return record.positives[int(np.random.default_rng([seed, epoch, *position]).integers(len(record.positives)))]
 
 
 # ---------------------------------------------------------------------------- sources
@@ -97,7 +60,7 @@ def parse_record(obj: dict, where: str, dataset: str, num_negatives: int, report
 class MemorySource:
     """Records held in memory; a new seeded permutation every epoch."""
 
-    def __init__(self, records: list[PairRecord], seed: int, name: str):
+    def __init__(self, records: list[TrainingRecord], seed: int, name: str):
         if not records:
             raise DataError(f"dataset {name!r} has no usable records")
         self.records, self.seed, self.name = records, seed, name
@@ -107,13 +70,13 @@ class MemorySource:
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
 
-    def next(self) -> PairRecord:
+    def next(self) -> tuple[TrainingRecord, str]:
         if self.cursor >= len(self.records):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation()
-        record = self.records[self._order[self.cursor]]
+        index = int(self._order[self.cursor])
         self.cursor += 1
-        return record
+        return self.records[index], draw_positive(self.records[index], self.seed, self.epoch, (index,))
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -129,11 +92,20 @@ class StreamSource:
     Shuffle the shards when you write them: a stream is read in file order.
     """
 
-    def __init__(self, pattern: str, name: str, num_negatives: int, report: DataReport):
+    def __init__(
+        self,
+        pattern: str,
+        name: str,
+        num_negatives: int,
+        report: DataReport,
+        seed: int = 0,
+        on_bad_record: OnBadRecord = "error",
+    ):
         self.shards = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
         if not self.shards:
             raise DataError(f"dataset {name!r}: no files match {pattern}")
         self.name, self.num_negatives, self.report = name, num_negatives, report
+        self.seed, self.on_bad_record = seed, on_bad_record
         self.epoch, self.shard, self.offset, self.lineno = 0, 0, 0, 0
         self._file = None
 
@@ -141,7 +113,7 @@ class StreamSource:
         self._file = open(self.shards[self.shard], "rb")  # noqa: SIM115 (kept open across calls)
         self._file.seek(self.offset)
 
-    def next(self) -> PairRecord:
+    def next(self) -> tuple[TrainingRecord, str]:
         for _ in range(1_000_000):  # bounded: a stream with no usable line at all is an error
             if self._file is None:
                 self._open()
@@ -158,9 +130,10 @@ class StreamSource:
             if not line.strip():
                 continue
             where = f"{self.shards[self.shard]}:{self.lineno}"
-            record = parse_record(parse_json_line(line, where), where, self.name, self.num_negatives, self.report)
+            parsed = parse_line(line, where, self.report, self.name, self.on_bad_record)
+            record = parsed and usable(parsed[1], self.name, self.num_negatives, self.report)
             if record is not None:
-                return record
+                return record, draw_positive(record, self.seed, self.epoch, (self.shard, self.lineno))
         raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
 
     def state_dict(self) -> dict:
@@ -179,24 +152,21 @@ class StreamSource:
 
 
 def load_jsonl_records(
-    path: Path, name: str, num_negatives: int, report: DataReport, fields: dict[str, str] | None = None
-) -> list[PairRecord]:
-    """Records of a JSONL file; ``fields`` maps our names to the file's (e.g. ``{"query": "anchor"}``),
-    and a single-string ``negatives`` field (a triplet's negative) counts as a list of one."""
-    rename = {theirs: ours for ours, theirs in (fields or {}).items()}
-    records = []
-    for lineno, obj in iter_jsonl(path):
-        if rename:
-            obj = {rename.get(k, k): v for k, v in obj.items()}
-            if isinstance(obj.get("negatives"), str):
-                obj["negatives"] = [obj["negatives"]]
-        record = parse_record(obj, f"{path}:{lineno}", name, num_negatives, report)
-        if record is not None:
-            records.append(record)
-    return records
+    path: Path,
+    name: str,
+    num_negatives: int,
+    report: DataReport,
+    fields: dict[str, str] | None = None,
+    on_bad_record: OnBadRecord = "error",
+) -> list[TrainingRecord]:
+    """The usable records of a JSONL file (``fields``: see :func:`~embforge.data.records.parse_line`)."""
+    records = (
+        usable(r, name, num_negatives, report) for _, _, r in read_records(path, report, name, on_bad_record, fields)
+    )
+    return [r for r in records if r is not None]
 
 
-def load_beir_pairs(folder: Path, split: str, name: str, report: DataReport) -> list[PairRecord]:
+def load_beir_pairs(folder: Path, split: str, name: str, report: DataReport) -> list[TrainingRecord]:
     """(query, positive) for every qrel with relevance > 0 of a BEIR split."""
     corpus, queries, qrels = load_beir(folder, split)
     records = []
@@ -208,7 +178,7 @@ def load_beir_pairs(folder: Path, split: str, name: str, report: DataReport) -> 
             if did not in corpus:
                 report.skip(name, "qrel names a document missing from the corpus")
                 continue
-            records.append(PairRecord(queries[qid], corpus[did], [], name))
+            records.append(TrainingRecord(queries[qid], [corpus[did]], [], name))
     return records
 
 
@@ -218,7 +188,8 @@ def load_beir_pairs(folder: Path, split: str, name: str, report: DataReport) -> 
 @dataclass
 class Example:
     dataset: int  # index into the stage's datasets
-    record: PairRecord
+    record: TrainingRecord
+    positive: str  # the record's positive drawn for this epoch
 
 
 class BatchSampler:
@@ -228,7 +199,7 @@ class BatchSampler:
         self.sources, self.batch_size, self.mode, self.no_duplicates = sources, batch_size, mode, no_duplicates
         self.p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.rng = np.random.default_rng(seed)
-        self.pending: list[list[PairRecord]] = [[] for _ in sources]  # deferred because of duplicates
+        self.pending: list[list[tuple[TrainingRecord, str]]] = [[] for _ in sources]  # deferred: duplicates
 
     def _counts(self) -> list[int]:
         if self.mode == "single_source":
@@ -244,7 +215,7 @@ class BatchSampler:
         picks = self.rng.choice(len(self.sources), size=self.batch_size, p=self.p)
         return np.bincount(picks, minlength=len(self.sources)).tolist()
 
-    def _take(self, i: int) -> PairRecord:
+    def _take(self, i: int) -> tuple[TrainingRecord, str]:
         return self.pending[i].pop(0) if self.pending[i] else self.sources[i].next()
 
     def next_batch(self) -> list[Example]:
@@ -259,13 +230,13 @@ class BatchSampler:
                         f"dataset #{i} cannot fill a batch of {count} without duplicate texts; "
                         "set no_duplicates: false or use a larger dataset"
                     )
-                record = self._take(i)
-                texts = {record.query, record.positive, *record.negatives}
+                record, positive = self._take(i)
+                texts = {record.query, *record.positives, *record.negatives}  # other positives are no negatives
                 if self.no_duplicates and texts & seen:
-                    deferred.append(record)
+                    deferred.append((record, positive))
                     continue
                 seen |= texts
-                batch.append(Example(i, record))
+                batch.append(Example(i, record, positive))
                 taken += 1
             self.pending[i].extend(deferred)
         return batch
@@ -274,11 +245,11 @@ class BatchSampler:
         return {
             "rng": self.rng.bit_generator.state,
             "sources": [s.state_dict() for s in self.sources],
-            "pending": [[r.__dict__ for r in p] for p in self.pending],
+            "pending": [[[r.__dict__, positive] for r, positive in p] for p in self.pending],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         for source, s in zip(self.sources, state["sources"]):
             source.load_state_dict(s)
-        self.pending = [[PairRecord(**r) for r in p] for p in state["pending"]]
+        self.pending = [[(TrainingRecord(**r), positive) for r, positive in p] for p in state["pending"]]

@@ -30,6 +30,7 @@ from pathlib import Path
 
 from embforge.data.filtering import normalise_text
 from embforge.data.io import atomic_write
+from embforge.data.records import TrainingRecord
 from embforge.errors import EmbforgeError
 
 
@@ -221,14 +222,10 @@ def generate(cfg: SynthConfig, sleep=time.sleep, progress=None) -> Counter:
                 else:
                     raise SynthError(f"{ex_id}: the endpoint kept returning queries that already exist")
                 seen_queries.add(key)
-                record = {
-                    "id": ex_id,
-                    "query": ex["user_query"],
-                    "positive": ex["positive_document"],
-                    "negatives": [ex["hard_negative_document"]],
-                    "instruction": task,
-                    "source": "synthetic",
-                }
+                example = TrainingRecord(
+                    ex["user_query"], [ex["positive_document"]], [ex["hard_negative_document"]], "synthetic", task
+                )
+                record = {"id": ex_id, **example.to_dict()}  # the task is the query's instruction in training
                 f.write(json.dumps(record, ensure_ascii=False) + "\n")
                 f.flush()
                 os.fsync(f.fileno())

@@ -26,7 +26,6 @@ from tqdm.auto import tqdm
 from embforge.data.examples import classification_records, sts_records
 from embforge.data.pairs import (
     BatchSampler,
-    DataReport,
     Example,
     MemorySource,
     StreamSource,
@@ -34,6 +33,7 @@ from embforge.data.pairs import (
     load_jsonl_records,
     text_key,
 )
+from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
@@ -101,11 +101,11 @@ def build_sampler(
         elif ds.stream:
             if fields:
                 raise DataError(f"dataset {ds.name!r}: fields renaming applies to in-memory JSONL, not streamed shards")
-            sources.append(StreamSource(str(path), ds.name, data.num_negatives, report))
+            sources.append(StreamSource(str(path), ds.name, data.num_negatives, report, seed + i, data.on_bad_record))
         else:
             if not path.is_file():
                 raise DataError(f"dataset {ds.name!r}: file not found: {path}")
-            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields=fields)
+            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields, data.on_bad_record)
             sources.append(MemorySource(records, seed + i, ds.name))
     sampler = BatchSampler(
         sources,
@@ -121,48 +121,48 @@ def build_sampler(
 @dataclass
 class ContrastiveBatch:
     queries: dict[str, torch.Tensor]  # tokenised (B, Tq)
-    docs: dict[str, torch.Tensor]  # tokenised (B·(1+N), Td): positives, then negatives row-major
+    docs: dict[str, torch.Tensor]  # tokenised (B·(1+N), Td): positives (this epoch's), then negatives row-major
     query_keys: torch.Tensor  # (B,) text ids
     doc_keys: torch.Tensor  # (B·(1+N),) text ids
     in_batch: torch.Tensor  # (B,) per-query in-batch-negatives flag
     num_negatives: int
 
 
-def query_prompts(data: DataConfig, embedder) -> list[str]:
-    """Each dataset's query prompt: its instruction through the model's template, else ``query_prompt``."""
-    prompts = []
-    for ds in data.datasets:
-        if ds.instruction is None:
-            prompts.append(ds.query_prompt)
-            continue
-        prompt = embedder.instruction_prompt(ds.instruction)
-        if prompt is None:
-            raise DataError(
-                f"dataset {ds.name!r} has an instruction, but the model has no instruction_template; "
-                "set model.instruction_template or use query_prompt"
-            )
-        prompts.append(prompt)
-    return prompts
+def query_prompt(example: Example, data: DataConfig, instruction_prompt=None) -> str:
+    """The example's query prompt: its record's instruction, else its dataset's, through the model's
+    template (``instruction_prompt``, i.e. :meth:`Embedder.instruction_prompt`); else the dataset's
+    ``query_prompt``."""
+    ds = data.datasets[example.dataset]
+    instruction = example.record.instruction if example.record.instruction is not None else ds.instruction
+    if instruction is None:
+        return ds.query_prompt
+    prompt = instruction_prompt(instruction) if instruction_prompt is not None else None
+    if prompt is None:
+        raise DataError(
+            f"dataset {ds.name!r} has an instruction ({instruction!r:.60}), but the model has no "
+            "instruction_template; set model.instruction_template or use query_prompt"
+        )
+    return prompt
 
 
 def collate(
-    examples: list[Example], data: DataConfig, tokenize, device: torch.device, q_prompts: list[str] | None = None
+    examples: list[Example], data: DataConfig, tokenize, device: torch.device, instruction_prompt=None
 ) -> ContrastiveBatch:
     """Prompt, tokenise and lay out a batch (see :mod:`embforge.losses` for the layout).
 
     Args:
         tokenize: ``(texts, prompts) -> features``, i.e. :meth:`Embedder.tokenize` with one prompt per text.
-        q_prompts: per-dataset query prompts (default: the datasets' ``query_prompt``).
+        instruction_prompt: ``instruction -> query prompt`` (see :func:`query_prompt`).
     """
     cfgs = [data.datasets[e.dataset] for e in examples]
-    q_prompts = q_prompts if q_prompts is not None else [d.query_prompt for d in data.datasets]
     queries = [e.record.query for e in examples]
-    docs = [e.record.positive for e in examples] + [n for e in examples for n in e.record.negatives]
+    q_prompts = [query_prompt(e, data, instruction_prompt) for e in examples]
+    docs = [e.positive for e in examples] + [n for e in examples for n in e.record.negatives]
     doc_prompts = [c.document_prompt for c in cfgs] + [
         c.document_prompt for c, e in zip(cfgs, examples) for _ in e.record.negatives
     ]
     return ContrastiveBatch(
-        queries={k: v.to(device) for k, v in tokenize(queries, [q_prompts[e.dataset] for e in examples]).items()},
+        queries={k: v.to(device) for k, v in tokenize(queries, q_prompts).items()},
         docs={k: v.to(device) for k, v in tokenize(docs, doc_prompts).items()},
         query_keys=torch.tensor([text_key(q) for q in queries], device=device),
         doc_keys=torch.tensor([text_key(t) for t in docs], device=device),
@@ -370,7 +370,6 @@ def train_stage(
         else contextlib.nullcontext
     )
     B = stage.data.batch_size
-    q_prompts = query_prompts(stage.data, embedder)
 
     def tokenize(texts, prompts):  # the Embedder's own tokenisation: training text = inference text
         return embedder.tokenize(texts, prompt=prompts)
@@ -401,7 +400,7 @@ def train_stage(
         losses = []
         for micro in range(stage.grad_accum_steps):
             examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]
-            batch = collate(examples, stage.data, tokenize, info.device, q_prompts)
+            batch = collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt)
             window_tokens += batch.queries["attention_mask"].sum() + batch.docs["attention_mask"].sum()
             losses.append(
                 contrastive_step(

@@ -20,7 +20,7 @@ from embforge.models.spec import ModelConfig
 class DatasetConfig:
     name: str
     path: str  # JSONL file, glob of JSONL shards, or BEIR folder; relative to data_root
-    # jsonl: {query, positive, negatives?} records; beir: a BEIR folder; classification / clustering / sts:
+    # jsonl: training records {query, positive | positives, negatives?, source?, instruction?}; beir: a BEIR folder; classification / clustering / sts:
     # the raw task files, turned into contrastive examples (NV-Embed-v2's example-based approach)
     format: Literal["jsonl", "beir", "classification", "clustering", "sts"] = "jsonl"
     fields: dict[str, str] | None = None  # our field name -> the file's (jsonl: query/positive/negatives;
@@ -43,6 +43,9 @@ class DataConfig:
     num_negatives: int = 0  # hard negatives per query (records need at least this many)
     sampler: Literal["mixed", "proportional", "single_source"] = "mixed"
     no_duplicates: bool = True  # never two identical texts in one batch (false in-batch negatives)
+    # a bad JSONL line (not UTF-8 or JSON, a missing or mistyped field, an empty text, a positive among
+    # the negatives): stop naming file:line, or skip it and count it by reason in the stage's data summary
+    on_bad_record: Literal["error", "skip"] = "error"
 
     def validate(self, path: str) -> None:
         if not self.datasets:

@@ -9,7 +9,8 @@ import subprocess
 
 import torch
 
-from embforge.data.pairs import Example, PairRecord
+from embforge.data.pairs import Example
+from embforge.data.records import TrainingRecord
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import TINY_WORDS, tiny_bert
 from embforge.train.loop import ContrastiveBatch, collate
@@ -25,16 +26,16 @@ def sentence(rng: random.Random, n: int = 6) -> str:
     return " ".join(rng.choice(TINY_WORDS) for _ in range(rng.randint(2, n)))
 
 
-def records(count: int, num_negatives: int, seed: int = 0) -> list[PairRecord]:
+def records(count: int, num_negatives: int, seed: int = 0) -> list[TrainingRecord]:
     rng = random.Random(seed)
     return [
-        PairRecord(sentence(rng), sentence(rng, 10), [sentence(rng, 10) for _ in range(num_negatives)])
+        TrainingRecord(sentence(rng), [sentence(rng, 10)], [sentence(rng, 10) for _ in range(num_negatives)])
         for _ in range(count)
     ]
 
 
 def make_batch(
-    model: Embedder, recs: list[PairRecord], num_negatives: int, in_batch: list[bool] | None = None
+    model: Embedder, recs: list[TrainingRecord], num_negatives: int, in_batch: list[bool] | None = None
 ) -> ContrastiveBatch:
     """A ContrastiveBatch of ``recs``; ``in_batch`` picks dataset 0 (True) or 1 (False) per record."""
     data = DataConfig(
@@ -45,7 +46,7 @@ def make_batch(
         num_negatives=num_negatives,
     )
     flags = in_batch or [True] * len(recs)
-    examples = [Example(0 if f else 1, r) for r, f in zip(recs, flags)]
+    examples = [Example(0 if f else 1, r, r.positive) for r, f in zip(recs, flags)]
 
     def tokenize(texts, prompts):
         return model.tokenize(texts, prompt=prompts)

@@ -190,20 +190,22 @@ def test_label_text_documents_repeat_in_a_batch_without_in_batch_negatives(tmp_p
 
 def test_bad_records_are_errors_or_counted(tmp_path):
     lines = [
-        {"query": "q1", "positive": "p1", "negatives": ["p1", "n1"]},  # negative == positive: removed, counted
-        {"query": " ", "positive": "p2", "negatives": ["n2"]},  # empty query: skipped, counted
-        {"query": "q3", "positive": "p3", "negatives": []},  # too few negatives: skipped, counted
+        {"query": "q1", "positive": "p1", "negatives": ["p1", "n1"]},  # negative == positive: bad
+        {"query": " ", "positive": "p2", "negatives": ["n2"]},  # empty query: bad
+        {"query": "q3", "positive": "p3", "negatives": []},  # too few negatives for this stage: skipped, counted
         {"query": "q4", "positive": "p4", "negatives": ["n4"]},
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
-    stage = stage_config(data={"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl"}]})
+    data = {"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl"}]}
+    with pytest.raises(DataError, match=r"d\.jsonl:1: negative 'p1' is also a positive"):  # the default: an error
+        loop.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
+    stage = stage_config(data={**data, "on_bad_record": "skip"})
     sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
     assert report.read["d"] == 4
-    assert dict(report.skipped["d"]) == {"empty query or positive": 1, "fewer than 1 negatives": 1}
-    assert sum(report.fixed["d"].values()) == 1
+    assert dict(report.skipped["d"]) == {"positive among negatives": 1, "empty text": 1, "fewer than 1 negatives": 1}
     (tmp_path / "d.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "q", "positive": 3}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'positive' must be a string"):
-        loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+        loop.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
 
 
 def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
@@ -374,3 +376,59 @@ def test_on_nonfinite_skip_drops_the_step_and_goes_on(data_dir, tmp_path, monkey
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)  # the skipped loss is not averaged in
     assert all(torch.isfinite(p).all() for p in model.parameters())
     assert latest_checkpoint(tmp_path / "s" / "checkpoints").name == "step-00000020"
+
+
+def test_multiple_positives_one_sampled_per_epoch_deterministically_and_resumably(tmp_path):
+    rows = [{"query": f"q{i}", "positives": [f"a{i}", f"b{i}", f"c{i}"]} for i in range(6)]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    data = {"batch_size": 6, "datasets": [{"name": "d", "path": "d.jsonl"}]}
+
+    def epochs(sampler, n):  # per epoch: query -> the positive it was trained with
+        return [{e.record.query: e.positive for e in sampler.next_batch()} for _ in range(n)]
+
+    stage = stage_config(data=data)
+    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    seen = epochs(sampler, 12)
+    assert all(len(epoch) == 6 for epoch in seen)  # every record once per epoch
+    for i in range(6):
+        drawn = [epoch[f"q{i}"] for epoch in seen]
+        assert set(drawn) == {f"a{i}", f"b{i}", f"c{i}"}  # each positive gets its turn over 12 epochs
+    again, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    assert epochs(again, 12) == seen  # the same seed: the same positives
+    other, _ = loop.build_sampler(stage.data, tmp_path, seed=1, world=1)
+    assert [sorted(e.values()) for e in epochs(other, 12)] != [sorted(e.values()) for e in seen]
+    interrupted, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    state = json.loads(json.dumps(_after(interrupted, 5)))  # a checkpoint's sampler state, through JSON
+    resumed, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    resumed.load_state_dict(state)
+    assert epochs(resumed, 7) == seen[5:]  # resume continues with the same positives
+
+
+def _after(sampler, n):
+    for _ in range(n):
+        sampler.next_batch()
+    return sampler.state_dict()
+
+
+def test_a_record_instruction_overrides_the_dataset_instruction(tmp_path, monkeypatch):
+    rows = [
+        {"query": "sort a list", "positive": "def sort(x): ...", "instruction": "Find Python code"},
+        {"query": "the cat", "positive": "a cat sat on the mat"},  # no instruction: the dataset's
+    ]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    model = tiny_embedder()
+    model.instruction_template = "Instruct: {instruction}\nQuery: "
+    prompts = {}
+    real = type(model).tokenize
+
+    def spy(self, texts, prompt=None, **k):
+        if isinstance(prompt, list):
+            prompts.update(zip(texts, prompt))
+        return real(self, texts, prompt=prompt, **k)
+
+    monkeypatch.setattr(type(model), "tokenize", spy)
+    data = {"batch_size": 2, "datasets": [{"name": "d", "path": "d.jsonl", "instruction": "Find a sentence"}]}
+    _train(model, stage_config(steps=1, data=data), tmp_path, tmp_path / "run", resume=False)
+    assert prompts["sort a list"] == "Instruct: Find Python code\nQuery: "
+    assert prompts["the cat"] == "Instruct: Find a sentence\nQuery: "
+    assert prompts["a cat sat on the mat"] == ""  # documents get no instruction
