@@ -21,6 +21,7 @@ EXTRAS: dict[str, str] = {
     "onnxruntime": "onnx",
     "onnx": "onnx",
     "prometheus_client": "serve",
+    "starlette": "serve",
     "openai": "dev",
     "sentence_transformers": "dev",
     "matplotlib": "plot",

@@ -15,6 +15,8 @@ import numpy as np
 from scipy import stats
 from sklearn.metrics import average_precision_score, v_measure_score
 
+from embforge.vectors import l2_normalise
+
 
 def rank_top_k(scores: np.ndarray, k: int, tie_key: np.ndarray) -> np.ndarray:
     """Indices of the top ``k`` columns per row, ordered like trec_eval.
@@ -98,12 +100,6 @@ def spearman(predicted: np.ndarray, gold: np.ndarray) -> float:
 def pearson(predicted: np.ndarray, gold: np.ndarray) -> float:
     """Pearson correlation."""
     return float(stats.pearsonr(predicted, gold).statistic)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32. (N, D) -> (N, D)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
