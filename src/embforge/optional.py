@@ -16,7 +16,6 @@ from embforge.errors import MissingDependencyError
 EXTRAS: dict[str, str] = {
     "fastapi": "serve",
     "uvicorn": "serve",
-    "httpx": "serve",
     "mteb": "mteb",
     "onnxruntime": "onnx",
     "onnx": "onnx",
