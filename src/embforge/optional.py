@@ -16,11 +16,11 @@ from embforge.errors import MissingDependencyError
 EXTRAS: dict[str, str] = {
     "fastapi": "serve",
     "uvicorn": "serve",
-    "httpx": "serve",
     "mteb": "mteb",
     "onnxruntime": "onnx",
     "onnx": "onnx",
     "prometheus_client": "serve",
+    "starlette": "serve",
     "openai": "dev",
     "sentence_transformers": "dev",
     "matplotlib": "plot",

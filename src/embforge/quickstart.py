@@ -12,18 +12,17 @@ Everything it needs exists on a fresh machine: no ../shared, no downloads.
 
 from __future__ import annotations
 
-import json
 from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
 from rich.table import Table
 
-from embforge.data.io import atomic_write
 from embforge.data.stdlib_code import collect_pairs, split_pairs, write_beir, write_pairs_jsonl
 from embforge.eval.tasks import TaskConfig, evaluate_task
 
 EVAL_QUERIES = 600
+TRAIN_FILE = "train.jsonl"
 RECIPE = "quickstart/stdlib_two_stage.yaml"
 METRICS = [
     ("ndcg_at_10", "nDCG@10"),
@@ -46,7 +45,7 @@ def build_stdlib_data(out_dir: Path, console: Console) -> tuple[list, Path]:
         f"stdlib: {stats.files} files, {stats.functions} functions -> {len(train)} train pairs, "
         f"{len(held)} held-out pairs (whole modules); skipped: {dict(stats.skipped)}"
     )
-    write_pairs_jsonl(train, out_dir / "train.jsonl")
+    write_pairs_jsonl(train, out_dir / TRAIN_FILE)
     return train, write_beir(held, out_dir / "heldout", split="test", max_queries=EVAL_QUERIES)
 
 
@@ -59,30 +58,18 @@ def evaluate(model, beir: Path) -> dict[str, float]:
     return entry
 
 
-def mine_stdlib_negatives(teacher, train: list, path: Path, console: Console) -> Path:
-    from embforge.data.mining import mine_hard_negatives
+def mine_stdlib_negatives(teacher, train: list, train_jsonl: Path, path: Path, console: Console) -> Path:
+    """Mine 3 hard negatives per pair of ``train_jsonl`` through :func:`mine_file`, as a user would.
 
-    corpus = [p.positive for p in train]
-    mined = mine_hard_negatives(
-        teacher,
-        [p.query for p in train],
-        [[p.positive] for p in train],
-        corpus,
-        num_negatives=3,
-        skip_top=2,
-        search_depth=30,
-        max_score_ratio=0.95,
-    )
-    console.print(f"mined hard negatives: {dict(mined.dropped)}")
+    The corpus is every training positive; rows keep their fields (``source``: the module)
+    and gain ``negatives``, ``negative_scores`` and ``positive_score``.
+    """
+    from embforge.data.mining import MiningConfig, mine_file
 
-    def write(tmp: Path) -> None:
-        with tmp.open("w", encoding="utf-8") as f:
-            for p, negs in zip(train, mined.negatives):
-                f.write(
-                    json.dumps({"query": p.query, "positive": p.positive, "negatives": negs, "source": p.module}) + "\n"
-                )
-
-    return atomic_write(path, write)
+    cfg = MiningConfig(num_negatives=3, range_min=2, range_max=30, max_score_ratio=0.95)
+    summary = mine_file(teacher, train_jsonl, path, cfg, corpus=[p.positive for p in train], keep_incomplete=True)
+    console.print(f"mined hard negatives: {summary['candidates_dropped']}")
+    return path
 
 
 def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2") -> dict:
@@ -96,7 +83,7 @@ def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2") -> dict:
     base = Embedder.load(model_name)
     before = evaluate(base, beir)
     console.print(f"before: nDCG@10 {100 * before['ndcg_at_10']:.2f} on {EVAL_QUERIES} held-out queries")
-    mine_stdlib_negatives(base, train, data_dir / "train_hard.jsonl", console)
+    mine_stdlib_negatives(base, train, data_dir / TRAIN_FILE, data_dir / "train_hard.jsonl", console)
     del base
 
     recipe, _ = load_recipe(

@@ -15,11 +15,13 @@ class FakeLLM:
 
     Modes: ok, 429, 500, timeout (sleeps past the client's timeout), not_json (HTTP body is
     not JSON), bad_json (the message is not JSON), bad_schema (JSON without the fields),
-    duplicate (repeats the previous example's query).
+    duplicate (repeats the previous example's query), 503 (with ``Retry-After`` too).
+    ``retry_after`` is the header sent with 429 and 503 (delay-seconds or an HTTP date).
     """
 
-    def __init__(self, script=(), delay=0.0, sleep_for_timeout=1.0):
+    def __init__(self, script=(), delay=0.0, sleep_for_timeout=1.0, retry_after="0"):
         self.script = list(script)
+        self.retry_after = retry_after
         self.delay, self.sleep_for_timeout = delay, sleep_for_timeout
         self.lock = threading.Lock()
         self.counter = itertools.count()
@@ -55,10 +57,10 @@ class FakeLLM:
     def handle(self, h, prompt: str) -> None:
         mode = self._mode()
         time.sleep(self.delay)
-        if mode in ("429", "500"):
+        if mode in ("429", "500", "503"):
             h.send_response(int(mode))
-            if mode == "429":
-                h.send_header("Retry-After", "0")
+            if mode in ("429", "503"):
+                h.send_header("Retry-After", self.retry_after)
             h.end_headers()
             return
         if mode == "timeout":

@@ -55,3 +55,74 @@ def test_correlations_and_similarities():
     sims = metrics.pair_similarities(a, b)
     assert sims["cosine"].tolist() == pytest.approx([1.0, 0.0])
     assert sims["euclidean"].tolist() == pytest.approx([-1.0, -math.sqrt(5)])
+
+
+def _tied_search_case():
+    """Integer embeddings in {-1, 0, 1}: many exactly tied scores, a zero document, odd ids."""
+    from embforge.eval import tasks
+
+    rng = np.random.default_rng(3)
+    doc_ids = [f"d{i}" for i in rng.permutation(30)] + ["d1x", "D2"]
+    q_emb = rng.integers(-1, 2, size=(5, 4)).astype(np.float32)
+    d_emb = rng.integers(-1, 2, size=(len(doc_ids), 4)).astype(np.float32)
+    d_emb[0] = 0
+    ranked = tasks.search(q_emb, d_emb, doc_ids, top_k=10)
+    qrels = {}
+    for q in range(5):
+        inside = rng.choice(10, size=3, replace=False)
+        qrels[f"q{q}"] = {ranked[q][j]: int(g) for j, g in zip(inside, [2, 1, 0])}
+        qrels[f"q{q}"]["d_missing"] = 1  # relevant but never retrieved
+    qrels["q5"] = {"d3": 0}  # no relevant document: skipped
+    qrels["q6"] = {"d4": 1}  # judged but not in the run: scores 0
+    return q_emb, d_emb, doc_ids, dict(zip([f"q{q}" for q in range(5)], ranked)), qrels
+
+
+# retrieval_scores on _tied_search_case, from the hand-written implementation this replaced
+# (commit e77eef2); the pytrec_eval-backed one must give the same numbers
+GOLDEN_TIED = {
+    "ndcg_at_1": 0.16666666666666666,
+    "map_at_1": 0.1111111111111111,
+    "recall_at_1": 0.1111111111111111,
+    "precision_at_1": 0.3333333333333333,
+    "mrr_at_1": 0.3333333333333333,
+    "ndcg_at_3": 0.24080807568026796,
+    "map_at_3": 0.16666666666666666,
+    "recall_at_3": 0.2222222222222222,
+    "precision_at_3": 0.2222222222222222,
+    "mrr_at_3": 0.5,
+    "ndcg_at_5": 0.2614011496062723,
+    "map_at_5": 0.17777777777777778,
+    "recall_at_5": 0.27777777777777773,
+    "precision_at_5": 0.16666666666666666,
+    "mrr_at_5": 0.5333333333333333,
+    "ndcg_at_10": 0.4030095424915581,
+    "map_at_10": 0.25679012345679014,
+    "recall_at_10": 0.5555555555555555,
+    "precision_at_10": 0.16666666666666666,
+    "mrr_at_10": 0.5333333333333333,
+}
+
+
+def test_retrieval_scores_with_ties_equal_previous_numbers():
+    *_, ranked, qrels = _tied_search_case()
+    got = metrics.retrieval_scores(ranked, qrels, (1, 3, 5, 10))
+    assert got.keys() == GOLDEN_TIED.keys()
+    for name, value in GOLDEN_TIED.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+
+
+def test_search_ranks_ties_like_trec_eval_on_raw_scores():
+    # trec_eval itself, given every raw cosine score, must see the same top 10 as our search
+    pytrec_eval = pytest.importorskip("pytrec_eval")
+    from embforge.vectors import l2_normalise
+
+    q_emb, d_emb, doc_ids, ranked, qrels = _tied_search_case()
+    scores = l2_normalise(q_emb) @ l2_normalise(d_emb).T  # (Q, N)
+    run = {f"q{q}": {d: float(s) for d, s in zip(doc_ids, scores[q])} for q in range(len(q_emb))}
+    judged = {q: j for q, j in qrels.items() if q in run}
+    trec = pytrec_eval.RelevanceEvaluator(judged, {"ndcg_cut.10", "P.10", "map_cut.10"}).evaluate(run)
+    ours = {q: metrics.retrieval_scores({q: ranked[q]}, {q: judged[q]}, (10,)) for q in judged}
+    for q in judged:
+        assert ours[q]["ndcg_at_10"] == pytest.approx(trec[q]["ndcg_cut_10"], abs=1e-12)
+        assert ours[q]["map_at_10"] == pytest.approx(trec[q]["map_cut_10"], abs=1e-12)
+        assert ours[q]["precision_at_10"] == pytest.approx(trec[q]["P_10"], abs=1e-12)

@@ -94,3 +94,43 @@ def test_http_4xx_is_not_retried(fake, tmp_path):
     with pytest.raises(SynthError, match="HTTP 404 .*not retried"):
         generate(cfg, sleep=lambda s: None)
     assert server.requests == 0  # the 404 is answered before the scripted handler counts requests
+
+
+def _sleeps_after(fake, tmp_path, mode, retry_after, now=None):
+    """Run one generation whose first request gets ``mode`` with ``retry_after``; the sleeps made."""
+    server = fake(script=[mode], retry_after=retry_after)
+    cfg = SynthConfig(
+        endpoint=server.url, model="fake", output=str(tmp_path / "s.jsonl"), num_tasks=1, examples_per_task=1
+    )
+    sleeps = []
+    stats = generate(cfg, sleep=sleeps.append)
+    assert stats["written"] == 1 and stats[f"retried: HTTP {mode}"] == 1
+    return sleeps
+
+
+def test_retry_after_in_seconds_is_honoured(fake, tmp_path):
+    # backoff alone would wait 0.5-1.5 s; the server asks for 7
+    assert _sleeps_after(fake, tmp_path, "429", "7") == [7.0]
+
+
+def test_retry_after_as_http_date_is_honoured(fake, tmp_path):
+    from email.utils import formatdate
+
+    sleeps = _sleeps_after(fake, tmp_path, "503", formatdate(time.time() + 30, usegmt=True))
+    assert len(sleeps) == 1 and 27 <= sleeps[0] <= 30
+
+
+@pytest.mark.parametrize("header", ["Wed, 21 Oct 2015 07:28:00 GMT", "soon", "-3", "nan"])
+def test_retry_after_past_or_invalid_falls_back_to_backoff(fake, tmp_path, header):
+    sleeps = _sleeps_after(fake, tmp_path, "429", header)
+    assert len(sleeps) == 1 and 0.5 <= sleeps[0] <= 1.5  # backoff_s=1.0 jittered x0.5-1.5
+
+
+def test_retry_after_seconds_parser():
+    from embforge.data.synthetic import retry_after_seconds
+
+    assert retry_after_seconds("120", now=0.0) == 120.0
+    assert retry_after_seconds(" 1.5 ", now=0.0) == 1.5
+    assert retry_after_seconds("Thu, 01 Jan 1970 00:01:40 GMT", now=40.0) == 60.0
+    assert retry_after_seconds(None, now=0.0) == 0.0
+    assert retry_after_seconds("inf", now=0.0) == 0.0

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 
 from embforge.data.io import save_npy
-from embforge.eval.metrics import l2_normalise
+from embforge.vectors import l2_normalise
 
 
 def teacher_identity(teacher: Any) -> str:

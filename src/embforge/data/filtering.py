@@ -22,7 +22,7 @@ import numpy as np
 
 from embforge.data.io import atomic_write
 from embforge.data.records import DataReport, OnBadRecord, TrainingRecord, read_records
-from embforge.eval.metrics import l2_normalise
+from embforge.vectors import l2_normalise
 
 
 def consistent(query_emb: np.ndarray, doc_emb: np.ndarray, doc_texts: list[str], top_k: int) -> np.ndarray:

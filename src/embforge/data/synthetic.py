@@ -9,24 +9,25 @@ Models"; used for NV-Embed-v2's synthetic data):
 
 Robustness: answers are validated (JSON, schema, non-empty, query ≠ documents); 429s,
 5xx, timeouts, connection errors and invalid answers are retried with exponential
-backoff (``Retry-After`` honoured); duplicate queries are regenerated. Output is an
+backoff (``Retry-After`` honoured, as seconds or as an HTTP date; transport by ``httpx``); duplicate queries are regenerated. Output is an
 append-only JSONL whose lines carry an ``id`` (``t<task>-e<example>``): a rerun after a
 crash repairs a torn last line, skips finished ids and never writes one twice.
 """
 
 from __future__ import annotations
 
+import email.utils
 import json
+import math
 import os
 import random
 import re
-import socket
 import time
-import urllib.error
-import urllib.request
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
+
+import httpx
 
 from embforge.data.filtering import normalise_text
 from embforge.data.io import atomic_write
@@ -71,67 +72,93 @@ GENERATE = (
 
 
 class ChatClient:
-    """Minimal OpenAI-compatible chat client (stdlib only) with retries and backoff."""
+    """OpenAI-compatible chat client over ``httpx`` with retries, backoff and ``Retry-After``.
 
-    def __init__(self, cfg: SynthConfig, stats: Counter, sleep=time.sleep):
-        self.cfg, self.stats, self.sleep = cfg, stats, sleep
-        self.key = os.environ.get(cfg.api_key_env)
+    The retry policy is ours rather than the transport's because invalid answers (bad JSON,
+    wrong schema) are retried like 429s, and every retry is counted in ``stats``.
+    """
+
+    def __init__(self, cfg: SynthConfig, stats: Counter, sleep=time.sleep, clock=time.time):
+        self.cfg, self.stats, self.sleep, self.clock = cfg, stats, sleep, clock
         self.rng = random.Random(cfg.seed)
+        key = os.environ.get(cfg.api_key_env)
+        self.http = httpx.Client(
+            base_url=cfg.endpoint.rstrip("/") + "/",
+            headers={"Authorization": f"Bearer {key}"} if key else {},
+            timeout=cfg.timeout_s,
+        )
 
-    def _post(self, messages: list[dict], seed: int) -> str:
-        body = json.dumps(
-            {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature, "seed": seed}
-        )
-        headers = {"Content-Type": "application/json"}
-        if self.key:
-            headers["Authorization"] = f"Bearer {self.key}"
-        req = urllib.request.Request(
-            self.cfg.endpoint.rstrip("/") + "/chat/completions", body.encode(), headers, method="POST"
-        )
-        with urllib.request.urlopen(req, timeout=self.cfg.timeout_s) as resp:
-            payload = json.loads(resp.read().decode("utf-8"))
-        return payload["choices"][0]["message"]["content"]
+    def __enter__(self) -> ChatClient:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.http.close()
+
+    def _post(self, messages: list[dict], seed: int) -> httpx.Response:
+        body = {"model": self.cfg.model, "messages": messages, "temperature": self.cfg.temperature, "seed": seed}
+        return self.http.post("chat/completions", json=body)
 
     def ask(self, prompt: str, parse, seed: int):
-        """Send ``prompt``; return ``parse(answer)``, retrying transient failures and invalid answers."""
+        """Send ``prompt``; return ``parse(answer)``, retrying transient failures and invalid answers.
+
+        The wait before retry n is the exponential backoff (``backoff_s * 2**(n-1)``, jittered
+        ×0.5–1.5) or the server's ``Retry-After`` (seconds or an HTTP date), whichever is longer.
+        """
         delay = self.cfg.backoff_s
+        wait_at_least = 0.0
         last = "no attempt"
         for attempt in range(self.cfg.max_retries + 1):
             if attempt:
-                self.sleep(delay * (0.5 + self.rng.random()))
+                self.sleep(max(delay * (0.5 + self.rng.random()), wait_at_least))
                 delay *= 2
+            wait_at_least = 0.0
             try:
                 self.stats["requests"] += 1
-                return parse(self._post([{"role": "user", "content": prompt}], seed + 7919 * attempt))
-            except urllib.error.HTTPError as exc:
-                if exc.code == 429 or exc.code >= 500:
-                    self.stats[f"retried: HTTP {exc.code}"] += 1
-                    retry_after = exc.headers.get("Retry-After") if exc.headers else None
-                    if retry_after and retry_after.replace(".", "", 1).isdigit():
-                        delay = max(delay, float(retry_after))
-                    last = f"HTTP {exc.code}"
-                    continue
-                raise SynthError(f"{self.cfg.endpoint}: HTTP {exc.code} {exc.reason} (not retried)") from exc
-            except TimeoutError as exc:
+                resp = self._post([{"role": "user", "content": prompt}], seed + 7919 * attempt)
+            except httpx.TimeoutException as exc:
                 self.stats["retried: timeout"] += 1
-                last = f"timeout: {exc}"
-            except urllib.error.URLError as exc:
-                if isinstance(exc.reason, (TimeoutError, socket.timeout)):
-                    self.stats["retried: timeout"] += 1
-                else:
-                    self.stats["retried: connection error"] += 1
-                last = f"connection: {exc.reason}"
-            except (
-                ValueError,
-                KeyError,
-                IndexError,
-                TypeError,
-            ) as exc:  # bad JSON or schema, from the API or the model
+                last = f"timeout: {exc!r}"
+                continue
+            except httpx.TransportError as exc:
+                self.stats["retried: connection error"] += 1
+                last = f"connection: {exc!r}"
+                continue
+            if resp.status_code == 429 or resp.status_code >= 500:
+                self.stats[f"retried: HTTP {resp.status_code}"] += 1
+                wait_at_least = retry_after_seconds(resp.headers.get("Retry-After"), self.clock())
+                last = f"HTTP {resp.status_code}"
+                continue
+            if resp.status_code >= 400:
+                raise SynthError(f"{self.cfg.endpoint}: HTTP {resp.status_code} {resp.reason_phrase} (not retried)")
+            try:
+                return parse(resp.json()["choices"][0]["message"]["content"])
+            except (ValueError, KeyError, IndexError, TypeError) as exc:  # bad JSON or schema, API or model
                 self.stats["retried: invalid answer"] += 1
                 last = f"invalid answer: {exc}"
         raise SynthError(
             f"{self.cfg.endpoint}: no valid answer after {self.cfg.max_retries + 1} attempts (last: {last})"
         )
+
+
+def retry_after_seconds(value: str | None, now: float) -> float:
+    """Seconds to wait from a ``Retry-After`` header (RFC 9110 §10.2.3), 0 when absent or invalid.
+
+    Args:
+        value: delay-seconds (``"120"``; fractions accepted) or an HTTP date
+            (``"Wed, 21 Oct 2015 07:28:00 GMT"``).
+        now: the current time, seconds since the epoch (for the date form).
+    """
+    if not value:
+        return 0.0
+    value = value.strip()
+    try:
+        seconds = float(value)
+    except ValueError:
+        try:
+            seconds = email.utils.parsedate_to_datetime(value).timestamp() - now
+        except (TypeError, ValueError, IndexError):
+            return 0.0
+    return max(seconds, 0.0) if math.isfinite(seconds) else 0.0
 
 
 def _json_from(text: str):
@@ -192,7 +219,12 @@ def _load_done(path: Path, stats: Counter) -> tuple[set[str], set[str]]:
 def generate(cfg: SynthConfig, sleep=time.sleep, progress=None) -> Counter:
     """Run (or resume) the pipeline; return counts of requests, retries, written, duplicates."""
     stats: Counter = Counter()
-    client = ChatClient(cfg, stats, sleep)
+    with ChatClient(cfg, stats, sleep) as client:
+        _generate(cfg, client, stats, progress)
+    return stats
+
+
+def _generate(cfg: SynthConfig, client: ChatClient, stats: Counter, progress) -> None:
     out = Path(cfg.output)
     out.parent.mkdir(parents=True, exist_ok=True)
     tasks_file = out.with_name(out.name + ".tasks.json")
@@ -232,4 +264,3 @@ def generate(cfg: SynthConfig, sleep=time.sleep, progress=None) -> Counter:
                 stats["written"] += 1
                 if progress is not None:
                     progress(1)
-    return stats

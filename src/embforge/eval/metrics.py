@@ -1,6 +1,6 @@
-"""Evaluation metrics, pure numpy/scipy/scikit-learn (no torch, no models).
+"""Evaluation metrics: numpy/scipy/scikit-learn/pytrec_eval (no torch, no models).
 
-Retrieval metrics follow ``pytrec_eval`` (trec_eval) exactly as MTEB uses them:
+Retrieval metrics are ``pytrec_eval``'s (trec_eval), called as MTEB calls it:
 documents are ranked by score, ties broken by document id in *descending* string order
 (trec_eval's rule); nDCG uses the relevance grade as linear gain and the ideal ranking
 of all judged-relevant documents; MAP@k divides by the total number of relevant
@@ -12,8 +12,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
+import pytrec_eval
 from scipy import stats
 from sklearn.metrics import average_precision_score, v_measure_score
+
+from embforge.vectors import l2_normalise
 
 
 def rank_top_k(scores: np.ndarray, k: int, tie_key: np.ndarray) -> np.ndarray:
@@ -48,7 +51,12 @@ def retrieval_scores(
     qrels: dict[str, dict[str, int]],
     k_values: Sequence[int] = (1, 3, 5, 10, 100, 1000),
 ) -> dict[str, float]:
-    """nDCG@k, MAP@k, Recall@k, P@k and MRR@k averaged over the judged queries.
+    """nDCG@k, MAP@k, Recall@k, P@k and MRR@k averaged over the judged queries, by ``pytrec_eval``.
+
+    ``ranked`` is already in trec_eval's order (:func:`rank_top_k` breaks ties like it), so
+    it reaches ``pytrec_eval`` as strictly decreasing scores that keep exactly that order.
+    MRR@k is the reciprocal rank of the first relevant document within k, as MTEB computes
+    it (trec_eval's ``recip_rank`` has no cut-off).
 
     Args:
         ranked: query id -> document ids, best first (at least max(k_values) long if available).
@@ -60,34 +68,30 @@ def retrieval_scores(
         "mrr_at_10": ...}`` for every k (fractions in [0, 1]). Queries with no relevant
         document are skipped, like trec_eval; queries missing from ``ranked`` score 0.
     """
-    per_metric: dict[str, list[float]] = {}
-    for qid, judged in qrels.items():
-        relevant = {d: g for d, g in judged.items() if g > 0}
-        if not relevant:
-            continue
-        docs = list(ranked.get(qid, ()))
-        gains = np.array([relevant.get(d, 0) for d in docs], dtype=np.float64)
-        hits = gains > 0
-        discounts = 1.0 / np.log2(np.arange(2, len(docs) + 2))
-        ideal = np.sort(np.fromiter(relevant.values(), dtype=np.float64))[::-1]
-        ideal_discounts = 1.0 / np.log2(np.arange(2, len(ideal) + 2))
-        cum_hits = np.cumsum(hits)
-        precision_at_rank = cum_hits / np.arange(1, len(docs) + 1)
-        first_hit = int(np.argmax(hits)) + 1 if hits.any() else None
-        for k in k_values:
-            dcg = float((gains[:k] * discounts[:k]).sum())
-            idcg = float((ideal[:k] * ideal_discounts[:k]).sum())
-            n_hit = int(hits[:k].sum())
-            values = {
-                f"ndcg_at_{k}": dcg / idcg,
-                f"map_at_{k}": float(precision_at_rank[:k][hits[:k]].sum()) / len(relevant),
-                f"recall_at_{k}": n_hit / len(relevant),
-                f"precision_at_{k}": n_hit / k,
-                f"mrr_at_{k}": 1.0 / first_hit if first_hit is not None and first_hit <= k else 0.0,
-            }
-            for name, value in values.items():
-                per_metric.setdefault(name, []).append(value)
-    return {name: float(np.mean(v)) for name, v in per_metric.items()}
+    # negative grades count as 0 (not relevant, no negative gain)
+    judged = {q: {d: max(int(g), 0) for d, g in docs.items()} for q, docs in qrels.items()}
+    judged = {q: docs for q, docs in judged.items() if any(docs.values())}
+    if not judged:
+        return {}
+    run = {q: {d: float(len(ranked[q]) - i) for i, d in enumerate(ranked[q])} for q in judged if ranked.get(q)}
+    cuts = ",".join(str(k) for k in k_values)
+    measures = {f"ndcg_cut.{cuts}", f"map_cut.{cuts}", f"recall.{cuts}", f"P.{cuts}"}
+    per_query = pytrec_eval.RelevanceEvaluator(judged, measures).evaluate(run) if run else {}
+    names = {"ndcg_at": "ndcg_cut", "map_at": "map_cut", "recall_at": "recall", "precision_at": "P"}
+    out: dict[str, float] = {}
+    for k in k_values:
+        for ours, trec in names.items():
+            out[f"{ours}_{k}"] = sum(per_query[q][f"{trec}_{k}"] for q in per_query) / len(judged)
+        out[f"mrr_at_{k}"] = sum(_reciprocal_rank(run.get(q, {}), judged[q], k) for q in judged) / len(judged)
+    return out
+
+
+def _reciprocal_rank(run: dict[str, float], judged: dict[str, int], k: int) -> float:
+    """1 / rank of the first relevant document among the first ``k`` of ``run`` (dict in rank order)."""
+    for rank, doc in enumerate(list(run)[:k], start=1):
+        if judged.get(doc, 0) > 0:
+            return 1.0 / rank
+    return 0.0
 
 
 def spearman(predicted: np.ndarray, gold: np.ndarray) -> float:
@@ -98,12 +102,6 @@ def spearman(predicted: np.ndarray, gold: np.ndarray) -> float:
 def pearson(predicted: np.ndarray, gold: np.ndarray) -> float:
     """Pearson correlation."""
     return float(stats.pearsonr(predicted, gold).statistic)
-
-
-def l2_normalise(x: np.ndarray) -> np.ndarray:
-    """Rows scaled to unit length (zero rows stay zero), float32. (N, D) -> (N, D)."""
-    x = np.asarray(x, dtype=np.float32)
-    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
 
 
 def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:

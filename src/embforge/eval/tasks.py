@@ -29,6 +29,7 @@ from embforge.config import did_you_mean
 from embforge.data.io import load_beir, read_jsonl, require_file
 from embforge.errors import ConfigError, DataError
 from embforge.eval import metrics
+from embforge.vectors import l2_normalise
 
 TaskType = Literal["retrieval", "sts", "classification", "pair_classification", "clustering", "reranking"]
 
@@ -184,7 +185,7 @@ def search(
     if binary:
         q, c = quantize_embeddings(query_emb, "ubinary"), quantize_embeddings(corpus_emb, "ubinary")
     else:
-        q, c = metrics.l2_normalise(query_emb), metrics.l2_normalise(corpus_emb)
+        q, c = l2_normalise(query_emb), l2_normalise(corpus_emb)
     # rank of each id in ascending string order: trec_eval breaks ties by id, descending
     tie_key = np.empty(len(doc_ids), dtype=np.int64)
     tie_key[np.argsort(np.array(doc_ids, dtype=object), kind="stable")] = np.arange(len(doc_ids))
@@ -350,8 +351,8 @@ def eval_reranking(model: Any, task: TaskConfig, path: Path, batch_size: int) ->
         raise DataError(f"{path}: no query has both positive and negative candidates")
     queries = list(usable)
     docs = sorted({d for c in usable.values() for d, _ in c})
-    q_emb = metrics.l2_normalise(_encode(model, queries, _query_prompt(model, task), batch_size))
-    d_emb = metrics.l2_normalise(_encode(model, docs, _document_prompt(model, task), batch_size))
+    q_emb = l2_normalise(_encode(model, queries, _query_prompt(model, task), batch_size))
+    d_emb = l2_normalise(_encode(model, docs, _document_prompt(model, task), batch_size))
     doc_index = {d: i for i, d in enumerate(docs)}
     aps, rrs = [], []
     for qi, q in enumerate(queries):

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 
 from embforge.errors import ConfigError, InputError
 from embforge.models import portable
+from embforge.models.matryoshka import check_dimensions
 from embforge.models.prompts import resolve_prompt
 from embforge.models.registry import resolve_model_path
 
@@ -269,7 +270,7 @@ class Embedder(nn.Module):
                 raise InputError(f"texts[{i}] must be a string, got {type(text).__name__}")
         if batch_size < 1:
             raise InputError(f"batch_size must be >= 1, got {batch_size}")
-        dim = self._check_dimensions(dimensions)
+        dim = check_dimensions(dimensions, self.hidden_size)
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
             # tokenise everything once, then batch by exact token length: least padding
@@ -337,10 +338,3 @@ class Embedder(nn.Module):
             pool_prompt=self.pool_prompt,
             lower_case=self.do_lower_case,
         )
-
-    def _check_dimensions(self, dimensions: int | None) -> int:
-        if dimensions is None:
-            return self.hidden_size
-        if isinstance(dimensions, bool) or not isinstance(dimensions, int) or not 1 <= dimensions <= self.hidden_size:
-            raise InputError(f"dimensions must be an integer in [1, {self.hidden_size}], got {dimensions!r}")
-        return dimensions

@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 
 from embforge.errors import InputError
+from embforge.vectors import l2_normalise
 
 
 def check_dimensions(dimensions: int | None, hidden_size: int) -> int:
@@ -24,6 +25,4 @@ def check_dimensions(dimensions: int | None, hidden_size: int) -> int:
 def truncate_dimensions(emb: np.ndarray, dimensions: int, normalize: bool) -> np.ndarray:
     """First ``dimensions`` columns, re-normalised when ``normalize``. (N, D) -> (N, dimensions) float32."""
     out = np.asarray(emb[:, :dimensions], dtype=np.float32)
-    if normalize:
-        out = out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
-    return out
+    return l2_normalise(out) if normalize else out

@@ -107,8 +107,8 @@ class _Metrics:
 
 def create_app(backend: Backend, settings: ServeSettings):
     """Build the FastAPI app serving ``backend`` (a real model adapter, or a dummy in tests)."""
-    from fastapi.responses import Response
-    from starlette.exceptions import HTTPException as StarletteHTTPException
+    Response = require("fastapi.responses").Response
+    StarletteHTTPException = require("starlette.exceptions").HTTPException
 
     max_input_tokens = settings.max_input_tokens or backend.max_seq_len
     if not 1 <= max_input_tokens <= backend.max_seq_len:
