@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from embforge.data.io import atomic_write
+from embforge.atomic import atomic_write
 from embforge.data.stdlib_code import collect_pairs, split_pairs, write_beir, write_pairs_jsonl
 from embforge.eval.tasks import TaskConfig, evaluate_task
 

@@ -11,6 +11,7 @@ SRC = Path(__file__).resolve().parents[2] / "src" / "embforge"
 FORBIDDEN = {
     "config.py": ("torch", "transformers", "numpy", "embforge.models", "embforge.train", "embforge.eval"),
     "errors.py": ("torch", "yaml", "numpy", "embforge."),
+    "atomic.py": ("torch", "numpy", "yaml", "embforge.models", "embforge.data", "embforge.train", "embforge.eval"),
     "models/": ("embforge.train", "embforge.serve", "embforge.eval", "torch.distributed", "embforge.cli"),
     "losses.py": ("embforge.models", "transformers"),
     "eval/": ("embforge.train", "embforge.serve", "embforge.cli", "embforge.models"),

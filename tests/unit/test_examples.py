@@ -38,7 +38,9 @@ def test_multiclass_positive_shares_the_label_negatives_do_not(tmp_path):
 
 
 def test_binary_classification_uses_the_label_text_as_document(tmp_path):
-    path = _write(tmp_path / "b.jsonl", [{"text": "if only it had worked", "label": 1}, {"text": "it works", "label": 0}])
+    path = _write(
+        tmp_path / "b.jsonl", [{"text": "if only it had worked", "label": 1}, {"text": "it works", "label": 0}]
+    )
     texts = {"1": "a counterfactual statement", "0": "a factual statement"}
     records = classification_records(path, "cf", num_negatives=1, seed=0, report=DataReport(), label_texts=texts)
     assert [(r.query, r.positive, r.negatives) for r in records] == [
@@ -78,7 +80,9 @@ def test_bad_rows_name_file_and_line(tmp_path):
 
 
 def test_triplet_files_through_field_renaming(tmp_path):
-    path = _write(tmp_path / "t.jsonl", [{"anchor": "two dogs run", "positive": "animals run", "negative": "a cat sits"}])
+    path = _write(
+        tmp_path / "t.jsonl", [{"anchor": "two dogs run", "positive": "animals run", "negative": "a cat sits"}]
+    )
     fields = {"query": "anchor", "negatives": "negative"}
     [record] = load_jsonl_records(path, "nli", 1, DataReport(), fields=fields)
     assert (record.query, record.positive, record.negatives) == ("two dogs run", "animals run", ["a cat sits"])

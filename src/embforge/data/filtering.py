@@ -20,7 +20,8 @@ from typing import Any
 
 import numpy as np
 
-from embforge.data.io import atomic_write, iter_jsonl
+from embforge.atomic import atomic_write
+from embforge.data.io import iter_jsonl
 from embforge.errors import DataError
 from embforge.eval.metrics import l2_normalise
 

@@ -28,8 +28,8 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
+from embforge.atomic import atomic_write
 from embforge.data.filtering import normalise_text
-from embforge.data.io import atomic_write
 from embforge.errors import EmbforgeError
 
 

@@ -15,22 +15,34 @@ from embforge.train.recipe import StageConfig
 def test_plan_matches_a_hand_computation(parallel, gpus):
     backbone, tokenizer = tiny_decoder("llama")  # hidden 64, 2 layers, 4 heads x 16, 2 KV heads, MLP 128
     model = Embedder(
-        backbone, tokenizer, max_seq_len=32, pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}
+        backbone,
+        tokenizer,
+        max_seq_len=32,
+        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
     )
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     stage = from_dict(
         StageConfig,
-        {"name": "s", "steps": 1, "data": {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "d", "path": "x"}]}},
+        {
+            "name": "s",
+            "steps": 1,
+            "data": {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "d", "path": "x"}]},
+        },
     )
-    plan = plan_stage(model, stage, gpus=gpus, parallel=parallel, dtype="float32", lora_rank=4, lora_targets=["q_proj", "v_proj"])
+    plan = plan_stage(
+        model, stage, gpus=gpus, parallel=parallel, dtype="float32", lora_rank=4, lora_targets=["q_proj", "v_proj"]
+    )
 
     # by hand. Parameters: LoRA A (r x in) + B (out x r) on q (64->64) and v (64->32) in 2 layers; the head
     lora = 2 * ((4 * 64 + 64 * 4) + (4 * 64 + 32 * 4))
     head = (
         8 * 64  # latents
         + 3 * 2 * 64  # LayerNorms on the states, the latents and before the feed-forward (weight + bias)
-        + 64 * 32 + 64 * 64 + 32 * 64  # to_q, to_kv, to_out (2 heads x 16, no bias)
-        + (64 * 512 + 512) + (256 * 64 + 64)  # GEGLU feed-forward, 4x width, with biases
+        + 64 * 32
+        + 64 * 64
+        + 32 * 64  # to_q, to_kv, to_out (2 heads x 16, no bias)
+        + (64 * 512 + 512)
+        + (256 * 64 + 64)  # GEGLU feed-forward, 4x width, with biases
     )
     vocab = len(tokenizer)
     base = (
