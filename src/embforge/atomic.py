@@ -36,6 +36,7 @@ from pathlib import Path
 from embforge.errors import CheckpointError, SaveError
 
 MANIFEST = "manifest.json"
+_TEXT_SUFFIXES = (".json", ".txt", ".py", ".yaml", ".md")
 _MANIFEST_FORMAT = 1
 _REASONS = {
     errno.ENOSPC: "the disk is full",
@@ -126,12 +127,13 @@ def write_manifest(folder: Path) -> dict:
     return manifest
 
 
-def folder_problem(folder: Path, *, check_hashes: bool = True) -> str | None:
+def folder_problem(folder: Path, *, check_hashes: bool = True, editable: tuple[str, ...] = ()) -> str | None:
     """What is wrong with a folder written by :func:`atomic_folder`, or None if it is complete.
 
     Args:
         check_hashes: also compare SHA-256 digests (reads every byte); False checks that
             every listed file is there with its size.
+        editable: file suffixes that only have to be present (text files a user may edit).
 
     Returns:
         A short reason (``"manifest.json is missing"``, ``"optimizer.pt: 12 bytes, expected 890"``, ...).
@@ -147,6 +149,8 @@ def folder_problem(folder: Path, *, check_hashes: bool = True) -> str | None:
         file = folder / name
         if not file.is_file():
             return f"{name} is missing (listed in {MANIFEST})"
+        if file.suffix in editable:
+            continue
         size = file.stat().st_size
         if size != expected["size"]:
             return f"{name}: {size} bytes, expected {expected['size']}"
@@ -158,13 +162,14 @@ def folder_problem(folder: Path, *, check_hashes: bool = True) -> str | None:
 
 
 def require_complete(folder: Path, what: str) -> None:
-    """Raise CheckpointError if ``folder`` has a manifest that it does not match (no manifest: not checked).
+    """Raise CheckpointError if a file listed in ``folder``'s manifest is missing or cut short.
 
-    Folders written by other tools have no manifest; sizes are checked, not hashes (cheap
-    enough for every model load).
+    Folders written by other tools have no manifest and are not checked. Sizes are checked,
+    not hashes (cheap enough for every model load), and only those of binary files: the
+    JSON/text configuration files may be edited by hand.
     """
     if (folder / MANIFEST).is_file():
-        problem = folder_problem(folder, check_hashes=False)
+        problem = folder_problem(folder, check_hashes=False, editable=_TEXT_SUFFIXES)
         if problem:
             raise CheckpointError(f"{what} {folder} is incomplete or damaged: {problem}")
 
