@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import errno
 import importlib.util
 import os
 import random
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -79,3 +81,44 @@ def real_sentences() -> list[str]:
     pairs, _ = collect_pairs()
     texts = sorted({p.query for p in pairs})
     return random.Random(0).sample(texts, 300)
+
+
+@pytest.fixture()
+def unwritable(monkeypatch, request):
+    """``unwritable(folder)`` creates ``folder`` and makes it unwritable; returns it.
+
+    chmod 0o555 where that stops writes. As root (CI containers), chmod stops nothing, so
+    creating anything inside the folder (``Path.mkdir``, ``tempfile.mkstemp``/``mkdtemp``,
+    which every embforge writer goes through) fails with EACCES instead: simulated, never skipped.
+    """
+
+    def make(folder: Path) -> Path:
+        folder.mkdir(parents=True, exist_ok=True)
+        folder.chmod(0o555)
+        request.addfinalizer(lambda: folder.chmod(0o755))  # tmp_path clean-up must still work
+        try:
+            (folder / ".probe").touch()
+        except PermissionError:
+            return folder  # chmod works here
+        (folder / ".probe").unlink()
+        root = folder.resolve()
+
+        def inside(path) -> bool:
+            return path is not None and Path(path).resolve().is_relative_to(root)
+
+        def deny(path):
+            raise PermissionError(errno.EACCES, "Permission denied (simulated)", str(path))
+
+        real_mkdir, real_mkstemp, real_mkdtemp = Path.mkdir, tempfile.mkstemp, tempfile.mkdtemp
+        monkeypatch.setattr(
+            Path, "mkdir", lambda p, *a, **k: deny(p) if inside(p) and not p.is_dir() else real_mkdir(p, *a, **k)
+        )
+        monkeypatch.setattr(
+            tempfile, "mkstemp", lambda *a, dir=None, **k: deny(dir) if inside(dir) else real_mkstemp(*a, dir=dir, **k)
+        )
+        monkeypatch.setattr(
+            tempfile, "mkdtemp", lambda *a, dir=None, **k: deny(dir) if inside(dir) else real_mkdtemp(*a, dir=dir, **k)
+        )
+        return folder
+
+    return make

@@ -24,6 +24,13 @@ class CheckpointError(EmbforgeError):
     """A checkpoint is missing, incomplete or does not match the model."""
 
 
+class SaveError(EmbforgeError):
+    """Saving a file or folder failed (disk full, not writable); the message names the path.
+
+    Whatever was saved at that path before is left intact.
+    """
+
+
 class InputError(EmbforgeError):
     """A caller passed invalid input (texts, dimensions, prompt names, ...)."""
 

@@ -27,7 +27,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from embforge.data.io import atomic_write, read_jsonl
+from embforge.atomic import atomic_write
+from embforge.data.io import read_jsonl
 
 TEACHER = "all-MiniLM-L6-v2"
 EVAL_TASKS = ("MLQuestions", "DBPedia-Subset")  # in tasks/shared_mteb.yaml; no training pair comes from them

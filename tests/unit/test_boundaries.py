@@ -26,6 +26,8 @@ NEVER = [
     # l2_normalise lives in embforge.vectors so that data/ and eval/ do not import each other
     ("data sits below eval (no cycle between them)", "data/", ("embforge.eval",)),
     ("the model never imports the parallelism code (torchtitan)", "models/", ("embforge.train.parallel",)),
+    ("the atomic writer sits below everything that saves (stdlib only)", "atomic.py",
+     ("torch", "numpy", "yaml", "embforge.models", "embforge.data", "embforge.train", "embforge.eval")),
 ]  # fmt: skip
 
 # "config, errors: stdlib + yaml only" (config raises errors' exceptions)

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from embforge.data.io import atomic_write
+from embforge.atomic import atomic_write
 from embforge.data.records import DataReport, OnBadRecord, TrainingRecord, read_records
 from embforge.vectors import l2_normalise
 

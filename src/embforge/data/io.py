@@ -6,17 +6,14 @@ Malformed lines are never skipped silently: they raise :class:`DataError` with
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import json
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 
+from embforge.atomic import atomic_write
 from embforge.errors import BadRecordError, DataError
 
 
@@ -147,45 +144,6 @@ def load_beir(folder: Path, split: str) -> tuple[dict[str, str], dict[str, str],
         raise DataError(f"{folder}: {len(missing)} judged queries are missing from queries.jsonl, e.g. {missing[:3]}")
     queries = {q: queries[q] for q in qrels}
     return corpus, queries, qrels
-
-
-def atomic_write(path: str | Path, write) -> Path:
-    """Call ``write(tmp_path)`` then rename onto ``path``: readers never see a partial file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-@contextlib.contextmanager
-def atomic_folder(path: str | Path) -> Iterator[Path]:
-    """Yield a temporary folder beside ``path``; on success it replaces ``path`` (else it is removed).
-
-    Readers never see a half-written folder; an existing ``path`` is replaced only once
-    the new one is complete.
-    """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
-    try:
-        yield tmp
-        old = None
-        if path.exists():
-            old = path.with_name(f".{path.name}.old-{os.getpid()}")
-            os.replace(path, old)
-        os.replace(tmp, path)
-        if old is not None:
-            shutil.rmtree(old)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
 
 
 def save_npy(path: str | Path, array: np.ndarray) -> Path:

@@ -27,8 +27,9 @@ from typing import Any, Literal
 
 import numpy as np
 
+from embforge.atomic import atomic_write
 from embforge.data.embedding_cache import encode_cached, encode_normalised, load_cached, store_cached
-from embforge.data.io import atomic_write, iter_jsonl
+from embforge.data.io import iter_jsonl
 from embforge.data.records import DataReport, OnBadRecord, read_records
 from embforge.errors import DataError
 

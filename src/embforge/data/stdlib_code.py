@@ -20,7 +20,7 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from embforge.data.io import atomic_write
+from embforge.atomic import atomic_write
 
 # folders of the standard library that are tests, demos or vendored copies
 _SKIP_DIRS = {

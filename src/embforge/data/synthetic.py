@@ -29,8 +29,8 @@ from pathlib import Path
 
 import httpx
 
+from embforge.atomic import atomic_write
 from embforge.data.filtering import normalise_text
-from embforge.data.io import atomic_write
 from embforge.data.records import TrainingRecord
 from embforge.errors import EmbforgeError
 

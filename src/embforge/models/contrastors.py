@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from embforge.data.io import atomic_folder
+from embforge.atomic import atomic_folder
 from embforge.errors import CheckpointError, ConfigError
 from embforge.models.nomic_bert import NomicBertConfig, NomicBertModel, apply_dynamic_ntk
 from embforge.models.nomic_bert_config import pad_vocab_size

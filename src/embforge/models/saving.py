@@ -29,10 +29,10 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from embforge.data.io import atomic_folder
+from embforge.atomic import atomic_folder, require_complete
 from embforge.errors import CheckpointError, ConfigError
 from embforge.models import portable
-from embforge.models.st_format import StLayout, read_layout, write_layout
+from embforge.models.st_format import StLayout, read_layout, write_json, write_layout
 
 EMBFORGE_FILE = "embforge.json"
 _BACKBONE_CONFIG_DROP = ("quantization_config", "_name_or_path", "transformers_version", "architectures", "auto_map")
@@ -67,7 +67,7 @@ def backbone_state(backbone: torch.nn.Module, *, merge_lora: bool = True) -> tup
     return base, state
 
 
-def _own_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+def own_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     # safetensors refuses shared storage (tied embeddings): clone makes every tensor its own
     return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
 
@@ -101,7 +101,7 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
         base, state = backbone_state(embedder.backbone, merge_lora=merge_lora)
         embedder.tokenizer.save_pretrained(tmp)
         if _is_plain_st(embedder, merge_lora):
-            base.save_pretrained(tmp, state_dict=_own_tensors(state))
+            base.save_pretrained(tmp, state_dict=own_tensors(state))
             layout = StLayout(
                 backbone_dir=tmp,
                 pooling=embedder.pooler.name,
@@ -140,12 +140,12 @@ def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict,
     config.save_pretrained(folder)
     tensors = {f"backbone.{k}": v for k, v in state.items()}
     tensors.update({f"pooler.{k}": v for k, v in embedder.pooler.state_dict().items()})
-    save_file(_own_tensors(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
+    save_file(own_tensors(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
     shutil.copyfile(Path(portable.__file__), folder / portable.MODELING_FILE)
-    _write_json(folder / EMBFORGE_FILE, {**settings, "format": 1, "versions": versions})
+    write_json(folder / EMBFORGE_FILE, {**settings, "format": 1, "versions": versions})
     module = f"{Path(portable.MODELING_FILE).stem}.EmbforgeSTModule"
-    _write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": module}])
-    _write_json(
+    write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": module}])
+    write_json(
         folder / "config_sentence_transformers.json",
         {
             "__version__": versions,
@@ -154,10 +154,6 @@ def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict,
             "similarity_fn_name": "cosine",
         },
     )
-
-
-def _write_json(path: Path, obj: object) -> None:
-    path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")
 
 
 # ---------------------------------------------------------------------------- load
@@ -173,6 +169,7 @@ def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module,
     from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone
     from embforge.models.nomic_bert import apply_dynamic_ntk, nomic_tokenizer
 
+    require_complete(folder, "model folder")  # a file missing or cut short: named here, not deep in transformers
     if (folder / EMBFORGE_FILE).is_file():
         return _load_embforge_folder(folder, weights=weights)
     layout = read_layout(folder)

@@ -162,7 +162,7 @@ def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: 
         from safetensors.numpy import save_file
 
         (folder / "2_LayerNorm").mkdir(exist_ok=True)
-        _write_json(folder / "2_LayerNorm" / "config.json", {"dimension": hidden_size})
+        write_json(folder / "2_LayerNorm" / "config.json", {"dimension": hidden_size})
         norm = {"norm.weight": np.ones(hidden_size, np.float32), "norm.bias": np.zeros(hidden_size, np.float32)}
         save_file(norm, str(folder / "2_LayerNorm" / "model.safetensors"))
         modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": ST_LAYER_NORM})
@@ -173,13 +173,13 @@ def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: 
     pooling = {"word_embedding_dimension": hidden_size}
     pooling.update({key: name == layout.pooling for name, key in _POOLING_KEYS.items()})
     (folder / "1_Pooling").mkdir(exist_ok=True)
-    _write_json(folder / "1_Pooling" / "config.json", pooling)
-    _write_json(folder / "modules.json", modules)
-    _write_json(
+    write_json(folder / "1_Pooling" / "config.json", pooling)
+    write_json(folder / "modules.json", modules)
+    write_json(
         folder / "sentence_bert_config.json",
         {"max_seq_length": layout.max_seq_len, "do_lower_case": layout.do_lower_case},
     )
-    _write_json(
+    write_json(
         folder / "config_sentence_transformers.json",
         {
             "__version__": versions,
@@ -190,5 +190,5 @@ def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: 
     )
 
 
-def _write_json(path: Path, obj: object) -> None:
+def write_json(path: Path, obj: object) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n", encoding="utf-8")

@@ -10,15 +10,13 @@ quantised per batch at run time).
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from embforge.atomic import atomic_folder
 from embforge.errors import CheckpointError
 from embforge.onnx.runtime import FORMAT_VERSION, ONNX_CONFIG, ONNX_FILES, OnnxEmbedder
 from embforge.optional import require
@@ -49,9 +47,7 @@ def export_onnx(
     """
     require("onnx")  # the exporter writes through it
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_folder(out_dir) as tmp:
         model = model.eval().to("cpu")
         batch = model.tokenize(_EXAMPLE_TEXTS)
         args = (batch["input_ids"], batch["attention_mask"])
@@ -97,12 +93,6 @@ def export_onnx(
         diff = float(np.abs(got - expected).max())
         if not diff <= _MAX_ABS_DIFF:
             raise CheckpointError(f"ONNX export differs from the PyTorch model by {diff:.2e} (> {_MAX_ABS_DIFF:g})")
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
 
 

@@ -1,24 +1,31 @@
-"""Checkpoints that are never half-written and resume the exact trajectory.
+"""Checkpoints that are never half-written, are checked before use, and resume the exact trajectory.
 
 A checkpoint is a folder ``checkpoints/step-00000010/`` holding
 
     model.safetensors    the trainable tensors of the Embedder (frozen ones never change)
-    optimizer.pt         optimizer state (torch.save; tensors of arbitrary structure)
-    trainer_state.json   step, scheduler state, data-stream position (sampler state)
-    rng.pt               torch (CPU + CUDA), numpy and Python RNG states
+    optimizer.pt         optimizer state (torch.save of tensors and plain containers only)
+    trainer_state.json   step, scheduler state, data-stream position (sampler state), eval scores
+    rng.pt               torch (CPU + CUDA), numpy and Python RNG states (tensors and plain types)
     recipe.yaml          the resolved recipe this run used
+    manifest.json        size and SHA-256 of every file above, written last
 
-It is written into a temporary folder and renamed into place, so a crash mid-write
-leaves the previous checkpoint as the latest one.
+It is written by :func:`embforge.atomic.atomic_folder` (temporary folder, fsync, manifest,
+rename), so a crash mid-write -- ``kill -9`` included -- leaves the previous checkpoint as
+the latest one. :func:`latest_checkpoint` checks the manifest of each candidate, newest
+first: a damaged one (manifest missing or not matching) is reported with a warning that
+names it and why, and the previous good one is used. The ``.pt`` files are read with
+``torch.load(weights_only=True)``: a file that needs arbitrary code to unpickle is refused.
+
+Retention (:func:`prune_checkpoints`): the newest ``keep_last`` plus the best one by an
+evaluation score.
 """
 
 from __future__ import annotations
 
 import json
-import os
+import pickle
 import random
-import shutil
-import tempfile
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -26,55 +33,121 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
+from embforge.atomic import atomic_folder, atomic_write, folder_problem, remove_folder
 from embforge.errors import CheckpointError
+from embforge.models.saving import own_tensors
 
 _PREFIX = "step-"
 
 
-def _cpu_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage (tied embeddings): clone makes every tensor its own
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+def _rng_state() -> dict:
+    """Every RNG state as tensors and plain Python values (loadable with ``weights_only=True``)."""
+    kind, key, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "numpy": {
+            "kind": kind,
+            "key": torch.from_numpy(key.astype(np.int64)),
+            "pos": pos,
+            "has_gauss": has_gauss,
+            "cached": cached,
+        },
+        "python": random.getstate(),
+    }
+
+
+def _set_rng_state(rng: dict) -> None:
+    torch.set_rng_state(rng["torch"])
+    if rng["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    n = rng["numpy"]
+    np.random.set_state((n["kind"], n["key"].numpy().astype(np.uint32), n["pos"], n["has_gauss"], n["cached"]))
+    random.setstate(rng["python"])
 
 
 def save_checkpoint(
-    folder: Path, step: int, model_state: dict, optim_state: dict, scheduler, trainer_state: dict, recipe: dict
+    folder: Path,
+    step: int,
+    model_state: dict,
+    optim_state: dict,
+    scheduler,
+    trainer_state: dict,
+    recipe: dict,
+    *,
+    metrics: dict[str, float] | None = None,
 ) -> Path:
-    """Write checkpoint ``folder/step-<step>`` atomically; return its path.
+    """Write checkpoint ``folder/step-<step>`` atomically, with its manifest; return its path.
 
     Args:
         model_state / optim_state: full (unsharded) state dicts, see ``parallel.full_states``.
+        metrics: evaluation scores at this step (``eval/<task>``), used to keep the best checkpoint.
+
+    Raises:
+        SaveError: disk full or folder not writable; the checkpoints already there are untouched.
     """
-    folder.mkdir(parents=True, exist_ok=True)
-    final = folder / f"{_PREFIX}{step:08d}"
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=folder))
-    try:
-        save_file(_cpu_tensors(model_state), str(tmp / "model.safetensors"))
+    with atomic_folder(folder / f"{_PREFIX}{step:08d}") as tmp:
+        save_file(own_tensors(model_state), str(tmp / "model.safetensors"))
         torch.save(optim_state, tmp / "optimizer.pt")
-        state = {"step": step, "scheduler": scheduler.state_dict(), **trainer_state}
+        state = {"step": step, "scheduler": scheduler.state_dict(), **trainer_state, "metrics": metrics or {}}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        rng = {
-            "torch": torch.get_rng_state(),
-            "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
-        }
-        torch.save(rng, tmp / "rng.pt")
+        torch.save(_rng_state(), tmp / "rng.pt")
         (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
-        if final.exists():
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return final
+    return folder / f"{_PREFIX}{step:08d}"
+
+
+def checkpoint_folders(folder: Path) -> list[Path]:
+    """Every ``step-*`` folder in ``folder``, oldest first, checked or not (temporary folders are hidden)."""
+    if not folder.is_dir():
+        return []
+    return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
 
 
 def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest complete checkpoint in ``folder`` (temporary folders are ignored)."""
-    if not folder.is_dir():
+    """The newest checkpoint in ``folder`` whose files match its manifest.
+
+    A damaged checkpoint (manifest missing, a file missing, truncated or changed) is
+    skipped with a warning naming it and why; the previous one is tried next.
+    """
+    for path in reversed(checkpoint_folders(folder)):
+        problem = folder_problem(path)
+        if problem is None:
+            return path
+        warnings.warn(f"checkpoint {path} is damaged ({problem}); using the previous one", stacklevel=2)
+    return None
+
+
+def _score(path: Path, metric: str | None) -> float | None:
+    try:
+        metrics = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("metrics", {})
+    except (OSError, ValueError):
         return None
-    found = sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
-    return found[-1] if found else None
+    if metric is not None:
+        return metrics.get(metric)
+    evals = [v for k, v in metrics.items() if k.startswith("eval/")]
+    return sum(evals) / len(evals) if evals else None
+
+
+def best_checkpoint(folder: Path, metric: str | None = None) -> Path | None:
+    """The checkpoint with the highest ``metric`` (None: the mean of its ``eval/*`` scores), if any has one."""
+    scored = [(s, p) for p in checkpoint_folders(folder) if (s := _score(p, metric)) is not None]
+    return max(scored, key=lambda sp: sp[0])[1] if scored else None
+
+
+def prune_checkpoints(folder: Path, keep_last: int, best_metric: str | None = None) -> list[Path]:
+    """Delete all checkpoints but the newest ``keep_last`` and the best one; return those deleted.
+
+    ``keep_last`` 0 keeps every checkpoint. A deletion interrupted by a crash leaves a
+    hidden temporary folder, never a partial checkpoint.
+    """
+    found = checkpoint_folders(folder)
+    if keep_last <= 0 or len(found) <= keep_last:
+        return []
+    keep = set(found[-keep_last:]) | {best_checkpoint(folder, best_metric)}
+    doomed = [p for p in found if p not in keep]
+    for path in doomed:
+        remove_folder(path)
+    return doomed
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
@@ -97,6 +170,16 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     model.load_state_dict(state, strict=False)
 
 
+def _load_tensors_only(file: Path):
+    try:
+        return torch.load(file, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise CheckpointError(
+            f"{file} holds more than tensors and plain containers; refused (it is loaded with weights_only=True): "
+            f"{str(exc).splitlines()[0]}"
+        ) from exc
+
+
 def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
     """Restore optimizer (through ``load_optimizer(state_dict)``), scheduler and RNG states.
 
@@ -106,13 +189,29 @@ def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
     for name in ("optimizer.pt", "trainer_state.json", "rng.pt"):
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-    load_optimizer(torch.load(path / "optimizer.pt", weights_only=False))
+    load_optimizer(_load_tensors_only(path / "optimizer.pt"))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     scheduler.load_state_dict(state["scheduler"])
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    torch.set_rng_state(rng["torch"])
-    if rng["cuda"] and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(rng["cuda"])
-    np.random.set_state(rng["numpy"])
-    random.setstate(rng["python"])
+    _set_rng_state(_load_tensors_only(path / "rng.pt"))
     return state
+
+
+def resume_log(log_file: Path, start: int, *, rewrite: bool = True) -> list[dict]:
+    """The rows of ``metrics.jsonl`` up to step ``start`` (the checkpoint resumed from); rewrite the file to them.
+
+    Rows past the checkpoint are dropped, and so is a last line cut short by a crash
+    mid-append (any other malformed line is an error).
+    """
+    history = []
+    if start and log_file.is_file():
+        lines = [line for line in log_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        for i, line in enumerate(lines):
+            try:
+                history.append(json.loads(line))
+            except ValueError as exc:
+                if i < len(lines) - 1:
+                    raise CheckpointError(f"{log_file}:{i + 1}: not JSON ({exc})") from exc
+        history = [h for h in history if h["step"] <= start]
+    if rewrite:
+        atomic_write(log_file, lambda tmp: tmp.write_text("".join(json.dumps(h) + "\n" for h in history)))
+    return history

@@ -23,6 +23,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from embforge.atomic import check_writable, remove_stale_temporaries
 from embforge.data.examples import classification_records, sts_records
 from embforge.data.pairs import (
     BatchSampler,
@@ -36,7 +37,15 @@ from embforge.data.pairs import (
 from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
-from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
+from embforge.train.checkpoint import (
+    checkpoint_folders,
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    prune_checkpoints,
+    resume_log,
+    save_checkpoint,
+)
 from embforge.train.grad_cache import grad_cache_step, split_features
 from embforge.train.parallel import (
     DistInfo,
@@ -338,8 +347,12 @@ def train_stage(
         stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives
     )
     ckpt_dir = stage_dir / "checkpoints"
+    if info.is_main:
+        check_writable(ckpt_dir)  # an unwritable output folder fails now, not at the first save
+        remove_stale_temporaries(ckpt_dir)  # what a killed run left half-written
+    barrier()
     latest = latest_checkpoint(ckpt_dir) if resume else None
-    if not resume and latest_checkpoint(ckpt_dir) is not None:
+    if not resume and checkpoint_folders(ckpt_dir):
         raise CheckpointError(
             f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
             "(embforge never deletes them for you)"
@@ -356,13 +369,7 @@ def train_stage(
         sampler.load_state_dict(state["sampler"])
         start = state["step"]
     log_file = stage_dir / "metrics.jsonl"
-    history: list[dict] = []
-    if log_file.is_file() and start:
-        history = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-        history = [h for h in history if h["step"] <= start]
-    if info.is_main:
-        stage_dir.mkdir(parents=True, exist_ok=True)
-        log_file.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop lines past the checkpoint
+    history = resume_log(log_file, start, rewrite=info.is_main)  # lines past the checkpoint are dropped
     precision = resolve_precision(stage.precision, info.device)
     autocast = (
         (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16))
@@ -392,7 +399,12 @@ def train_stage(
         model_state = {k: v for k, v in model_state.items() if k in trainable}  # frozen weights never change
         if info.is_main:
             trainer_state = {"sampler": sampler.state_dict(), "stage": stage.name, "data_report": report.summary()}
-            save_checkpoint(ckpt_dir, step, model_state, optim_state, scheduler, trainer_state, recipe_dict)
+            scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
+            metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
+            save_checkpoint(
+                ckpt_dir, step, model_state, optim_state, scheduler, trainer_state, recipe_dict, metrics=metrics
+            )
+            prune_checkpoints(ckpt_dir, stage.keep_last_checkpoints, stage.best_metric)
         barrier()
 
     for step in range(start, stage.steps):

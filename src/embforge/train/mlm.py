@@ -25,8 +25,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from embforge.atomic import atomic_folder, check_writable, remove_stale_temporaries
 from embforge.config import to_dict
-from embforge.data.io import atomic_folder
 from embforge.data.mlm import (
     IGNORE,
     expand_files,
@@ -40,7 +40,15 @@ from embforge.errors import CheckpointError, ConfigError, DataError
 from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.portable import num_parameters
-from embforge.train.checkpoint import latest_checkpoint, load_model_weights, load_training_state, save_checkpoint
+from embforge.train.checkpoint import (
+    checkpoint_folders,
+    latest_checkpoint,
+    load_model_weights,
+    load_training_state,
+    prune_checkpoints,
+    resume_log,
+    save_checkpoint,
+)
 from embforge.train.loop import TrainingError, build_optimizer, build_scheduler, resolve_precision
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
 
@@ -141,8 +149,10 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
         raise ConfigError("pretrain-mlm runs in one process; multi-process (torchrun) MLM is not implemented")
     out_dir = Path(recipe.output_dir)
     ckpt_dir = out_dir / "checkpoints"
+    check_writable(ckpt_dir)  # an unwritable output folder fails now, not at the first save
+    remove_stale_temporaries(ckpt_dir)  # what a killed run left half-written
     latest = latest_checkpoint(ckpt_dir)
-    if latest is not None and not resume:
+    if checkpoint_folders(ckpt_dir) and not resume:
         raise CheckpointError(
             f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
             "(embforge never deletes them for you)"
@@ -178,13 +188,8 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
     eval_seed = recipe.seed + _EVAL_SEED_OFFSET
     recipe_dict = to_dict(recipe)
 
-    out_dir.mkdir(parents=True, exist_ok=True)
     log_file = out_dir / "metrics.jsonl"
-    history: list[dict] = []
-    if start and log_file.is_file():
-        history = [json.loads(line) for line in log_file.read_text().splitlines() if line.strip()]
-        history = [h for h in history if h["step"] <= start]
-    log_file.write_text("".join(json.dumps(h) + "\n" for h in history))  # drop lines past the checkpoint
+    history = resume_log(log_file, start)  # lines past the checkpoint are dropped
 
     def log(row: dict) -> None:
         history.append(row)
@@ -197,9 +202,19 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
 
     def save(step: int) -> None:
         trainer_state = {"data": data.stats, "objective": "mlm"}
+        last = history[-1] if history and history[-1]["step"] == step else {}
+        metrics = {k: v for k, v in last.items() if k.startswith("eval/")}  # an evaluation at this very step
         save_checkpoint(
-            ckpt_dir, step, model.state_dict(), optimizer.state_dict(), scheduler, trainer_state, recipe_dict
+            ckpt_dir,
+            step,
+            model.state_dict(),
+            optimizer.state_dict(),
+            scheduler,
+            trainer_state,
+            recipe_dict,
+            metrics=metrics,
         )
+        prune_checkpoints(ckpt_dir, recipe.keep_last_checkpoints)
 
     print(
         f"mlm: {num_parameters(model.backbone):,} backbone parameters, {precision}, data {json.dumps(data.stats)}",

@@ -62,6 +62,7 @@ class MLMRecipeConfig:
     eval_every: int = 0  # 0: evaluate before training and at the end only
     eval_batch_size: int = 32
     save_every: int = 0  # 0: checkpoint only at the end
+    keep_last_checkpoints: int = 3  # the newest checkpoints kept (plus the best eval/masked_acc); 0: keep all
     output_dir: str = "runs/mlm"
     data_root: str = "."  # relative to the recipe file
     seed: int = 0
@@ -70,6 +71,8 @@ class MLMRecipeConfig:
         where = path or "recipe"
         if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1 or self.log_every < 1:
             raise ConfigError(f"{where}: steps, batch_size, eval_batch_size and log_every must be >= 1")
+        if self.keep_last_checkpoints < 0:
+            raise ConfigError(f"{where}.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if self.micro_batch_size < 0 or self.micro_batch_size > self.batch_size:
             raise ConfigError(f"{where}.micro_batch_size must be in [0, batch_size], got {self.micro_batch_size}")
         if self.warmup_fraction is not None:

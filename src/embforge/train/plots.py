@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from embforge.atomic import atomic_write
 from embforge.optional import require
 
 
@@ -38,8 +39,7 @@ def plot_history(
         if ax.get_legend_handles_labels()[0]:
             ax.legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
 
@@ -59,7 +59,10 @@ def plot_matryoshka(curve: dict[str, dict[str, float]], path: Path, title: str =
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
+    _save_png(fig, path)
     plt.close(fig)
     return path
+
+
+def _save_png(fig, path: Path) -> None:
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -98,6 +98,8 @@ class StageConfig:
     precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the device supports it
     log_every: int = 10
     save_every: int = 0  # 0: checkpoint only at the end of the stage
+    keep_last_checkpoints: int = 3  # the newest checkpoints kept (plus the best one); 0: keep every checkpoint
+    best_metric: str | None = None  # "eval/<task>", higher is better; null: the mean of the eval/ scores
     eval_every: int = 0  # 0: no evaluation during the stage
     eval_tasks: str | None = None  # task file (relative to data_root)
     eval_only: list[str] | None = None  # task names inside it
@@ -108,6 +110,10 @@ class StageConfig:
             raise ConfigError(f"{path}: steps and grad_accum_steps must be >= 1, grad_cache_chunk >= 0")
         if self.eval_every and not self.eval_tasks:
             raise ConfigError(f"{path}: eval_every needs eval_tasks")
+        if self.keep_last_checkpoints < 0:
+            raise ConfigError(f"{path}.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
+        if self.best_metric is not None and not self.best_metric.startswith("eval/"):
+            raise ConfigError(f"{path}.best_metric must name an evaluation score, e.g. 'eval/SICK-R'")
 
 
 @dataclass

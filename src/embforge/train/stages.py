@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from embforge.atomic import check_writable
 from embforge.config import to_dict
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
@@ -37,6 +38,8 @@ def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, in
     unfinished stage continues from its newest checkpoint.
     """
     info = info or init_distributed()
+    if info.is_main:
+        check_writable(recipe.output_dir)  # fail before any training, not at the first save
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)

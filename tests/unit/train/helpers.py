@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import socket
@@ -9,12 +11,13 @@ import subprocess
 
 import torch
 
+from embforge.config import from_dict
 from embforge.data.pairs import Example
 from embforge.data.records import TrainingRecord
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import TINY_WORDS, tiny_bert
 from embforge.train.loop import ContrastiveBatch, collate
-from embforge.train.recipe import DataConfig, DatasetConfig
+from embforge.train.recipe import DataConfig, DatasetConfig, StageConfig
 
 
 def tiny_embedder(dropout: float = 0.0, seed: int = 0) -> Embedder:
@@ -32,6 +35,63 @@ def records(count: int, num_negatives: int, seed: int = 0) -> list[TrainingRecor
         TrainingRecord(sentence(rng), [sentence(rng, 10)], [sentence(rng, 10) for _ in range(num_negatives)])
         for _ in range(count)
     ]
+
+
+def write_pair_files(folder) -> None:
+    """The training data of stage_config: memory.jsonl and a streamed dataset in two shards."""
+
+    def _jsonl(path, recs) -> None:
+        with path.open("w") as f:
+            for r in recs:
+                f.write(json.dumps({"query": r.query, "positive": r.positive, "negatives": r.negatives}) + "\n")
+
+    _jsonl(folder / "memory.jsonl", records(40, num_negatives=1, seed=1))
+    for shard in range(2):
+        _jsonl(folder / f"stream-{shard}.jsonl", records(15, num_negatives=1, seed=10 + shard))
+
+
+def stage_config(steps=20, **over) -> StageConfig:
+    """A one-stage config (fp32, two datasets, one streamed) over write_pair_files' data."""
+    raw = {
+        "name": "s",
+        "steps": steps,
+        "log_every": 5,
+        "save_every": 10,
+        "precision": "fp32",
+        "data": {
+            "batch_size": 4,
+            "num_negatives": 1,
+            "no_duplicates": False,
+            "datasets": [
+                {"name": "memory", "path": "memory.jsonl", "weight": 2.0},
+                {"name": "stream", "path": "stream-*.jsonl", "stream": True, "in_batch_negatives": False},
+            ],
+        },
+        "loss": {"temperature": 0.05},
+        "optim": {"lr": 1e-3, "warmup_steps": 3, "schedule": "cosine"},
+    }
+    raw.update(over)
+    return from_dict(StageConfig, raw)
+
+
+@contextlib.contextmanager
+def crash_in_step(step: int):
+    """Inside the block, training raises KeyboardInterrupt when it asks for the batch of ``step``."""
+    from embforge.train import loop
+
+    calls, real_next = [0], loop.BatchSampler.next_batch
+
+    def crashing(self):
+        calls[0] += 1
+        if calls[0] >= step:
+            raise KeyboardInterrupt(f"simulated crash in step {step}")
+        return real_next(self)
+
+    loop.BatchSampler.next_batch = crashing
+    try:
+        yield
+    finally:
+        loop.BatchSampler.next_batch = real_next
 
 
 def make_batch(

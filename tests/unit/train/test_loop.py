@@ -11,47 +11,10 @@ from embforge.config import from_dict
 from embforge.errors import CheckpointError, DataError
 from embforge.train.checkpoint import latest_checkpoint
 from embforge.train.parallel import DistInfo
-from embforge.train.recipe import RecipeConfig, StageConfig
+from embforge.train.recipe import RecipeConfig
 from embforge.train.stages import run_recipe
 
-from .helpers import records, tiny_embedder
-
-
-@pytest.fixture()
-def data_dir(tmp_path):
-    d = tmp_path / "data"
-    d.mkdir()
-    with (d / "memory.jsonl").open("w") as f:
-        for r in records(40, num_negatives=1, seed=1):
-            f.write(json.dumps({"query": r.query, "positive": r.positive, "negatives": r.negatives}) + "\n")
-    for shard in range(2):  # a streamed dataset in two shards
-        with (d / f"stream-{shard}.jsonl").open("w") as f:
-            for r in records(15, num_negatives=1, seed=10 + shard):
-                f.write(json.dumps({"query": r.query, "positive": r.positive, "negatives": r.negatives}) + "\n")
-    return d
-
-
-def stage_config(steps=20, **over) -> StageConfig:
-    raw = {
-        "name": "s",
-        "steps": steps,
-        "log_every": 5,
-        "save_every": 10,
-        "precision": "fp32",
-        "data": {
-            "batch_size": 4,
-            "num_negatives": 1,
-            "no_duplicates": False,
-            "datasets": [
-                {"name": "memory", "path": "memory.jsonl", "weight": 2.0},
-                {"name": "stream", "path": "stream-*.jsonl", "stream": True, "in_batch_negatives": False},
-            ],
-        },
-        "loss": {"temperature": 0.05},
-        "optim": {"lr": 1e-3, "warmup_steps": 3, "schedule": "cosine"},
-    }
-    raw.update(over)
-    return from_dict(StageConfig, raw)
+from .helpers import crash_in_step, stage_config, tiny_embedder
 
 
 def _spy_queries(monkeypatch):
@@ -80,20 +43,9 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, monkeypatch):
     seen.clear()
 
     interrupted = tiny_embedder(dropout=0.1)
-    calls = {"n": 0}
-    real_next = loop.BatchSampler.next_batch
-
-    def crash_after_10(self):
-        calls["n"] += 1
-        if calls["n"] > 10:
-            raise KeyboardInterrupt("simulated crash in step 11")
-        return real_next(self)
-
-    monkeypatch.setattr(loop.BatchSampler, "next_batch", crash_after_10)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_in_step(11), pytest.raises(KeyboardInterrupt):
         _train(interrupted, stage_config(), data_dir, tmp_path / "b", resume=False)
     assert latest_checkpoint(tmp_path / "b" / "checkpoints").name == "step-00000010"
-    monkeypatch.setattr(loop.BatchSampler, "next_batch", real_next)
     seen.clear()
 
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
@@ -270,7 +222,7 @@ def test_beir_folder_as_a_training_source(tmp_path):
     assert dict(report.skipped["b"]) == {"qrel names a document missing from the corpus": 1}
 
 
-def test_resume_with_lora_adapters_and_a_latent_head(data_dir, tmp_path, monkeypatch):
+def test_resume_with_lora_adapters_and_a_latent_head(data_dir, tmp_path):
     from .helpers import tiny_lora_embedder
 
     stage = stage_config(data={**stage_config().data.__dict__, "datasets": [{"name": "m", "path": "memory.jsonl"}]})
@@ -280,19 +232,8 @@ def test_resume_with_lora_adapters_and_a_latent_head(data_dir, tmp_path, monkeyp
     trainable = {n for n, p in straight.named_parameters() if p.requires_grad}
     assert set(saved) == trainable  # adapters and head only, not the frozen base
 
-    calls = {"n": 0}
-    real_next = loop.BatchSampler.next_batch
-
-    def crash_after_10(self):
-        calls["n"] += 1
-        if calls["n"] > 10:
-            raise KeyboardInterrupt("simulated crash in step 11")
-        return real_next(self)
-
-    monkeypatch.setattr(loop.BatchSampler, "next_batch", crash_after_10)
-    with pytest.raises(KeyboardInterrupt):
+    with crash_in_step(11), pytest.raises(KeyboardInterrupt):
         _train(tiny_lora_embedder(seed=1), stage, data_dir, tmp_path / "b", resume=False)
-    monkeypatch.setattr(loop.BatchSampler, "next_batch", real_next)
     resumed = tiny_lora_embedder(seed=99)  # other adapter/head init: they must come from the checkpoint
     _train(resumed, stage, data_dir, tmp_path / "b", resume=True)
     for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
