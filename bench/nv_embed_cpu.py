@@ -3,7 +3,7 @@
 Trains ``src/embforge/recipes/nv_embed/cpu_smollm2.yaml`` through ``embforge train`` (the
 command users run) three times — the recipe (bidirectional + latent attention), causal +
 last token, bidirectional + mean (arXiv 2405.17428 Tables 2/3) — and evaluates the
-untrained SmolLM2 (mean pooling) and each trained model on shared tasks that training never
+untrained SmolLM2 (mean pooling, with its own causal mask and with the mask removed) and each trained model on shared tasks that training never
 saw (retrieval and STS). Writes a Markdown table, a JSON file and a bar chart under --out;
 the last output line is one JSON object.
 
@@ -72,7 +72,13 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
-    rows = {"untrained (mean)": evaluate("SmolLM2-135M-Instruct", out, "untrained", ["--max-seq-len", "64"])}
+    base = ["--max-seq-len", "64", "--pooling", "mean"]
+    rows = {
+        "untrained (causal, mean)": evaluate(
+            "SmolLM2-135M-Instruct", out, "untrained_causal", [*base, "--attention", "causal"]
+        ),
+        "untrained (bidirectional, mean)": evaluate("SmolLM2-135M-Instruct", out, "untrained", base),
+    }
     train_seconds = {}
     for variant in args.variants:
         run_dir = out / variant
@@ -116,7 +122,7 @@ def main() -> None:
         json.dumps(
             {
                 "bench": "nv_embed_cpu",
-                "untrained_sts16": rows["untrained (mean)"].get("STS16"),
+                "untrained_sts16": rows["untrained (causal, mean)"].get("STS16"),
                 "recipe_sts16": best.get("STS16"),
                 "train_seconds": train_seconds,
             }
