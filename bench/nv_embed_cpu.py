@@ -111,7 +111,10 @@ def main() -> None:
             ax.bar([j + i * width for j in range(len(tasks))], [scores[t] for t in tasks], width, label=name)
         ax.set_xticks([j + 0.4 - width / 2 for j in range(len(tasks))], tasks)
         ax.set_ylabel("score x100 (nDCG@10 / Spearman)")
-        ax.set_title("NV-Embed CPU twin on SmolLM2-135M: held-out tasks")
+        import torch
+
+        where = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+        ax.set_title(f"NV-Embed twin on SmolLM2-135M ({where}): held-out tasks")
         ax.legend(fontsize=8)
         fig.tight_layout()
         fig.savefig(out / "nv_embed_cpu.png", dpi=120)
