@@ -33,7 +33,14 @@ import torch
 import yaml
 from safetensors.torch import load_file, save_file
 
-from embforge.atomic import atomic_folder, atomic_write, folder_problem, remove_folder
+from embforge.atomic import (
+    atomic_folder,
+    atomic_write,
+    check_writable,
+    folder_problem,
+    remove_folder,
+    remove_stale_temporaries,
+)
 from embforge.errors import CheckpointError
 from embforge.models.saving import own_tensors
 
@@ -101,6 +108,29 @@ def checkpoint_folders(folder: Path) -> list[Path]:
     if not folder.is_dir():
         return []
     return sorted(p for p in folder.iterdir() if p.is_dir() and p.name.startswith(_PREFIX))
+
+
+def ready_checkpoint_dir(folder: Path) -> None:
+    """Before a run's first step: fail now if ``folder`` is not writable (not at the first save),
+    and clear what a killed run left half-written there. One process per folder (rank 0)."""
+    check_writable(folder)
+    remove_stale_temporaries(folder)
+
+
+def resume_point(folder: Path, resume: bool) -> Path | None:
+    """The checkpoint a run continues from: the newest good one with ``resume``, else None.
+
+    Raises:
+        CheckpointError: ``resume`` is off and ``folder`` holds an earlier run's checkpoints.
+    """
+    if not resume:
+        if checkpoint_folders(folder):
+            raise CheckpointError(
+                f"{folder} already holds checkpoints of an earlier run; resume, or choose another output_dir "
+                "(embforge never deletes them for you)"
+            )
+        return None
+    return latest_checkpoint(folder)
 
 
 def latest_checkpoint(folder: Path) -> Path | None:

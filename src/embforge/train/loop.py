@@ -23,7 +23,6 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from embforge.atomic import check_writable, remove_stale_temporaries
 from embforge.data.examples import classification_records, sts_records
 from embforge.data.pairs import (
     BatchSampler,
@@ -35,15 +34,16 @@ from embforge.data.pairs import (
     text_key,
 )
 from embforge.data.records import DataReport
-from embforge.errors import CheckpointError, DataError, EmbforgeError
+from embforge.errors import DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import (
-    checkpoint_folders,
     latest_checkpoint,
     load_model_weights,
     load_training_state,
     prune_checkpoints,
+    ready_checkpoint_dir,
     resume_log,
+    resume_point,
     save_checkpoint,
 )
 from embforge.train.grad_cache import grad_cache_step, split_features
@@ -348,15 +348,9 @@ def train_stage(
     )
     ckpt_dir = stage_dir / "checkpoints"
     if info.is_main:
-        check_writable(ckpt_dir)  # an unwritable output folder fails now, not at the first save
-        remove_stale_temporaries(ckpt_dir)  # what a killed run left half-written
+        ready_checkpoint_dir(ckpt_dir)
     barrier()
-    latest = latest_checkpoint(ckpt_dir) if resume else None
-    if not resume and checkpoint_folders(ckpt_dir):
-        raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
-            "(embforge never deletes them for you)"
-        )
+    latest = resume_point(ckpt_dir, resume)
     if latest is not None and holds_weights(embedder):  # FSDP ranks > 0 hold a meta model: rank 0's is broadcast
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)

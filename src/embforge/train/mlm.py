@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from embforge.atomic import atomic_folder, check_writable, remove_stale_temporaries
+from embforge.atomic import atomic_folder
 from embforge.config import to_dict
 from embforge.data.mlm import (
     IGNORE,
@@ -36,17 +36,18 @@ from embforge.data.mlm import (
     split_heldout,
     tokenize_documents,
 )
-from embforge.errors import CheckpointError, ConfigError, DataError
+from embforge.errors import ConfigError, DataError
 from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.portable import num_parameters
 from embforge.train.checkpoint import (
-    checkpoint_folders,
     latest_checkpoint,
     load_model_weights,
     load_training_state,
     prune_checkpoints,
+    ready_checkpoint_dir,
     resume_log,
+    resume_point,
     save_checkpoint,
 )
 from embforge.train.loop import TrainingError, build_optimizer, build_scheduler, resolve_precision
@@ -149,14 +150,8 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
         raise ConfigError("pretrain-mlm runs in one process; multi-process (torchrun) MLM is not implemented")
     out_dir = Path(recipe.output_dir)
     ckpt_dir = out_dir / "checkpoints"
-    check_writable(ckpt_dir)  # an unwritable output folder fails now, not at the first save
-    remove_stale_temporaries(ckpt_dir)  # what a killed run left half-written
-    latest = latest_checkpoint(ckpt_dir)
-    if checkpoint_folders(ckpt_dir) and not resume:
-        raise CheckpointError(
-            f"{ckpt_dir} already holds checkpoints of an earlier run; resume, or choose another output_dir "
-            "(embforge never deletes them for you)"
-        )
+    ready_checkpoint_dir(ckpt_dir)
+    latest = resume_point(ckpt_dir, resume)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
