@@ -27,12 +27,10 @@ from tqdm.auto import tqdm
 
 from embforge.errors import ConfigError, InputError
 from embforge.models import portable
+from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.matryoshka import check_dimensions
 from embforge.models.prompts import resolve_prompt
 from embforge.models.registry import resolve_model_path
-
-# texts are encoded in batches of similar token length; a progress bar appears past this many
-_PROGRESS_MIN_BATCHES = 8
 
 
 class Embedder(nn.Module):
@@ -263,26 +261,18 @@ class Embedder(nn.Module):
         Returns:
             float32 array (N, D') — or (D',) for a single string.
         """
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        for i, text in enumerate(items):
-            if not isinstance(text, str):
-                raise InputError(f"texts[{i}] must be a string, got {type(text).__name__}")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        items, single = encode_items(texts, batch_size)
         dim = check_dimensions(dimensions, self.hidden_size)
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
             # tokenise everything once, then batch by exact token length: least padding
             ids, excluded = self._token_ids(items, prompt_name, prompt)
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            starts = range(0, len(items), batch_size)
-            show = show_progress if show_progress is not None else len(starts) >= _PROGRESS_MIN_BATCHES
+            batches = length_batches(ids, batch_size)
+            show = show_progress if show_progress is not None else len(batches) >= PROGRESS_MIN_BATCHES
             was_training = self.training
             self.eval()
             with torch.inference_mode():
-                for start in tqdm(starts, desc="encode", unit="batch", disable=not show):
-                    idx = order[start : start + batch_size]
+                for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                     batch = portable.pad_batch(
                         self.tokenizer, [ids[i] for i in idx], [excluded[i] for i in idx], device=self.device
                     )

@@ -22,7 +22,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embforge.errors import ConfigError, InputError
+from embforge.errors import ConfigError
+from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.matryoshka import check_dimensions, truncate_dimensions
 from embforge.models.prompts import resolve_prompt
 from embforge.optional import require
@@ -31,7 +32,6 @@ ONNX_CONFIG = "embforge_onnx.json"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 FORMAT_VERSION = 1
 # a progress bar appears past this many batches
-_PROGRESS_MIN_BATCHES = 8
 
 
 def is_onnx_folder(path: str | Path) -> bool:
@@ -135,23 +135,15 @@ class OnnxEmbedder:
         show_progress: bool | None = None,
     ) -> np.ndarray:
         """Embed texts, batches of similar length. Same arguments and result as :meth:`Embedder.encode`."""
-        single = isinstance(texts, str)
-        items = [texts] if single else list(texts)
-        for i, text in enumerate(items):
-            if not isinstance(text, str):
-                raise InputError(f"texts[{i}] must be a string, got {type(text).__name__}")
-        if batch_size < 1:
-            raise InputError(f"batch_size must be >= 1, got {batch_size}")
+        items, single = encode_items(texts, batch_size)
         dim = check_dimensions(dimensions, self.hidden_size)
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
             ids = self.token_ids(items, prompt_name=prompt_name)
-            order = np.argsort([-len(x) for x in ids], kind="stable")
-            starts = range(0, len(items), batch_size)
-            show = show_progress if show_progress is not None else len(starts) >= _PROGRESS_MIN_BATCHES
-            bar = _progress(len(starts), show)
-            for start in starts:
-                idx = order[start : start + batch_size]
+            batches = length_batches(ids, batch_size)
+            show = show_progress if show_progress is not None else len(batches) >= PROGRESS_MIN_BATCHES
+            bar = _progress(len(batches), show)
+            for idx in batches:
                 batch = pad_batch([ids[i] for i in idx], self.pad_token_id)
                 out[idx] = truncate_dimensions(self.forward(**batch), dim, self.normalize)
                 if bar is not None:
