@@ -233,7 +233,8 @@ class Embedder(nn.Module):
             ``input_ids``, ``attention_mask`` and ``pooling_mask``, each (B, T).
         """
         ids, excluded = self._token_ids(texts, prompt_name, prompt)
-        device = self.device if self.device.type != "meta" else "cpu"  # a meta model (FSDP rank) still tokenises
+        device = self.device
+        device = "cpu" if device.type == "meta" else device  # a meta model (an FSDP rank > 0) still tokenises
         return portable.pad_batch(self.tokenizer, ids, excluded, device=device)
 
     # ------------------------------------------------------------------ inference
