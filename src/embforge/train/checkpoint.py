@@ -43,6 +43,7 @@ from embforge.atomic import (
 )
 from embforge.errors import CheckpointError
 from embforge.models.saving import own_tensors
+from embforge.train.schedule import restore_scheduler
 
 _PREFIX = "step-"
 
@@ -221,7 +222,7 @@ def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
     load_optimizer(_load_tensors_only(path / "optimizer.pt"))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
-    scheduler.load_state_dict(state["scheduler"])
+    restore_scheduler(scheduler, state["scheduler"])
     _set_rng_state(_load_tensors_only(path / "rng.pt"))
     return state
 

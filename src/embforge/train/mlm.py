@@ -50,8 +50,9 @@ from embforge.train.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from embforge.train.loop import TrainingError, build_optimizer, build_scheduler, resolve_precision
+from embforge.train.loop import TrainingError, build_optimizer, resolve_precision
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
+from embforge.train.schedule import build_scheduler
 
 _EVAL_SEED_OFFSET = 7919  # the held-back masks use their own fixed seed
 

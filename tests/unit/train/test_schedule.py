@@ -1,4 +1,4 @@
-"""LR schedules: pinned values (so a swap to library schedulers is provably identical) and exact resume."""
+"""LR schedules (torch's, in embforge.train.schedule): the documented values, exact resume, old checkpoints."""
 
 import json
 import math
@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from embforge.train.loop import build_scheduler
+from embforge.train.schedule import build_scheduler, restore_scheduler
 from embforge.train.recipe import OptimConfig
 
 
@@ -27,13 +27,12 @@ def _run(schedule, warmup, total, lr=0.1):
 
 
 @pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
-@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (1, 10), (3, 10), (5, 5), (4, 37)])
+@pytest.mark.parametrize(("warmup", "total"), [(0, 10), (1, 10), (3, 10), (5, 5), (4, 37), (400, 3000)])
 def test_schedule_values(schedule, warmup, total):
     opt, sched = _run(schedule, warmup, total)
-    for step in range(total):
-        assert sched.get_last_lr()[0] == pytest.approx(
-            0.1 * _factor(schedule, warmup, total, step), rel=1e-15, abs=1e-18
-        )
+    for step in range(total + 1):  # the rate after the last step is logged too
+        # torch's schedulers update the rate multiplicatively: equal to the closed form up to rounding
+        assert sched.get_last_lr()[0] == pytest.approx(0.1 * _factor(schedule, warmup, total, step), rel=0, abs=1e-13)
         opt.step()
         sched.step()
 
@@ -68,3 +67,27 @@ def test_resume_continues_the_same_values_exactly(schedule):
         opt2.step()
         sched2.step()
     assert resumed == reference[cut:]
+
+
+@pytest.mark.parametrize("schedule", ["linear", "cosine", "constant"])
+def test_a_checkpoint_from_the_lambda_lr_schedules_resumes_with_the_same_values(schedule):
+    """Checkpoints written before the switch hold a LambdaLR state; they resume on the same schedule."""
+    total, warmup, cut = 20, 3, 7
+    p = torch.nn.Parameter(torch.zeros(1))
+    old_opt = torch.optim.AdamW([p], lr=0.1)
+    old = torch.optim.lr_scheduler.LambdaLR(old_opt, lambda step: _factor(schedule, warmup, total, step))
+    for _ in range(cut):
+        old_opt.step()
+        old.step()
+    opt_state, sched_state = old_opt.state_dict(), json.loads(json.dumps(old.state_dict()))
+    assert "lr_lambdas" in sched_state
+    opt, sched = _run(schedule, warmup, total)
+    opt.load_state_dict(opt_state)
+    restore_scheduler(sched, sched_state)
+    resumed = []
+    for _ in range(cut, total + 1):
+        resumed.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    expected = [0.1 * _factor(schedule, warmup, total, step) for step in range(cut, total + 1)]
+    assert resumed == pytest.approx(expected, rel=0, abs=1e-13)
