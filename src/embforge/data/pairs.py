@@ -5,12 +5,15 @@ Records are :class:`~embforge.data.records.TrainingRecord` objects, read and val
 ``on_bad_record: skip``, skipped and counted by reason in the :class:`DataReport`).
 Well-formed records a stage cannot use (too few negatives) are skipped and counted too.
 
-Sources hand out (record, positive) forever (epoch after epoch) and have a small resumable
-state: :class:`MemorySource` (a seeded permutation per epoch) and :class:`StreamSource`
-(sequential read over sorted shards, state = shard index + byte offset, so memory does
-not depend on the dataset size). A record with several positives trains with one of them
-per epoch, drawn from (seed, epoch, record position) alone, so a resumed run draws the
-same. :class:`BatchSampler` combines sources into batches:
+Sources hand out :class:`Draw` s (a record with this epoch's positive and negatives)
+forever, epoch after epoch, and have a small resumable state: :class:`MemorySource` (a
+seeded permutation per epoch) and :class:`StreamSource` (sorted shards read in order
+through a seeded shuffle buffer; state = reader position + the buffered lines' positions,
+so memory depends on the buffer, not on the dataset size). A record with several
+positives trains with one of them per epoch, and a record with more negatives than the
+stage uses trains with a sample of them (``negative_sampling: sample``, in the list's
+order) or its first ones (``first``); both are drawn from (seed, epoch, record position)
+alone, so a resumed run draws the same. :class:`BatchSampler` combines sources into batches:
 ``mixed`` (every example drawn by weight: NV-Embed's well-blended batches),
 ``proportional`` (fixed per-dataset counts in every batch) or ``single_source`` (every
 batch from one dataset chosen by weight: Nomic). ``no_duplicates`` defers an example
@@ -23,6 +26,7 @@ import glob
 import hashlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import numpy as np
 
@@ -36,22 +40,66 @@ def text_key(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
 
 
+NegativeSampling = Literal["sample", "first"]
+
+
 def usable(record: TrainingRecord, dataset: str, num_negatives: int, report: DataReport) -> TrainingRecord | None:
-    """The record as a stage uses it (``num_negatives`` negatives, source defaulting to the
-    dataset), or None (counted) if it has too few negatives."""
+    """The record as a stage uses it (source defaulting to the dataset), or None (counted) if
+    it has fewer than ``num_negatives`` negatives. All its negatives are kept: :func:`draw`
+    picks each epoch's."""
     if len(record.negatives) < num_negatives:
         report.skip(dataset, f"fewer than {num_negatives} negatives")
         return None
-    record.negatives = record.negatives[:num_negatives]
     record.source = record.source or dataset
     return record
 
 
-def draw_positive(record: TrainingRecord, seed: int, epoch: int, position: tuple[int, ...]) -> str:
-    """The positive ``record`` trains with in ``epoch``: a function of (seed, epoch, position) only."""
-    if len(record.positives) == 1:
-        return record.positives[0]
-    return record.positives[int(np.random.default_rng([seed, epoch, *position]).integers(len(record.positives)))]
+@dataclass
+class Draw:
+    """A record as it trains this time: one of its positives and ``num_negatives`` of its negatives."""
+
+    record: TrainingRecord
+    positive: str
+    negatives: list[str]
+
+    def to_state(self) -> list:
+        return [self.record.__dict__, self.positive, self.negatives]
+
+    @classmethod
+    def from_state(cls, state: list) -> Draw:
+        record = TrainingRecord(**state[0])
+        return cls(record, state[1], state[2] if len(state) > 2 else record.negatives)  # older: [record, positive]
+
+
+_NEGATIVES_STREAM = 1  # a second random stream per (seed, epoch, position), apart from the positive's
+
+
+def draw(
+    record: TrainingRecord,
+    seed: int,
+    epoch: int,
+    position: tuple[int, ...],
+    num_negatives: int,
+    negative_sampling: NegativeSampling = "sample",
+) -> Draw:
+    """What ``record`` trains with in ``epoch``: a function of (seed, epoch, position) only.
+
+    The positive is drawn uniformly from its positives. The negatives are its first
+    ``num_negatives`` (``"first"``, or when it has exactly that many), or that many drawn
+    without replacement and kept in the list's order (``"sample"``; mined lists are
+    hardest first).
+    """
+    positive = record.positives[0]
+    if len(record.positives) > 1:
+        positive = record.positives[
+            int(np.random.default_rng([seed, epoch, *position]).integers(len(record.positives)))
+        ]
+    negatives = record.negatives[:num_negatives]
+    if negative_sampling == "sample" and len(record.negatives) > num_negatives:
+        rng = np.random.default_rng([seed, epoch, *position, _NEGATIVES_STREAM])
+        chosen = np.sort(rng.choice(len(record.negatives), size=num_negatives, replace=False))
+        negatives = [record.negatives[int(i)] for i in chosen]
+    return Draw(record, positive, negatives)
 
 
 # ---------------------------------------------------------------------------- sources
@@ -60,23 +108,32 @@ def draw_positive(record: TrainingRecord, seed: int, epoch: int, position: tuple
 class MemorySource:
     """Records held in memory; a new seeded permutation every epoch."""
 
-    def __init__(self, records: list[TrainingRecord], seed: int, name: str):
+    def __init__(
+        self,
+        records: list[TrainingRecord],
+        seed: int,
+        name: str,
+        num_negatives: int = 0,
+        negative_sampling: NegativeSampling = "sample",
+    ):
         if not records:
             raise DataError(f"dataset {name!r} has no usable records")
         self.records, self.seed, self.name = records, seed, name
+        self.num_negatives, self.negative_sampling = num_negatives, negative_sampling
         self.epoch, self.cursor = 0, 0
         self._order = self._permutation()
 
     def _permutation(self) -> np.ndarray:
         return np.random.default_rng([self.seed, self.epoch]).permutation(len(self.records))
 
-    def next(self) -> tuple[TrainingRecord, str]:
+    def next(self) -> Draw:
         if self.cursor >= len(self.records):
             self.epoch, self.cursor = self.epoch + 1, 0
             self._order = self._permutation()
         index = int(self._order[self.cursor])
         self.cursor += 1
-        return self.records[index], draw_positive(self.records[index], self.seed, self.epoch, (index,))
+        record = self.records[index]
+        return draw(record, self.seed, self.epoch, (index,), self.num_negatives, self.negative_sampling)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "cursor": self.cursor}
@@ -86,10 +143,23 @@ class MemorySource:
         self._order = self._permutation()
 
 
-class StreamSource:
-    """JSONL shards read in order, one line at a time; resumable at (shard, byte offset).
+@dataclass
+class _Line:
+    """A usable record read from a stream, and where: (epoch, shard, byte offset, line number)."""
 
-    Shuffle the shards when you write them: a stream is read in file order.
+    record: TrainingRecord
+    where: tuple[int, int, int, int]
+
+
+class StreamSource:
+    """JSONL shards read in order, one line at a time, through a seeded shuffle buffer.
+
+    The buffer holds up to ``shuffle_buffer`` records of the current epoch and hands out
+    a random one (seeded), refilled from the stream; at the end of an epoch it drains
+    before the next epoch begins, so every epoch yields each usable record once (a buffer
+    as large as the dataset shuffles it fully; 0 reads in file order). Resumable: the
+    state is the reader's (epoch, shard, byte offset, line), the buffered lines'
+    positions (re-read on resume, never their text) and the generator's state.
     """
 
     def __init__(
@@ -100,55 +170,106 @@ class StreamSource:
         report: DataReport,
         seed: int = 0,
         on_bad_record: OnBadRecord = "error",
+        *,
+        shuffle_buffer: int = 0,
+        negative_sampling: NegativeSampling = "sample",
     ):
         self.shards = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
         if not self.shards:
             raise DataError(f"dataset {name!r}: no files match {pattern}")
         self.name, self.num_negatives, self.report = name, num_negatives, report
         self.seed, self.on_bad_record = seed, on_bad_record
+        self.shuffle_buffer, self.negative_sampling = shuffle_buffer, negative_sampling
         self.epoch, self.shard, self.offset, self.lineno = 0, 0, 0, 0
+        self.epoch_read = False  # the reader reached the end of the current epoch (the buffer drains)
+        self.buffer: list[_Line] = []
+        self.rng = np.random.default_rng([seed, 0x5EED])
         self._file = None
 
-    def _open(self):
-        self._file = open(self.shards[self.shard], "rb")  # noqa: SIM115 (kept open across calls)
-        self._file.seek(self.offset)
+    def _close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
-    def next(self) -> tuple[TrainingRecord, str]:
-        for _ in range(1_000_000):  # bounded: a stream with no usable line at all is an error
+    def _parse(self, line: bytes, shard: int, lineno: int, report: DataReport) -> TrainingRecord | None:
+        parsed = parse_line(line, f"{self.shards[shard]}:{lineno}", report, self.name, self.on_bad_record)
+        return parsed and usable(parsed[1], self.name, self.num_negatives, report)
+
+    def _read(self) -> _Line | None:
+        """The next usable line of this epoch, or None at its end (the reader then stands at the next epoch)."""
+        while self.shard < len(self.shards):
             if self._file is None:
-                self._open()
+                self._file = open(self.shards[self.shard], "rb")  # noqa: SIM115 (kept open across calls)
+                self._file.seek(self.offset)
+            start = self.offset
             line = self._file.readline()
             if not line:
-                self._file.close()
-                self._file = None
+                self._close()
                 self.shard, self.offset, self.lineno = self.shard + 1, 0, 0
-                if self.shard == len(self.shards):
-                    self.shard, self.epoch = 0, self.epoch + 1
                 continue
             self.offset += len(line)
             self.lineno += 1
             if not line.strip():
                 continue
-            where = f"{self.shards[self.shard]}:{self.lineno}"
-            parsed = parse_line(line, where, self.report, self.name, self.on_bad_record)
-            record = parsed and usable(parsed[1], self.name, self.num_negatives, self.report)
+            record = self._parse(line, self.shard, self.lineno, self.report)
             if record is not None:
-                return record, draw_positive(record, self.seed, self.epoch, (self.shard, self.lineno))
-        raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
+                return _Line(record, (self.epoch, self.shard, start, self.lineno))
+        self.epoch, self.shard, self.offset, self.lineno = self.epoch + 1, 0, 0, 0
+        return None
+
+    def _draw(self, item: _Line) -> Draw:
+        epoch, shard, _, lineno = item.where
+        return draw(item.record, self.seed, epoch, (shard, lineno), self.num_negatives, self.negative_sampling)
+
+    def next(self) -> Draw:
+        if not self.shuffle_buffer:
+            item = self._read() or self._read()  # None: the epoch ended; the next one starts
+            if item is None:
+                raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
+            return self._draw(item)
+        while len(self.buffer) < self.shuffle_buffer and not self.epoch_read:
+            item = self._read()
+            if item is None:
+                self.epoch_read = True
+            else:
+                self.buffer.append(item)
+        if not self.buffer:  # the epoch is drained: refill from the next one
+            self.epoch_read = False
+            item = self._read()
+            if item is None:
+                raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
+            self.buffer.append(item)
+            return self.next()
+        j = int(self.rng.integers(len(self.buffer)))
+        self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
+        return self._draw(self.buffer.pop())
 
     def state_dict(self) -> dict:
-        return {"epoch": self.epoch, "shard": self.shard, "offset": self.offset, "lineno": self.lineno}
+        return {
+            "epoch": self.epoch,
+            "shard": self.shard,
+            "offset": self.offset,
+            "lineno": self.lineno,
+            "epoch_read": self.epoch_read,
+            "buffer": [list(item.where) for item in self.buffer],
+            "rng": self.rng.bit_generator.state,
+        }
 
     def load_state_dict(self, state: dict) -> None:
-        if self._file is not None:
-            self._file.close()
-            self._file = None
-        self.epoch, self.shard, self.offset, self.lineno = (
-            state["epoch"],
-            state["shard"],
-            state["offset"],
-            state["lineno"],
-        )
+        self._close()
+        self.epoch, self.shard, self.offset, self.lineno = (state[k] for k in ("epoch", "shard", "offset", "lineno"))
+        self.epoch_read = state.get("epoch_read", False)
+        if "rng" in state:
+            self.rng.bit_generator.state = state["rng"]
+        self.buffer = []
+        for where in state.get("buffer", []):  # re-read each buffered line where it was; counted once already
+            _, shard, offset, lineno = where
+            with open(self.shards[shard], "rb") as f:
+                f.seek(offset)
+                record = self._parse(f.readline(), shard, lineno, DataReport())
+            if record is None:
+                raise DataError(f"{self.shards[shard]}:{lineno} changed since the checkpoint was written")
+            self.buffer.append(_Line(record, tuple(where)))
 
 
 def load_jsonl_records(
@@ -190,6 +311,7 @@ class Example:
     dataset: int  # index into the stage's datasets
     record: TrainingRecord
     positive: str  # the record's positive drawn for this epoch
+    negatives: list[str]  # the stage's num_negatives of its negatives, drawn for this epoch
 
 
 class BatchSampler:
@@ -199,7 +321,7 @@ class BatchSampler:
         self.sources, self.batch_size, self.mode, self.no_duplicates = sources, batch_size, mode, no_duplicates
         self.p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.rng = np.random.default_rng(seed)
-        self.pending: list[list[tuple[TrainingRecord, str]]] = [[] for _ in sources]  # deferred: duplicates
+        self.pending: list[list[Draw]] = [[] for _ in sources]  # deferred: duplicates
 
     def _counts(self) -> list[int]:
         if self.mode == "single_source":
@@ -215,7 +337,7 @@ class BatchSampler:
         picks = self.rng.choice(len(self.sources), size=self.batch_size, p=self.p)
         return np.bincount(picks, minlength=len(self.sources)).tolist()
 
-    def _take(self, i: int) -> tuple[TrainingRecord, str]:
+    def _take(self, i: int) -> Draw:
         return self.pending[i].pop(0) if self.pending[i] else self.sources[i].next()
 
     def next_batch(self) -> list[Example]:
@@ -230,13 +352,14 @@ class BatchSampler:
                         f"dataset #{i} cannot fill a batch of {count} without duplicate texts; "
                         "set no_duplicates: false or use a larger dataset"
                     )
-                record, positive = self._take(i)
+                drawn = self._take(i)
+                record = drawn.record
                 texts = {record.query, *record.positives, *record.negatives}  # other positives are no negatives
                 if self.no_duplicates and texts & seen:
-                    deferred.append((record, positive))
+                    deferred.append(drawn)
                     continue
                 seen |= texts
-                batch.append(Example(i, record, positive))
+                batch.append(Example(i, record, drawn.positive, drawn.negatives))
                 taken += 1
             self.pending[i].extend(deferred)
         return batch
@@ -245,11 +368,11 @@ class BatchSampler:
         return {
             "rng": self.rng.bit_generator.state,
             "sources": [s.state_dict() for s in self.sources],
-            "pending": [[[r.__dict__, positive] for r, positive in p] for p in self.pending],
+            "pending": [[d.to_state() for d in p] for p in self.pending],
         }
 
     def load_state_dict(self, state: dict) -> None:
         self.rng.bit_generator.state = state["rng"]
         for source, s in zip(self.sources, state["sources"]):
             source.load_state_dict(s)
-        self.pending = [[(TrainingRecord(**r), positive) for r, positive in p] for p in state["pending"]]
+        self.pending = [[Draw.from_state(d) for d in p] for p in state["pending"]]

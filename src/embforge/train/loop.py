@@ -57,6 +57,7 @@ from embforge.train.parallel import (
     optimizer_loader,
     wrap_model,
 )
+from embforge.train.prefetch import Prefetcher
 from embforge.train.recipe import DataConfig, LossConfig, OptimConfig, StageConfig
 from embforge.train.schedule import build_scheduler
 
@@ -77,13 +78,17 @@ def build_sampler(
     """
     report = DataReport()
     sources = []
+
+    def memory(records, i):
+        return MemorySource(records, seed + i, data.datasets[i].name, data.num_negatives, data.negative_sampling)
+
     for i, ds in enumerate(data.datasets):
         path = data_root / ds.path
         fields = ds.fields or {}
         if ds.format == "beir":
             if data.num_negatives:
                 raise DataError(f"dataset {ds.name!r}: BEIR pairs carry no hard negatives; mine them first")
-            sources.append(MemorySource(load_beir_pairs(path, ds.split, ds.name, report), seed + i, ds.name))
+            sources.append(memory(load_beir_pairs(path, ds.split, ds.name, report), i))
         elif ds.format in ("classification", "clustering"):
             records = classification_records(
                 path,
@@ -95,7 +100,7 @@ def build_sampler(
                 label_field=fields.get("label", "label"),
                 label_texts=ds.label_texts,
             )
-            sources.append(MemorySource(records, seed + i, ds.name))
+            sources.append(memory(records, i))
         elif ds.format == "sts":
             keys = tuple(fields.get(k, k) for k in ("sentence1", "sentence2", "score"))
             records = sts_records(
@@ -107,16 +112,27 @@ def build_sampler(
                 min_score=ds.min_score,
                 fields=keys,
             )
-            sources.append(MemorySource(records, seed + i, ds.name))
+            sources.append(memory(records, i))
         elif ds.stream:
             if fields:
                 raise DataError(f"dataset {ds.name!r}: fields renaming applies to in-memory JSONL, not streamed shards")
-            sources.append(StreamSource(str(path), ds.name, data.num_negatives, report, seed + i, data.on_bad_record))
+            sources.append(
+                StreamSource(
+                    str(path),
+                    ds.name,
+                    data.num_negatives,
+                    report,
+                    seed + i,
+                    data.on_bad_record,
+                    shuffle_buffer=ds.shuffle_buffer,
+                    negative_sampling=data.negative_sampling,
+                )
+            )
         else:
             if not path.is_file():
                 raise DataError(f"dataset {ds.name!r}: file not found: {path}")
             records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields, data.on_bad_record)
-            sources.append(MemorySource(records, seed + i, ds.name))
+            sources.append(memory(records, i))
     sampler = BatchSampler(
         sources,
         [d.weight for d in data.datasets],
@@ -167,9 +183,9 @@ def collate(
     cfgs = [data.datasets[e.dataset] for e in examples]
     queries = [e.record.query for e in examples]
     q_prompts = [query_prompt(e, data, instruction_prompt) for e in examples]
-    docs = [e.positive for e in examples] + [n for e in examples for n in e.record.negatives]
+    docs = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
     doc_prompts = [c.document_prompt for c in cfgs] + [
-        c.document_prompt for c, e in zip(cfgs, examples) for _ in e.record.negatives
+        c.document_prompt for c, e in zip(cfgs, examples) for _ in e.negatives
     ]
     return ContrastiveBatch(
         queries={k: v.to(device) for k, v in tokenize(queries, q_prompts).items()},
@@ -373,11 +389,20 @@ def train_stage(
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
 
+    sampler_state = sampler.state_dict()  # the data position of the last batch trained on (not read ahead)
+
+    def draw_batch() -> tuple[ContrastiveBatch, dict]:  # in the prefetch thread, in order
+        examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]  # this rank's share is tokenised
+        state = sampler.state_dict()
+        return collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt), state
+
+    batches = Prefetcher(draw_batch, (stage.steps - start) * stage.grad_accum_steps)
+
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
         model_state = {k: v for k, v in model_state.items() if k in trainable}  # frozen weights never change
         if info.is_main:
-            trainer_state = {"sampler": sampler.state_dict(), "stage": stage.name, "data_report": report.summary()}
+            trainer_state = {"sampler": sampler_state, "stage": stage.name, "data_report": report.summary()}
             scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
             metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
             save_checkpoint(
@@ -386,79 +411,85 @@ def train_stage(
             prune_checkpoints(ckpt_dir, stage.keep_last_checkpoints, stage.best_metric)
         barrier()
 
-    for step in range(start, stage.steps):
-        optimizer.zero_grad(set_to_none=True)
-        losses = []
-        for micro in range(stage.grad_accum_steps):
-            examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]
-            batch = collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt)
-            window_tokens += batch.queries["attention_mask"].sum() + batch.docs["attention_mask"].sum()
-            losses.append(
-                contrastive_step(
-                    model,
-                    batch,
-                    stage.loss,
-                    info,
-                    grad_cache_chunk=stage.grad_cache_chunk,
-                    scale=1.0 / stage.grad_accum_steps,
-                    sync=micro == stage.grad_accum_steps - 1,
-                    autocast=autocast,
-                )
-            )
-        loss = _mean_over_ranks(torch.stack(losses).mean(), info)
-        # gradients are already reduced over ranks here, so every rank sees the same norm and decides alike
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.max_grad_norm or float("inf"))
-        checked = {"loss": loss, "gradient norm": float(grad_norm)}
-        bad = next((name for name, value in checked.items() if not math.isfinite(value)), None)
-        if bad is not None and stage.on_nonfinite == "stop":
-            raise TrainingError(
-                f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; stopped before updating the "
-                f"weights. The last good checkpoint is "
-                f"{latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
-            )
-        if bad is not None:  # on_nonfinite: skip -- no update; the schedule and the data stream move on
+    try:
+        for step in range(start, stage.steps):
             optimizer.zero_grad(set_to_none=True)
-            window_skipped += 1
-            if info.is_main:
-                tqdm.write(f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; step skipped")
-        else:
-            optimizer.step()
-            window_losses.append(loss)
-        scheduler.step()
-        window_examples += B * info.world * stage.grad_accum_steps
-        done = step + 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{loss:.4f}")
-        evaluate = evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps)
-        if evaluate or done % stage.log_every == 0 or done == stage.steps:  # a row per window and per evaluation
-            elapsed = time.perf_counter() - window_start
-            row = {
-                "step": done,
-                # mean over the steps since the last row (skipped non-finite steps left out)
-                "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
-                "loss_last": loss,
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "examples_per_s": window_examples / max(elapsed, 1e-9),
-                "tokens_per_s": _sum_over_ranks(window_tokens, info) / max(elapsed, 1e-9),  # all ranks, pads left out
-                "skipped_steps": window_skipped,  # non-finite steps skipped in this window (on_nonfinite: skip)
-            }
-            if info.device.type == "cuda":  # this rank's peak since the stage began
-                row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
-            window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
-            window_tokens.zero_()
-            if evaluate:
+            losses = []
+            for micro in range(stage.grad_accum_steps):
+                batch, sampler_state = batches.next()
+                window_tokens += batch.queries["attention_mask"].sum() + batch.docs["attention_mask"].sum()
+                losses.append(
+                    contrastive_step(
+                        model,
+                        batch,
+                        stage.loss,
+                        info,
+                        grad_cache_chunk=stage.grad_cache_chunk,
+                        scale=1.0 / stage.grad_accum_steps,
+                        sync=micro == stage.grad_accum_steps - 1,
+                        autocast=autocast,
+                    )
+                )
+            loss = _mean_over_ranks(torch.stack(losses).mean(), info)
+            # gradients are already reduced over ranks here, so every rank sees the same norm and decides alike
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.max_grad_norm or float("inf"))
+            checked = {"loss": loss, "gradient norm": float(grad_norm)}
+            bad = next((name for name, value in checked.items() if not math.isfinite(value)), None)
+            if bad is not None and stage.on_nonfinite == "stop":
+                raise TrainingError(
+                    f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; stopped before updating the "
+                    f"weights. The last good checkpoint is "
+                    f"{latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
+                )
+            if bad is not None:  # on_nonfinite: skip -- no update; the schedule and the data stream move on
+                optimizer.zero_grad(set_to_none=True)
+                window_skipped += 1
                 if info.is_main:
-                    embedder.eval()
-                    row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
-                    model.train()
-                barrier()
-            history.append(row)
-            if info.is_main:
-                with log_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-        if stage.save_every and done % stage.save_every == 0 and done != stage.steps:
-            save(done)
+                    tqdm.write(f"stage {stage.name!r}: {bad} became {checked[bad]} at step {step + 1}; step skipped")
+            else:
+                optimizer.step()
+                window_losses.append(loss)
+            scheduler.step()
+            window_examples += B * info.world * stage.grad_accum_steps
+            done = step + 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss:.4f}")
+            evaluate = (
+                evaluator is not None and stage.eval_every and (done % stage.eval_every == 0 or done == stage.steps)
+            )
+            if evaluate or done % stage.log_every == 0 or done == stage.steps:  # a row per window and per evaluation
+                elapsed = time.perf_counter() - window_start
+                row = {
+                    "step": done,
+                    # mean over the steps since the last row (skipped non-finite steps left out)
+                    "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
+                    "loss_last": loss,
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "examples_per_s": window_examples / max(elapsed, 1e-9),
+                    "tokens_per_s": _sum_over_ranks(window_tokens, info)
+                    / max(elapsed, 1e-9),  # all ranks, pads left out
+                    "skipped_steps": window_skipped,  # non-finite steps skipped in this window (on_nonfinite: skip)
+                }
+                if info.device.type == "cuda":  # this rank's peak since the stage began
+                    row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
+                window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
+                window_tokens.zero_()
+                if evaluate:
+                    if info.is_main:
+                        embedder.eval()
+                        with batches.paused():  # evaluation tokenises too; the tokenizer is not shared across threads
+                            row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
+                        model.train()
+                    barrier()
+                history.append(row)
+                if info.is_main:
+                    with log_file.open("a") as f:
+                        f.write(json.dumps(row) + "\n")
+            if stage.save_every and done % stage.save_every == 0 and done != stage.steps:
+                save(done)
+    finally:
+        batches.close()
     bar.close()
     if latest is None or start < stage.steps:
         save(stage.steps)

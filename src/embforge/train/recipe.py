@@ -34,6 +34,7 @@ class DatasetConfig:
     document_prompt: str = ""  # text prepended to positives and negatives
     in_batch_negatives: bool = True  # false: this dataset's queries see only their own documents
     stream: bool = False  # read shards sequentially (memory independent of size) instead of loading
+    shuffle_buffer: int = 10_000  # stream: records shuffled in a seeded buffer of this size (0: file order)
 
 
 @dataclass
@@ -43,6 +44,9 @@ class DataConfig:
     num_negatives: int = 0  # hard negatives per query (records need at least this many)
     sampler: Literal["mixed", "proportional", "single_source"] = "mixed"
     no_duplicates: bool = True  # never two identical texts in one batch (false in-batch negatives)
+    # a record with more negatives than num_negatives: a seeded sample of them each epoch (kept in the
+    # list's order), or always its first num_negatives
+    negative_sampling: Literal["sample", "first"] = "sample"
     # a bad JSONL line (not UTF-8 or JSON, a missing or mistyped field, an empty text, a positive among
     # the negatives): stop naming file:line, or skip it and count it by reason in the stage's data summary
     on_bad_record: Literal["error", "skip"] = "error"
@@ -57,6 +61,8 @@ class DataConfig:
             raise ConfigError(f"{path}: batch_size must be >= 1 and num_negatives >= 0")
         if any(d.weight <= 0 for d in self.datasets):
             raise ConfigError(f"{path}.datasets: weights must be > 0")
+        if any(d.shuffle_buffer < 0 for d in self.datasets):
+            raise ConfigError(f"{path}.datasets: shuffle_buffer must be >= 0 (0 reads a stream in file order)")
 
 
 @dataclass

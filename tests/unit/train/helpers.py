@@ -106,7 +106,7 @@ def make_batch(
         num_negatives=num_negatives,
     )
     flags = in_batch or [True] * len(recs)
-    examples = [Example(0 if f else 1, r, r.positive) for r, f in zip(recs, flags)]
+    examples = [Example(0 if f else 1, r, r.positive, r.negatives[:num_negatives]) for r, f in zip(recs, flags)]
 
     def tokenize(texts, prompts):
         return model.tokenize(texts, prompt=prompts)

@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from embforge.train.schedule import build_scheduler, restore_scheduler
 from embforge.train.recipe import OptimConfig
+from embforge.train.schedule import build_scheduler, restore_scheduler
 
 
 def _factor(schedule: str, warmup: int, total: int, step: int) -> float:
