@@ -154,6 +154,9 @@ class _Line:
 class StreamSource:
     """JSONL shards read in order, one line at a time, through a seeded shuffle buffer.
 
+    With ``share=(rank, world)`` the reader parses only its share of each shard's lines
+    (line ``rank + 1``, then every ``world``-th), skipping the others unparsed.
+
     The buffer holds up to ``shuffle_buffer`` records of the current epoch and hands out
     a random one (seeded), refilled from the stream; at the end of an epoch it drains
     before the next epoch begins, so every epoch yields each usable record once (a buffer
@@ -173,6 +176,7 @@ class StreamSource:
         *,
         shuffle_buffer: int = 0,
         negative_sampling: NegativeSampling = "sample",
+        share: tuple[int, int] = (0, 1),
     ):
         self.shards = sorted(glob.glob(pattern)) or ([pattern] if Path(pattern).is_file() else [])
         if not self.shards:
@@ -180,6 +184,7 @@ class StreamSource:
         self.name, self.num_negatives, self.report = name, num_negatives, report
         self.seed, self.on_bad_record = seed, on_bad_record
         self.shuffle_buffer, self.negative_sampling = shuffle_buffer, negative_sampling
+        self.rank, self.world = share  # this reader parses lines rank + 1, rank + 1 + world, ... of each shard
         self.epoch, self.shard, self.offset, self.lineno = 0, 0, 0, 0
         self.epoch_read = False  # the reader reached the end of the current epoch (the buffer drains)
         self.buffer: list[_Line] = []
@@ -209,7 +214,7 @@ class StreamSource:
                 continue
             self.offset += len(line)
             self.lineno += 1
-            if not line.strip():
+            if not line.strip() or (self.lineno - 1) % self.world != self.rank:
                 continue
             record = self._parse(line, self.shard, self.lineno, self.report)
             if record is not None:
@@ -279,11 +284,12 @@ def load_jsonl_records(
     report: DataReport,
     fields: dict[str, str] | None = None,
     on_bad_record: OnBadRecord = "error",
+    share: tuple[int, int] | None = None,
 ) -> list[TrainingRecord]:
-    """The usable records of a JSONL file (``fields``: see :func:`~embforge.data.records.parse_line`)."""
-    records = (
-        usable(r, name, num_negatives, report) for _, _, r in read_records(path, report, name, on_bad_record, fields)
-    )
+    """The usable records of a JSONL file (``fields``: see :func:`~embforge.data.records.parse_line`;
+    ``share``: ``(rank, world)``, only every world-th line from the rank-th is read)."""
+    lines = read_records(path, report, name, on_bad_record, fields, share)
+    records = (usable(r, name, num_negatives, report) for _, _, r in lines)
     return [r for r in records if r is not None]
 
 

@@ -69,6 +69,12 @@ class DataReport:
     def skip(self, dataset: str, reason: str) -> None:
         self.skipped.setdefault(dataset, Counter())[reason] += 1
 
+    def merge(self, other: DataReport) -> None:
+        """Add ``other``'s counts (e.g. another rank's) to these."""
+        self.read.update(other.read)
+        for name, reasons in other.skipped.items():
+            self.skipped.setdefault(name, Counter()).update(reasons)
+
     def summary(self) -> str:
         """``name: read N, skipped M (reason: n, ...)`` per dataset."""
         parts = []
@@ -171,9 +177,16 @@ def read_records(
     dataset: str,
     on_bad_record: OnBadRecord = "error",
     fields: dict[str, str] | None = None,
+    share: tuple[int, int] | None = None,
 ) -> Iterator[tuple[int, dict, TrainingRecord]]:
-    """(line number, object, record) of every good line of a JSONL file (see :func:`parse_line`)."""
+    """(line number, object, record) of every good line of a JSONL file (see :func:`parse_line`).
+
+    Args:
+        share: ``(rank, world)``: only lines ``rank + 1, rank + 1 + world, ...`` are parsed (and counted).
+    """
     for lineno, line in iter_lines(path):
+        if share is not None and (lineno - 1) % share[1] != share[0]:
+            continue
         parsed = parse_line(line, f"{path}:{lineno}", report, dataset, on_bad_record, fields)
         if parsed is not None:
             yield lineno, *parsed

@@ -34,7 +34,7 @@ from embforge.data.pairs import (
     text_key,
 )
 from embforge.data.records import DataReport
-from embforge.errors import DataError, EmbforgeError
+from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import (
     latest_checkpoint,
@@ -68,9 +68,16 @@ class TrainingError(EmbforgeError):
 
 # ---------------------------------------------------------------------------- data
 def build_sampler(
-    data: DataConfig, data_root: Path, seed: int, world: int, *, in_batch_negatives: bool = True
+    data: DataConfig, data_root: Path, seed: int, world: int, *, in_batch_negatives: bool = True, rank: int = 0
 ) -> tuple[BatchSampler, DataReport]:
     """Sources for every dataset of the stage, combined by the configured sampler.
+
+    ``rank_reading: global``: the sampler draws global batches (``batch_size · world``), the
+    same on every rank. ``own_share`` (world > 1): rank ``rank`` reads only its share of each
+    dataset (JSONL files and streams: every ``world``-th line, the others left unparsed; task
+    files, which are small, are read whole and their examples dealt out alike) and draws
+    batches of ``batch_size``; the dataset choices use the common ``seed``, so every rank
+    picks the same datasets for a batch.
 
     ``no_duplicates`` only matters where a query is scored against other examples' documents:
     with the stage's in-batch negatives off (or every dataset's), a batch may repeat a text
@@ -78,8 +85,11 @@ def build_sampler(
     """
     report = DataReport()
     sources = []
+    share = (rank, world) if data.rank_reading == "own_share" and world > 1 else None
 
-    def memory(records, i):
+    def memory(records, i, shared=False):  # shared: ``records`` is already this rank's share
+        if share is not None and not shared:
+            records = records[rank::world]
         return MemorySource(records, seed + i, data.datasets[i].name, data.num_negatives, data.negative_sampling)
 
     for i, ds in enumerate(data.datasets):
@@ -126,17 +136,18 @@ def build_sampler(
                     data.on_bad_record,
                     shuffle_buffer=ds.shuffle_buffer,
                     negative_sampling=data.negative_sampling,
+                    share=share or (0, 1),
                 )
             )
         else:
             if not path.is_file():
                 raise DataError(f"dataset {ds.name!r}: file not found: {path}")
-            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields, data.on_bad_record)
-            sources.append(memory(records, i))
+            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields, data.on_bad_record, share)
+            sources.append(memory(records, i, shared=True))
     sampler = BatchSampler(
         sources,
         [d.weight for d in data.datasets],
-        data.batch_size * world,
+        data.batch_size * (1 if share else world),
         data.sampler,
         data.no_duplicates and in_batch_negatives and any(d.in_batch_negatives for d in data.datasets),
         seed,
@@ -313,6 +324,33 @@ def _mean_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
     return _sum_over_ranks(x, info) / info.world
 
 
+def _gather(obj, info: DistInfo) -> list:
+    """``obj`` of every rank, in rank order (a collective)."""
+    out = [None] * info.world
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def _merged(report: DataReport, info: DistInfo) -> DataReport:
+    """The data counts of every rank added up (a collective)."""
+    total = DataReport()
+    for other in _gather(report, info):
+        total.merge(other)
+    return total
+
+
+def _rank_sampler_state(saved, own_share: bool, info: DistInfo, checkpoint: Path) -> dict:
+    """This rank's sampler state in a checkpoint's: the common one, or (own_share) its own of the list."""
+    if own_share != isinstance(saved, list) or (own_share and len(saved) != info.world):
+        written = f"own_share with {len(saved)} ranks" if isinstance(saved, list) else "global"
+        now = f"own_share with {info.world} ranks" if own_share else "global"
+        raise CheckpointError(
+            f"{checkpoint}: its data position was written with rank_reading {written}; this run reads {now}. "
+            "Resume with the same rank_reading and number of processes"
+        )
+    return saved[info.rank] if own_share else saved
+
+
 def train_stage(
     embedder: torch.nn.Module,
     stage: StageConfig,
@@ -345,8 +383,9 @@ def train_stage(
             f"stage {stage.name!r}: eval_every is not supported with parallel: fsdp; evaluate the saved model"
         )
     sampler, report = build_sampler(
-        stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives
+        stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives, rank=info.rank
     )
+    own_share = stage.data.rank_reading == "own_share" and info.world > 1  # each rank its own sampler
     ckpt_dir = stage_dir / "checkpoints"
     if info.is_main:
         ready_checkpoint_dir(ckpt_dir)
@@ -361,7 +400,7 @@ def train_stage(
     start = 0
     if latest is not None:
         state = load_training_state(latest, optimizer_loader(model, optimizer), scheduler)
-        sampler.load_state_dict(state["sampler"])
+        sampler.load_state_dict(_rank_sampler_state(state["sampler"], own_share, info, latest))
         start = state["step"]
     log_file = stage_dir / "metrics.jsonl"
     history = resume_log(log_file, start, rewrite=info.is_main)  # lines past the checkpoint are dropped
@@ -392,7 +431,9 @@ def train_stage(
     sampler_state = sampler.state_dict()  # the data position of the last batch trained on (not read ahead)
 
     def draw_batch() -> tuple[ContrastiveBatch, dict]:  # in the prefetch thread, in order
-        examples = sampler.next_batch()[info.rank * B : (info.rank + 1) * B]  # this rank's share is tokenised
+        examples = sampler.next_batch()
+        if not own_share:
+            examples = examples[info.rank * B : (info.rank + 1) * B]  # this rank's slice is tokenised
         state = sampler.state_dict()
         return collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt), state
 
@@ -400,9 +441,11 @@ def train_stage(
 
     def save(step: int) -> None:
         model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
+        positions = _gather(sampler_state, info) if own_share else sampler_state  # every rank's own position
+        data_report = _merged(report, info) if own_share else report
         model_state = {k: v for k, v in model_state.items() if k in trainable}  # frozen weights never change
         if info.is_main:
-            trainer_state = {"sampler": sampler_state, "stage": stage.name, "data_report": report.summary()}
+            trainer_state = {"sampler": positions, "stage": stage.name, "data_report": data_report.summary()}
             scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
             metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
             save_checkpoint(
@@ -495,6 +538,8 @@ def train_stage(
         save(stage.steps)
     if is_fsdp(model) and holds_weights(embedder):
         load_model_weights(latest_checkpoint(ckpt_dir), embedder)  # the trained weights, unsharded
+    if own_share:
+        report = _merged(report, info)
     if info.is_main:
         print(f"stage {stage.name}: data {report.summary()}")
     return history

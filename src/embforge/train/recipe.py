@@ -47,6 +47,11 @@ class DataConfig:
     # a record with more negatives than num_negatives: a seeded sample of them each epoch (kept in the
     # list's order), or always its first num_negatives
     negative_sampling: Literal["sample", "first"] = "sample"
+    # under torchrun: "global": every rank draws the same global batch and keeps its slice (R ranks train on
+    # a 1-process run's batches; no text twice in the global batch); "own_share": rank r reads and parses only
+    # its share of every dataset (lines r+1, r+1+R, ...) and draws its own batch_size from it (every rank
+    # picks the same datasets per batch; duplicates kept out per rank, mask_duplicates covers the rest)
+    rank_reading: Literal["global", "own_share"] = "global"
     # a bad JSONL line (not UTF-8 or JSON, a missing or mistyped field, an empty text, a positive among
     # the negatives): stop naming file:line, or skip it and count it by reason in the stage's data summary
     on_bad_record: Literal["error", "skip"] = "error"

@@ -3,6 +3,7 @@
 import json
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +197,102 @@ def test_training_tokenises_in_the_prefetch_thread_and_evaluation_pauses_it(data
     )
     assert threads.count("embforge-prefetch") == 2 * 6  # queries and documents of every step, in the thread
     assert not any(overlaps)
+
+
+# ---------------------------------------------------------------------------- each rank its own share
+def _own_share_data(folder):
+    _write(folder / "m.jsonl", [{"query": f"m{i}", "positive": f"mp{i}", "negatives": [f"mn{i}"]} for i in range(16)])
+    for shard in range(2):
+        rows = [
+            {"query": f"s{shard}-{i}", "positive": f"sp{shard}-{i}", "negatives": [f"sn{shard}-{i}"]} for i in range(8)
+        ]
+        _write(folder / f"s-{shard}.jsonl", rows)
+
+
+OWN_SHARE = {
+    "batch_size": 2,
+    "num_negatives": 1,
+    "no_duplicates": False,
+    "sampler": "single_source",
+    "rank_reading": "own_share",
+    "datasets": [
+        {"name": "memory", "path": "m.jsonl"},
+        {"name": "stream", "path": "s-*.jsonl", "stream": True, "shuffle_buffer": 3},
+    ],
+}
+
+
+def _own_share_worker(rank, world, port, data_dir, run_dir, crash_at, out_file):
+    import contextlib
+
+    import torch
+
+    from embforge.train.parallel import distributed_session
+
+    from .helpers import crash_in_step, rank_env
+
+    rank_env(rank, world, port)
+    seen, real = [], loop.collate
+
+    def spy(examples, *a, **k):
+        seen.append([[e.dataset, e.record.query] for e in examples])
+        return real(examples, *a, **k)
+
+    loop.collate = spy
+    with distributed_session() as info:
+        model = tiny_embedder()
+        stage = stage_config(steps=6, save_every=3, log_every=3, data=OWN_SHARE)
+        crashed = False
+        try:
+            with crash_in_step(crash_at) if crash_at else contextlib.nullcontext():
+                loop.train_stage(
+                    model, stage, data_root=Path(data_dir), stage_dir=Path(run_dir), recipe_dict={}, info=info, seed=3
+                )
+        except KeyboardInterrupt:
+            crashed = True
+    torch.save({"seen": seen, "crashed": crashed, "weights": model.state_dict()}, f"{out_file}.{rank}")
+
+
+def _spawn(tmp_path, run, crash_at=0):
+    import torch
+    import torch.multiprocessing as mp
+
+    from .helpers import free_port
+
+    out = tmp_path / f"{run}-{crash_at}"
+    mp.spawn(_own_share_worker, args=(2, free_port(), str(tmp_path), str(tmp_path / run), crash_at, str(out)), nprocs=2)
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
+
+
+def test_each_rank_reads_only_its_share_and_resumes_its_own_position(tmp_path):
+    import torch
+
+    _own_share_data(tmp_path)
+    straight = _spawn(tmp_path, "straight")
+    for rank, got in enumerate(straight):
+        queries = [q for batch in got["seen"] for _, q in batch]
+        assert len(got["seen"]) == 6 and all(len(batch) == 2 for batch in got["seen"])  # its own batch_size
+        assert all(int(q.split("-")[-1].lstrip("m")) % 2 == rank for q in queries)  # only lines rank+1, rank+3, ...
+    datasets = [[[d for d, _ in batch] for batch in got["seen"]] for got in straight]
+    assert datasets[0] == datasets[1] and {d for b in datasets[0] for d in b} == {0, 1}  # same dataset per batch
+    assert {q for _, q in straight[0]["seen"][0]}.isdisjoint(q for _, q in straight[1]["seen"][0])
+
+    crashed = _spawn(tmp_path, "resumed", crash_at=5)
+    assert all(got["crashed"] for got in crashed)
+    resumed = _spawn(tmp_path, "resumed")
+    for rank in range(2):
+        assert resumed[rank]["seen"] == straight[rank]["seen"][3:]  # each rank continues from its own position
+    for name, w in straight[0]["weights"].items():
+        torch.testing.assert_close(resumed[0]["weights"][name], w, atol=1e-6, rtol=0)
+
+
+def test_a_data_position_of_another_reading_or_world_size_is_refused(tmp_path):
+    from embforge.errors import CheckpointError
+
+    two = loop.DistInfo(rank=1, world=2)
+    assert loop._rank_sampler_state([{"a": 0}, {"b": 1}], True, two, tmp_path) == {"b": 1}
+    assert loop._rank_sampler_state({"rng": 1}, False, two, tmp_path) == {"rng": 1}
+    with pytest.raises(CheckpointError, match="own_share with 3 ranks; this run reads own_share with 2"):
+        loop._rank_sampler_state([{}, {}, {}], True, two, tmp_path)
+    with pytest.raises(CheckpointError, match="written with rank_reading global"):
+        loop._rank_sampler_state({"rng": 1}, True, two, tmp_path)
