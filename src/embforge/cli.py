@@ -201,34 +201,22 @@ def cmd_filter(args: argparse.Namespace) -> int:
         teacher = None
         if args.filter_kind == "consistency" or args.near_duplicates is not None:
             teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
+        common = {
+            "chunk_pairs": args.chunk_pairs,
+            "batch_size": args.batch_size,
+            "on_bad_record": args.on_bad_record,
+            "rank": info.rank,
+            "world": info.world,
+        }
         if args.filter_kind == "consistency":
+            prompts = {"query_prompt_name": args.query_prompt_name, "document_prompt_name": args.document_prompt_name}
             summary = consistency_filter_shards(
-                teacher,
-                inputs,
-                outputs,
-                top_k=args.top_k,
-                chunk_pairs=args.chunk_pairs,
-                source_field=args.source_field,
-                query_prompt_name=args.query_prompt_name,
-                document_prompt_name=args.document_prompt_name,
-                batch_size=args.batch_size,
-                on_bad_record=args.on_bad_record,
-                rank=info.rank,
-                world=info.world,
+                teacher, inputs, outputs, top_k=args.top_k, source_field=args.source_field, **prompts, **common
             )
         else:
+            limits = {"min_chars": args.min_chars, "max_chars": args.max_chars}
             counts = clean_shards(
-                inputs,
-                outputs,
-                min_chars=args.min_chars,
-                max_chars=args.max_chars,
-                teacher=teacher,
-                near_duplicate_threshold=args.near_duplicates,
-                chunk_pairs=args.chunk_pairs,
-                batch_size=args.batch_size,
-                on_bad_record=args.on_bad_record,
-                rank=info.rank,
-                world=info.world,
+                inputs, outputs, teacher=teacher, near_duplicate_threshold=args.near_duplicates, **limits, **common
             )
             summary = {"shards": len(inputs), **counts}
     if info.is_main:

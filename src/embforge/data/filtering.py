@@ -306,7 +306,11 @@ class _NearDuplicates:
         self.index = None
 
     def keep(self, rows: list[tuple[dict, TrainingRecord]], counts: Counter) -> list[tuple[dict, TrainingRecord]]:
-        """The rows of one chunk that are no near duplicate of a kept pair (earlier chunks and rows first)."""
+        """The rows of one chunk that are no near duplicate of a kept pair (earlier chunks and rows first).
+
+        One search of the whole chunk against the pairs kept before it, and one chunk × chunk
+        product for the pairs within it, instead of a search per pair.
+        """
         import faiss
 
         q = encode_normalised(self.teacher, [r.query for _, r in rows], None, self.batch_size)  # (n, D)
@@ -314,13 +318,17 @@ class _NearDuplicates:
         both = np.concatenate([q, p], axis=1) / np.sqrt(2)  # (n, 2D); cosine of the pair = mean of the two cosines
         if self.index is None:
             self.index = faiss.IndexFlatIP(both.shape[1])
-        kept = []
-        for i, row in enumerate(rows):
-            if self.index.ntotal:
-                score, _ = self.index.search(both[i : i + 1], 1)
-                if score[0, 0] >= self.threshold:
-                    counts[f"near duplicate (pair cosine >= {self.threshold})"] += 1
-                    continue
-            self.index.add(both[i : i + 1])
-            kept.append(row)
-        return kept
+        if self.index.ntotal:
+            earlier = self.index.search(both, 1)[0][:, 0]  # (n,) best cosine with a pair kept before this chunk
+        else:
+            earlier = np.full(len(rows), -np.inf, dtype=np.float32)
+        within = both @ both.T  # (n, n)
+        kept = np.zeros(len(rows), dtype=bool)
+        for i in range(len(rows)):
+            best = max(earlier[i], np.max(within[i, :i], where=kept[:i], initial=-np.inf))
+            if best >= self.threshold:
+                counts[f"near duplicate (pair cosine >= {self.threshold})"] += 1
+            else:
+                kept[i] = True
+        self.index.add(both[kept])
+        return [row for row, k in zip(rows, kept) if k]
