@@ -28,7 +28,7 @@ import unicodedata
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import numpy as np
 
@@ -79,7 +79,8 @@ def consistency_filter_shards(
     and the kept ones written in file order. Shard i is filtered by rank ``i % world``.
 
     Memory is one chunk of one source (its texts, their embeddings and a FAISS index over
-    ``chunk_pairs`` documents) plus an open file per source; nothing grows with the file.
+    ``chunk_pairs`` documents) plus an open file per source (so the open-files limit,
+    ``ulimit -n``, bounds the number of sources of a shard); nothing grows with the file.
     Three passes over disk make that possible, in a hidden ``.<output>.tmp-spill-*``
     folder beside the output (removed on success and on failure):
 
@@ -148,7 +149,7 @@ def _spill_by_source(
     path: Path, folder: Path, source_field: str, bad: DataReport, on_bad_record: OnBadRecord
 ) -> dict[str, Path]:
     """Pass 1: each good line's ``[line number, query, first positive]`` appended to its source's file."""
-    files: dict[str, Any] = {}
+    files: dict[str, TextIO] = {}
     with contextlib.ExitStack() as stack:
         for lineno, obj, record in read_records(path, bad, "input", on_bad_record):
             source = str(obj.get(source_field, "default"))
