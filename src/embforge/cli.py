@@ -191,7 +191,6 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 def cmd_filter(args: argparse.Namespace) -> int:
     from embforge.data.filtering import clean_shards, consistency_filter_shards
-    from embforge.models.embedder import Embedder
     from embforge.train.parallel import distributed_session
 
     if args.filter_kind == "clean" and args.near_duplicates is not None and args.model is None:
@@ -200,6 +199,8 @@ def cmd_filter(args: argparse.Namespace) -> int:
     with distributed_session() as info:  # under torchrun, each rank filters every world-th shard
         teacher = None
         if args.filter_kind == "consistency" or args.near_duplicates is not None:
+            from embforge.models.embedder import Embedder
+
             teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
         common = {
             "chunk_pairs": args.chunk_pairs,
