@@ -126,9 +126,26 @@ def _add_on_bad_record(p: argparse.ArgumentParser, default: str) -> None:
     )
 
 
-def cmd_mine(args: argparse.Namespace) -> int:
+def _shard_paths(input_arg: str, output_arg: str) -> tuple[list[Path], list[Path]]:
+    """``--input`` (a file or a glob of shards) and ``--output`` (a file, or a folder: one file per shard)."""
     import glob
 
+    inputs = [Path(p) for p in sorted(glob.glob(input_arg))] or [Path(input_arg)]
+    if len(inputs) == 1 and not Path(output_arg).is_dir():
+        return inputs, [Path(output_arg)]
+    return inputs, [Path(output_arg) / p.name for p in inputs]
+
+
+def _add_shard_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--input", required=True, help="JSONL training records; a glob for shards")
+    p.add_argument(
+        "--output",
+        required=True,
+        help="JSONL of the kept records (a folder for shards: one file per input shard, shard i on rank i %% world)",
+    )
+
+
+def cmd_mine(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
     from embforge.data.mining import MiningConfig, mine_shards, read_corpus
@@ -150,11 +167,7 @@ def cmd_mine(args: argparse.Namespace) -> int:
         document_prompt_name=args.document_prompt_name,
         on_bad_record=args.on_bad_record,
     )
-    inputs = [Path(p) for p in sorted(glob.glob(args.input))] or [Path(args.input)]
-    if len(inputs) == 1 and not Path(args.output).is_dir():
-        outputs = [Path(args.output)]
-    else:  # shards in, shards out: OUTPUT is a folder with one file per input shard
-        outputs = [Path(args.output) / p.name for p in inputs]
+    inputs, outputs = _shard_paths(args.input, args.output)
     corpus = read_corpus(Path(args.corpus)) if args.corpus else None
     with distributed_session() as info:  # under torchrun, each rank mines every world-th shard
         teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
@@ -177,43 +190,38 @@ def cmd_mine(args: argparse.Namespace) -> int:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from embforge.data.filtering import clean_pairs, consistency_filter
-    from embforge.data.records import DataReport
+    from embforge.data.filtering import clean_shards, consistency_filter_shards
+    from embforge.train.parallel import distributed_session
 
-    if args.filter_kind == "consistency":
-        bad = DataReport()
-        report = consistency_filter(
-            _load_model(args),
-            Path(args.input),
-            Path(args.output),
-            top_k=args.top_k,
-            chunk_pairs=args.chunk_pairs,
-            source_field=args.source_field,
-            query_prompt_name=args.query_prompt_name,
-            document_prompt_name=args.document_prompt_name,
-            batch_size=args.batch_size,
-            on_bad_record=args.on_bad_record,
-            bad=bad,
-        )
-        total_kept = sum(r["kept"] for r in report.values())
-        total = total_kept + sum(r["dropped"] for r in report.values())
-        skipped = dict(bad.skipped.get("input", {}))
-        print(json.dumps({"per_source": report, "kept": total_kept, "total": total, "skipped": skipped}, indent=2))
-    else:
-        if args.near_duplicates is not None and args.model is None:
-            raise ConfigError("filter clean --near-duplicates needs a teacher MODEL argument")
-        teacher = _load_model(args) if args.near_duplicates is not None else None
-        counts = clean_pairs(
-            Path(args.input),
-            Path(args.output),
-            min_chars=args.min_chars,
-            max_chars=args.max_chars,
-            teacher=teacher,
-            near_duplicate_threshold=args.near_duplicates,
-            batch_size=args.batch_size,
-            on_bad_record=args.on_bad_record,
-        )
-        print(json.dumps(dict(counts), indent=2))
+    if args.filter_kind == "clean" and args.near_duplicates is not None and args.model is None:
+        raise ConfigError("filter clean --near-duplicates needs a teacher MODEL argument")
+    inputs, outputs = _shard_paths(args.input, args.output)
+    with distributed_session() as info:  # under torchrun, each rank filters every world-th shard
+        teacher = None
+        if args.filter_kind == "consistency" or args.near_duplicates is not None:
+            from embforge.models.embedder import Embedder
+
+            teacher = Embedder.load(args.model, device=args.device or info.device, **_model_overrides(args))
+        common = {
+            "chunk_pairs": args.chunk_pairs,
+            "batch_size": args.batch_size,
+            "on_bad_record": args.on_bad_record,
+            "rank": info.rank,
+            "world": info.world,
+        }
+        if args.filter_kind == "consistency":
+            prompts = {"query_prompt_name": args.query_prompt_name, "document_prompt_name": args.document_prompt_name}
+            summary = consistency_filter_shards(
+                teacher, inputs, outputs, top_k=args.top_k, source_field=args.source_field, **prompts, **common
+            )
+        else:
+            limits = {"min_chars": args.min_chars, "max_chars": args.max_chars}
+            counts = clean_shards(
+                inputs, outputs, teacher=teacher, near_duplicate_threshold=args.near_duplicates, **limits, **common
+            )
+            summary = {"shards": len(inputs), **counts}
+    if info.is_main:
+        print(json.dumps(summary, indent=2))
     return 0
 
 
@@ -365,11 +373,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("filter", help="consistency filtering (Nomic) or dedup/hygiene of training pairs")
     fsub = p.add_subparsers(dest="filter_kind", required=True)
     c = fsub.add_parser(
-        "consistency", help="keep a pair only if its document is in the query's top-k (per source, chunked)"
+        "consistency",
+        help="keep a pair only if its document is in the query's top-k (per shard and source, chunked, streamed)",
     )
     _add_model_args(c)
-    c.add_argument("--input", required=True)
-    c.add_argument("--output", required=True)
+    _add_shard_args(c)
     c.add_argument("--top-k", type=int, default=2)
     c.add_argument("--chunk-pairs", type=int, default=1_000_000, help="pairs compared at once within a source")
     c.add_argument("--source-field", default="source")
@@ -377,15 +385,18 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--document-prompt-name", default=None)
     _add_on_bad_record(c, "error")
     c.set_defaults(func=cmd_filter)
-    c = fsub.add_parser("clean", help="drop empty, too short/long, duplicate and near-duplicate pairs")
+    c = fsub.add_parser(
+        "clean",
+        help="drop empty, too short/long, duplicate and near-duplicate pairs (duplicates are found within each shard)",
+    )
     c.add_argument("model", nargs="?", default=None, help="teacher for --near-duplicates")
-    c.add_argument("--input", required=True)
-    c.add_argument("--output", required=True)
+    _add_shard_args(c)
     c.add_argument("--min-chars", type=int, default=1)
     c.add_argument("--max-chars", type=int, default=None)
     c.add_argument(
         "--near-duplicates", type=float, default=None, metavar="COSINE", help="also drop near duplicates (needs MODEL)"
     )
+    c.add_argument("--chunk-pairs", type=int, default=4096, help="pairs embedded at once for --near-duplicates")
     c.add_argument("--batch-size", type=int, default=64)
     c.add_argument("--max-seq-len", type=int, default=None)
     c.add_argument("--device", default=None)

@@ -1,12 +1,22 @@
-"""Consistency filter (hand-computed top-2 decisions), cleaning and the mine CLI."""
+"""Consistency filter (hand-computed top-2 decisions), cleaning (both streamed, bounded memory) and the mine CLI."""
 
+import hashlib
 import json
+import re
 
 import numpy as np
 import pytest
 
 from embforge.cli import main
-from embforge.data.filtering import clean_pairs, consistency_filter, consistent, normalise_text
+from embforge.data.filtering import (
+    clean_pairs,
+    clean_shards,
+    consistency_filter,
+    consistency_filter_shards,
+    consistent,
+    normalise_text,
+)
+from embforge.errors import DataError
 
 
 class TableModel:
@@ -135,3 +145,217 @@ def test_approximate_indexes_find_the_obvious_neighbours(kind):
     index = build_index(emb, kind)
     _, ids = index.search(emb[:50], 1)
     assert (ids[:, 0] == np.arange(50)).mean() >= 0.9
+
+
+# ---------------------------------------------------------------------------- streamed and bounded
+class HashTeacher:
+    """Fixed pseudo-random embeddings (the bytes of each text's hash); records the longest list it was asked to encode."""
+
+    def __init__(self, dim=4, fail_on_call=None):
+        self.dim, self.fail_on_call, self.calls, self.largest = dim, fail_on_call, 0, 0
+
+    def vector(self, text):
+        digest = np.frombuffer(hashlib.md5(text.encode()).digest(), dtype=np.uint8)[: self.dim]  # (dim,)
+        return digest.astype(np.float32) - 127.5
+
+    def encode(self, texts, batch_size=32, prompt_name=None):
+        self.calls += 1
+        if self.calls == self.fail_on_call:
+            raise RuntimeError("teacher died mid-run")
+        self.largest = max(self.largest, len(texts))
+        return np.stack([self.vector(t) for t in texts])
+
+
+def _interleaved_rows(n=60):
+    """Three sources interleaved irregularly (plus source-less rows), repeated documents, extra fields, non-ASCII."""
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(n):
+        row = {"query": f"question {i} über", "positive": f"doc {int(rng.integers(0, 40))}", "id": i}
+        if i % 11 == 5:
+            row = {"query": f"question {i}", "positives": [f"doc {i}", "another"], "negatives": ["n"]}
+        source = ["web", "qa", "code", None][int(rng.integers(0, 4))]
+        if source is not None:
+            row["source"] = source
+        rows.append(row)
+    return rows
+
+
+def _naive_consistency(rows, teacher, top_k, chunk_pairs):
+    """Kept row indices and the per-source report, computed directly: per source, chunks in file order."""
+    by_source = {}
+    for i, row in enumerate(rows):
+        by_source.setdefault(row.get("source", "default"), []).append(i)
+    keep, report = set(), {}
+    for source, idx in sorted(by_source.items()):
+        for start in range(0, len(idx), chunk_pairs):
+            ids = idx[start : start + chunk_pairs]
+            docs = [rows[i].get("positive") or rows[i]["positives"][0] for i in ids]
+            q = np.stack([teacher.vector(rows[i]["query"]) for i in ids])
+            d = np.stack([teacher.vector(t) for t in docs])
+            sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
+            for a, i in enumerate(ids):
+                if any(docs[b] == docs[a] for b in np.argsort(-sims[a])[:top_k]):
+                    keep.add(i)
+        kept = len(keep & set(idx))
+        report[source] = {"kept": kept, "dropped": len(idx) - kept}
+    return keep, report
+
+
+def test_streamed_consistency_equals_a_naive_per_source_computation(tmp_path):
+    rows = _interleaved_rows()
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
+    teacher = HashTeacher()
+    report = consistency_filter(teacher, inp, tmp_path / "out.jsonl", top_k=2, chunk_pairs=7)
+    keep, expected = _naive_consistency(rows, teacher, top_k=2, chunk_pairs=7)
+    assert report == expected
+    assert 10 < len(keep) < len(rows) and all(r["kept"] + r["dropped"] > 7 for r in report.values())  # chunked
+    kept_text = "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted(keep))  # file order
+    assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == kept_text
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # spill folder removed
+
+
+def test_clean_near_duplicates_across_chunks_equal_a_naive_scan(tmp_path):
+    # pairs repeat with small changes, so near duplicates fall inside a chunk and across chunks
+    rows = [{"query": f"q{i % 9}", "positive": f"p{i % 9}", "n": i} for i in range(40)]
+    rows += [{"query": f"q{i}", "positive": f"p{i}"} for i in range(9, 30)]
+    teacher = HashTeacher(dim=2)  # in 2-D many pairs are close
+
+    def pair(r):
+        v = np.concatenate([teacher.vector(r["query"]), teacher.vector(r["positive"])]).reshape(2, -1)
+        return (v / np.linalg.norm(v, axis=1, keepdims=True)).reshape(-1) / np.sqrt(2)
+
+    seen, kept, exact, near = set(), [], 0, 0
+    for r in rows:  # naive: exact duplicates of any earlier pair first, then the best cosine with a kept pair
+        if (r["query"], r["positive"]) in seen:
+            exact += 1
+            continue
+        seen.add((r["query"], r["positive"]))
+        if kept and max(float(pair(k) @ pair(r)) for k in kept) >= 0.95:
+            near += 1
+        else:
+            kept.append(r)
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    counts = clean_pairs(inp, tmp_path / "out.jsonl", teacher=teacher, near_duplicate_threshold=0.95, chunk_pairs=4)
+    assert near > 0 and exact > 0 and teacher.largest <= 4
+    assert counts == {
+        "read": len(rows),
+        "kept": len(kept),
+        "exact duplicate (normalised text)": exact,
+        "near duplicate (pair cosine >= 0.95)": near,
+    }
+    assert [json.loads(x) for x in (tmp_path / "out.jsonl").read_text().splitlines()] == kept
+
+
+def _big_file(path, n=4000):
+    """A file much larger than a chunk: ~1.2 KB lines in two sources."""
+    with path.open("w") as f:
+        for i in range(n):
+            row = {"query": f"query {i}", "positive": f"document {i} " + "text " * 100, "source": f"s{i % 2}"}
+            f.write(json.dumps({**row, "negatives": [f"negative {i} " + "word " * 120]}) + "\n")
+    return path.stat().st_size
+
+
+def _peak_bytes(run):
+    import tracemalloc
+
+    import faiss  # noqa: F401  (imported before tracing: its import is no part of the filter's memory)
+
+    tracemalloc.start()
+    try:
+        run()
+        return tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def test_filters_hold_one_chunk_not_the_file(tmp_path):
+    size = _big_file(tmp_path / "big.jsonl")
+    teacher = HashTeacher()
+    peak = _peak_bytes(
+        lambda: consistency_filter(teacher, tmp_path / "big.jsonl", tmp_path / "kept.jsonl", chunk_pairs=100)
+    )
+    assert teacher.largest <= 100  # the teacher never sees more than one chunk of one source
+    # the in-memory version held every line (peak 1.7x the file); streamed: one chunk of 100 pairs
+    assert peak < size / 10, (peak, size)
+    teacher = HashTeacher()
+    peak = _peak_bytes(
+        lambda: clean_pairs(
+            tmp_path / "big.jsonl",
+            tmp_path / "clean.jsonl",
+            teacher=teacher,
+            near_duplicate_threshold=0.999,
+            chunk_pairs=100,
+        )
+    )
+    assert teacher.largest <= 100
+    # what grows with the file is a 16-byte digest per distinct pair (~150 bytes with the set), not the lines
+    assert peak < size / 4, (peak, size)
+
+
+def _run_filter(kind, teacher, inp, out, **options):
+    if kind == "consistency":
+        return consistency_filter_shards(teacher, [inp], [out], chunk_pairs=3, **options)
+    return clean_shards([inp], [out], teacher=teacher, near_duplicate_threshold=0.999, chunk_pairs=3, **options)
+
+
+@pytest.mark.parametrize("kind", ["consistency", "clean"])
+def test_a_teacher_failing_mid_run_leaves_no_partial_output_and_no_spill_files(tmp_path, kind):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text(
+        "".join(json.dumps({"query": f"q{i}", "positive": f"p{i}", "source": f"s{i % 2}"}) + "\n" for i in range(20))
+    )
+    (tmp_path / "out.jsonl").write_text("the previous output\n")
+    with pytest.raises(RuntimeError, match="teacher died mid-run"):
+        _run_filter(kind, HashTeacher(fail_on_call=4), inp, tmp_path / "out.jsonl")  # chunks 1 and 2 went through
+    assert (tmp_path / "out.jsonl").read_text() == "the previous output\n"  # untouched, never half-written
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # no temporaries, no spills
+    _run_filter(kind, HashTeacher(), inp, tmp_path / "out.jsonl")  # a rerun succeeds and replaces it
+    assert (tmp_path / "out.jsonl").read_text().startswith('{"query": "q0"')
+
+
+@pytest.mark.parametrize("kind", ["consistency", "clean"])
+def test_a_bad_line_after_several_chunks_is_an_error_naming_file_and_line_or_counted(tmp_path, kind):
+    inp = tmp_path / "in.jsonl"
+    lines = [json.dumps({"query": f"q{i}", "positive": f"p{i}"}) for i in range(12)]
+    lines[8] = '{"query": "q8", "positive": '  # line 9, after three chunks of 3 pairs
+    inp.write_text("\n".join(lines) + "\n")
+    with pytest.raises(DataError, match=rf"^{re.escape(str(inp))}:9: invalid JSON"):
+        _run_filter(kind, HashTeacher(), inp, tmp_path / "out.jsonl", on_bad_record="error")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl"]
+    summary = _run_filter(kind, HashTeacher(), inp, tmp_path / "out.jsonl", on_bad_record="skip")
+    if kind == "consistency":
+        assert summary["skipped"] == {"invalid JSON": 1} and summary["total"] == 11
+    else:
+        assert summary["invalid JSON"] == 1 and summary["read"] == 12 and summary["kept"] == 11
+    assert len((tmp_path / "out.jsonl").read_text().splitlines()) == summary["kept"]
+
+
+def test_filter_cli_single_file_and_shards(tmp_path, capsys):
+    rows = [{"query": f"q{i % 5}", "positive": f"p{i % 5}"} for i in range(8)]  # 3 duplicates per shard
+    for shard in range(2):
+        (tmp_path / f"part-{shard}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    assert (
+        main(["filter", "clean", "--input", str(tmp_path / "part-0.jsonl"), "--output", str(tmp_path / "one.jsonl")])
+        == 0
+    )
+    assert json.loads(capsys.readouterr().out) == {
+        "shards": 1,
+        "read": 8,
+        "kept": 5,
+        "exact duplicate (normalised text)": 3,
+    }
+    (tmp_path / "out").mkdir()
+    args = ["filter", "clean", "--input", str(tmp_path / "part-*.jsonl"), "--output", str(tmp_path / "out")]
+    assert main(args) == 0
+    # duplicates are found within each shard: the second shard repeats the first and keeps its 5 pairs too
+    assert json.loads(capsys.readouterr().out) == {
+        "shards": 2,
+        "read": 16,
+        "kept": 10,
+        "exact duplicate (normalised text)": 6,
+    }
+    assert [p.name for p in sorted((tmp_path / "out").iterdir())] == ["part-0.jsonl", "part-1.jsonl"]
+    assert (tmp_path / "out" / "part-1.jsonl").read_text() == (tmp_path / "one.jsonl").read_text()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import json
 import random
 from collections import Counter
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -31,6 +30,7 @@ from embforge.atomic import atomic_write
 from embforge.data.embedding_cache import encode_cached, encode_normalised, load_cached, store_cached
 from embforge.data.io import iter_jsonl
 from embforge.data.records import DataReport, OnBadRecord, read_records
+from embforge.data.sharding import chunked, rank_shards, sum_over_ranks
 from embforge.errors import DataError
 
 
@@ -243,19 +243,6 @@ def read_corpus(path: Path, field_name: str = "text") -> list[str]:
     return read_texts(path)
 
 
-def _chunks(
-    path: Path, size: int, report: DataReport, on_bad_record: OnBadRecord
-) -> Iterator[list[tuple[dict, list[str]]]]:
-    chunk = []
-    for _, obj, record in read_records(path, report, "records", on_bad_record):
-        chunk.append((obj, record.positives))
-        if len(chunk) == size:
-            yield chunk
-            chunk = []
-    if chunk:
-        yield chunk
-
-
 def corpus_from_inputs(inputs: list[Path], on_bad_record: OnBadRecord = "error") -> list[str]:
     """Every distinct positive and existing negative of the input files, in order of appearance."""
     seen: dict[str, None] = {}
@@ -310,8 +297,7 @@ def mine_shards(
     once, split across ranks. Each shard is streamed ``cfg.chunk_size`` queries at a time
     and its output written atomically. Returns the summary merged over all ranks.
     """
-    if len(inputs) != len(outputs):
-        raise DataError(f"{len(inputs)} input shards but {len(outputs)} output paths")
+    my_shards = rank_shards(inputs, outputs, rank, world)  # checks the shard counts before the corpus is embedded
     corpus = corpus if corpus is not None else corpus_from_inputs(inputs, cfg.on_bad_record)
     if not corpus:
         raise DataError("the mining corpus is empty")
@@ -319,13 +305,12 @@ def mine_shards(
     miner = Miner(teacher, corpus, cfg, corpus_emb=corpus_emb)
     stats: Counter = Counter()
     report = DataReport()
-    for i, (input_path, output_path) in enumerate(zip(inputs, outputs)):
-        if i % world != rank:
-            continue
+    for input_path, output_path in my_shards:
 
         def write(tmp: Path, input_path=input_path) -> None:
+            records = read_records(input_path, report, "records", cfg.on_bad_record)
             with tmp.open("w", encoding="utf-8") as f:
-                for chunk in _chunks(input_path, cfg.chunk_size, report, cfg.on_bad_record):
+                for chunk in chunked(((obj, record.positives) for _, obj, record in records), cfg.chunk_size):
                     result = miner.mine([o["query"] for o, _ in chunk], [p for _, p in chunk])
                     for (obj, _), negs, scores, pos_score in zip(
                         chunk, result.negatives, result.scores, result.positive_scores
@@ -347,20 +332,13 @@ def mine_shards(
         atomic_write(output_path, write)
     stats["records read"] = report.read["records"]
     stats.update({f"records skipped: {reason}": n for reason, n in report.skipped.get("records", {}).items()})
-    records, dropped = dict(stats), dict(miner.dropped)
-    if world > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world
-        dist.all_gather_object(gathered, (records, dropped))
-        records = dict(sum((Counter(r) for r, _ in gathered), Counter()))
-        dropped = dict(sum((Counter(d) for _, d in gathered), Counter()))
+    records, dropped = sum_over_ranks(stats, miner.dropped, world=world)
     return {
         "corpus_size": len(corpus),
         "corpus_embeddings_from_cache": from_cache,
         "shards": len(inputs),
-        "records": records,
-        "candidates_dropped": dropped,
+        "records": dict(records),
+        "candidates_dropped": dict(dropped),
     }
 
 
