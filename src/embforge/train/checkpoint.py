@@ -9,6 +9,14 @@ A checkpoint is a folder ``checkpoints/step-00000010/`` holding
     recipe.yaml          the resolved recipe this run used
     manifest.json        size and SHA-256 of every file above, written last
 
+Under FSDP with more than one rank, ``model.safetensors`` and ``optimizer.pt`` are replaced by
+``sharded/``, a ``torch.distributed.checkpoint`` save of the same trainable tensors and optimizer
+state: one ``__<rank>_0.distcp`` file per rank holding that rank's shards, and ``.metadata``, the
+index of which file holds which slice (:func:`save_sharded_checkpoint`). No rank gathers the full
+state to write it, nor to read it back (:func:`load_sharded_states`), and a checkpoint written by
+N ranks loads on M (each reads the slices its own shards need). Every rank writes into the one
+temporary folder; rank 0 adds the other files and the manifest, over the shards too, and renames.
+
 It is written by :func:`embforge.atomic.atomic_folder` (temporary folder, fsync, manifest,
 rename), so a crash mid-write -- ``kill -9`` included -- leaves the previous checkpoint as
 the latest one. :func:`latest_checkpoint` checks the manifest of each candidate, newest
@@ -22,6 +30,7 @@ evaluation score.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import pickle
 import random
@@ -46,6 +55,7 @@ from embforge.models.saving import own_tensors
 from embforge.train.schedule import restore_scheduler
 
 _PREFIX = "step-"
+SHARDED = "sharded"  # the torch.distributed.checkpoint folder of an FSDP checkpoint
 
 
 def _rng_state() -> dict:
@@ -74,6 +84,13 @@ def _set_rng_state(rng: dict) -> None:
     random.setstate(rng["python"])
 
 
+def _write_training_files(tmp: Path, step: int, scheduler, trainer_state: dict, recipe: dict, metrics) -> None:
+    state = {"step": step, "scheduler": scheduler.state_dict(), **trainer_state, "metrics": metrics or {}}
+    (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
+    torch.save(_rng_state(), tmp / "rng.pt")
+    (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+
+
 def save_checkpoint(
     folder: Path,
     step: int,
@@ -88,7 +105,7 @@ def save_checkpoint(
     """Write checkpoint ``folder/step-<step>`` atomically, with its manifest; return its path.
 
     Args:
-        model_state / optim_state: full (unsharded) state dicts, see ``parallel.full_states``.
+        model_state / optim_state: full (unsharded) state dicts, see ``parallel.full_model_state``.
         metrics: evaluation scores at this step (``eval/<task>``), used to keep the best checkpoint.
 
     Raises:
@@ -97,11 +114,53 @@ def save_checkpoint(
     with atomic_folder(folder / f"{_PREFIX}{step:08d}") as tmp:
         save_file(own_tensors(model_state), str(tmp / "model.safetensors"))
         torch.save(optim_state, tmp / "optimizer.pt")
-        state = {"step": step, "scheduler": scheduler.state_dict(), **trainer_state, "metrics": metrics or {}}
-        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1), encoding="utf-8")
-        torch.save(_rng_state(), tmp / "rng.pt")
-        (tmp / "recipe.yaml").write_text(yaml.safe_dump(recipe, sort_keys=False), encoding="utf-8")
+        _write_training_files(tmp, step, scheduler, trainer_state, recipe, metrics)
     return folder / f"{_PREFIX}{step:08d}"
+
+
+def save_sharded_checkpoint(
+    folder: Path,
+    step: int,
+    states: dict,
+    scheduler,
+    trainer_state: dict,
+    recipe: dict,
+    *,
+    metrics: dict[str, float] | None = None,
+) -> Path:
+    """:func:`save_checkpoint` with the model and optimizer state sharded: a collective, call it on every rank.
+
+    Rank 0 opens the temporary folder and tells the others its name; every rank writes its own
+    shards into ``sharded/`` (``torch.distributed.checkpoint``, which also writes the index);
+    then rank 0 writes the other files (its scheduler, trainer and RNG states) and the manifest
+    over all of them, and renames the folder into place. The folder must be on storage every
+    rank sees (one machine, or a shared file system).
+
+    Args:
+        states: ``{"model": ..., "optimizer": ...}`` of this rank, see ``parallel.sharded_states``.
+        trainer_state / recipe / metrics: as for :func:`save_checkpoint` (rank 0's are written).
+
+    Raises:
+        SaveError: on rank 0, disk full or folder not writable; the checkpoints already there are untouched.
+    """
+    import torch.distributed as dist
+    import torch.distributed.checkpoint as dcp
+
+    path = folder / f"{_PREFIX}{step:08d}"
+    main = dist.get_rank() == 0
+    with atomic_folder(path) if main else contextlib.nullcontext() as tmp:
+        shared = [tmp]
+        dist.broadcast_object_list(shared, src=0)  # the temporary folder rank 0 made
+        dcp.save(states, storage_writer=dcp.FileSystemWriter(shared[0] / SHARDED))  # returns once all are written
+        if main:
+            _write_training_files(tmp, step, scheduler, trainer_state, recipe, metrics)
+    dist.barrier()  # the checkpoint is in place (or rank 0 raised) before any rank goes on
+    return path
+
+
+def is_sharded(path: Path) -> bool:
+    """True for a checkpoint written under FSDP (:func:`save_sharded_checkpoint`)."""
+    return (path / SHARDED).is_dir()
 
 
 def checkpoint_folders(folder: Path) -> list[Path]:
@@ -182,23 +241,133 @@ def prune_checkpoints(folder: Path, keep_last: int, best_metric: str | None = No
 
 
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
-    """Load ``model.safetensors``: every trainable parameter must be there, nothing else may be.
+    """Load the checkpoint's model tensors: every trainable parameter must be there, nothing else may be.
 
     Checkpoints hold the trained tensors only (with LoRA: the adapters and the pooling head,
-    not the frozen base); frozen parameters keep the values the model was built with.
+    not the frozen base); frozen parameters keep the values the model was built with. From a
+    sharded checkpoint this process reads every shard of the model's tensors (not the optimizer's),
+    without the other ranks: it is how rank 0's unsharded copy gets the trained weights.
     """
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    if is_sharded(path):
+        current = model.state_dict()
+        states = {"model": {k: current[k] for k in trainable}}
+        load_sharded_states(path, states, no_dist=True)
+        model.load_state_dict(states["model"], strict=False)
+        return
     file = path / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no model.safetensors")
     state = load_file(str(file))
-    known = set(model.state_dict())
-    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    missing, unexpected = sorted(trainable - set(state)), sorted(set(state) - known)
+    _check_model_keys(path, set(state), trainable, set(model.state_dict()))
+    model.load_state_dict(state, strict=False)
+
+
+def _check_model_keys(path: Path, saved: set[str], trainable: set[str], known: set[str]) -> None:
+    missing, unexpected = sorted(trainable - saved), sorted(saved - known)
     if missing or unexpected:
         raise CheckpointError(
             f"checkpoint {path} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}"
         )
-    model.load_state_dict(state, strict=False)
+
+
+class _MetadataUnpickler(pickle.Unpickler):
+    """Unpickles the index of a ``torch.distributed.checkpoint`` folder, and nothing that could run code.
+
+    ``torch.distributed.checkpoint`` reads its ``.metadata`` with plain ``pickle``: a crafted file
+    would run arbitrary code. Here only the index's own classes and the torch types they hold
+    can be named in it (the same guarantee as ``torch.load(weights_only=True)`` for ``.pt`` files).
+    """
+
+    _ALLOWED = {
+        ("torch.distributed.checkpoint.metadata", name)
+        for name in (
+            "Metadata",
+            "MetadataIndex",
+            "StorageMeta",
+            "TensorStorageMetadata",
+            "TensorProperties",
+            "ChunkStorageMetadata",
+            "BytesStorageMetadata",
+            "_MEM_FORMAT_ENCODING",
+        )
+    } | {
+        ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),  # which file, offset and length
+        ("torch.serialization", "_get_layout"),  # name -> torch.strided (torch.load's own allow-list has it)
+        ("torch", "Size"),
+        ("pathlib", "PosixPath"),  # where it was saved (informative)
+        ("pathlib", "WindowsPath"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) in self._ALLOWED or (
+            module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)
+        ):
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"{module}.{name} is not allowed in a checkpoint index")
+
+
+def _sharded_reader(path: Path):
+    """A ``FileSystemReader`` of ``path/sharded`` whose index is read with :class:`_MetadataUnpickler`."""
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import StorageMeta
+
+    class Reader(FileSystemReader):
+        def read_metadata(self, *args, **kwargs):
+            with (path / SHARDED / ".metadata").open("rb") as f:
+                try:
+                    metadata = _MetadataUnpickler(f).load()
+                except pickle.UnpicklingError as exc:
+                    raise CheckpointError(f"{path / SHARDED / '.metadata'}: refused ({exc})") from exc
+            if getattr(metadata, "storage_meta", None) is None:
+                metadata.storage_meta = StorageMeta()
+            metadata.storage_meta.load_id = self.load_id
+            return metadata
+
+    return Reader(path / SHARDED)
+
+
+def _weights_only_planner(path: Path):
+    """The default load planner, except that non-tensor values (the optimizer's hyper-parameters) are
+    read with ``torch.load(weights_only=True)`` (the default planner unpickles them freely)."""
+    from torch.distributed.checkpoint import DefaultLoadPlanner
+
+    class Planner(DefaultLoadPlanner):
+        def load_bytes(self, read_item, value) -> None:
+            try:
+                torch.load(value, weights_only=True)  # raises if the pickle names anything else
+            except pickle.UnpicklingError as exc:
+                raise CheckpointError(f"{path}: a value needs more than weights_only=True; refused") from exc
+            value.seek(0)
+            super().load_bytes(read_item, value)  # now known to hold tensors and plain values only
+
+    return Planner()
+
+
+def load_sharded_states(path: Path, states: dict, *, no_dist: bool = False) -> None:
+    """Fill ``states`` (``{"model": ..., "optimizer": ...}``, either part optional) in place from a
+    sharded checkpoint: each DTensor gets only the slices of its own shards, read from whichever
+    rank's file holds them; a plain tensor gets the whole tensor.
+
+    Args:
+        no_dist: this process reads alone (the others are not loading); else a collective.
+
+    Raises:
+        CheckpointError: the checkpoint lacks a tensor ``states`` asks for, or holds more model tensors.
+    """
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    reader = _sharded_reader(path)
+    if "model" in states:
+        saved = {k.removeprefix("model.") for k in reader.read_metadata().state_dict_metadata if k.startswith("model.")}
+        _check_model_keys(path, saved, set(states["model"]), set(states["model"]))
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")  # no_dist: intended
+            dcp.load(states, storage_reader=reader, planner=_weights_only_planner(path), no_dist=no_dist)
+    except (CheckpointException, RuntimeError) as exc:
+        raise CheckpointError(f"checkpoint {path}: its sharded state could not be loaded: {exc}") from exc
 
 
 def _load_tensors_only(file: Path):
@@ -215,12 +384,20 @@ def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
     """Restore optimizer (through ``load_optimizer(state_dict)``), scheduler and RNG states.
 
     The model weights are loaded separately (:func:`load_model_weights`), before the model
-    is wrapped for DDP/FSDP. Returns the trainer state (step, data position, ...).
+    is wrapped for DDP/FSDP; from a sharded checkpoint, weights and optimizer state both are
+    (:func:`load_sharded_states`): pass ``load_optimizer=None`` then. Returns the trainer state
+    (step, data position, ...).
     """
-    for name in ("optimizer.pt", "trainer_state.json", "rng.pt"):
+    needed = (
+        ("optimizer.pt", "trainer_state.json", "rng.pt")
+        if load_optimizer is not None
+        else ("trainer_state.json", "rng.pt")
+    )
+    for name in needed:
         if not (path / name).is_file():
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
-    load_optimizer(_load_tensors_only(path / "optimizer.pt"))
+    if load_optimizer is not None:
+        load_optimizer(_load_tensors_only(path / "optimizer.pt"))
     state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     restore_scheduler(scheduler, state["scheduler"])
     _set_rng_state(_load_tensors_only(path / "rng.pt"))

@@ -37,24 +37,30 @@ from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
 from embforge.train.checkpoint import (
+    is_sharded,
     latest_checkpoint,
     load_model_weights,
+    load_sharded_states,
     load_training_state,
     prune_checkpoints,
     ready_checkpoint_dir,
     resume_log,
     resume_point,
     save_checkpoint,
+    save_sharded_checkpoint,
 )
 from embforge.train.grad_cache import grad_cache_step, split_features
 from embforge.train.parallel import (
     DistInfo,
     barrier,
-    full_states,
+    full_model_state,
     holds_weights,
     is_fsdp,
     no_sync,
     optimizer_loader,
+    patient_group,
+    set_sharded_states,
+    sharded_states,
     wrap_model,
 )
 from embforge.train.prefetch import Prefetcher
@@ -378,10 +384,6 @@ def train_stage(
         evaluator: optional ``callable(embedder) -> {task: score}`` run every ``eval_every`` steps.
     """
     torch.manual_seed(seed)
-    if parallel == "fsdp" and info.world > 1 and stage.eval_every:
-        raise TrainingError(
-            f"stage {stage.name!r}: eval_every is not supported with parallel: fsdp; evaluate the saved model"
-        )
     sampler, report = build_sampler(
         stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives, rank=info.rank
     )
@@ -391,17 +393,23 @@ def train_stage(
         ready_checkpoint_dir(ckpt_dir)
     barrier()
     latest = resume_point(ckpt_dir, resume)
-    if latest is not None and holds_weights(embedder):  # FSDP ranks > 0 hold a meta model: rank 0's is broadcast
+    sharded = latest is not None and is_sharded(latest)  # written under FSDP: loaded into the wrapped model below
+    if latest is not None and not sharded and holds_weights(embedder):  # FSDP ranks > 0 hold a meta model
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
     model = wrap_model(embedder, info, parallel)
-    trainable = {name for name, p in embedder.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(model, stage.optim)
     scheduler = build_scheduler(optimizer, stage.optim, stage.steps)
     start = 0
     if latest is not None:
-        state = load_training_state(latest, optimizer_loader(model, optimizer), scheduler)
+        if sharded:  # each rank reads only its own shards of the weights and optimizer state
+            states = sharded_states(model, optimizer)
+            load_sharded_states(latest, states)
+            set_sharded_states(model, optimizer, states)
+        state = load_training_state(latest, None if sharded else optimizer_loader(model, optimizer), scheduler)
         sampler.load_state_dict(_rank_sampler_state(state["sampler"], own_share, info, latest))
         start = state["step"]
+    # ranks > 0 wait for rank 0's evaluations here, with a timeout of their own (not the group's)
+    eval_group = patient_group(stage.eval_timeout_s) if evaluator is not None and stage.eval_every else None
     log_file = stage_dir / "metrics.jsonl"
     history = resume_log(log_file, start, rewrite=info.is_main)  # lines past the checkpoint are dropped
     precision = resolve_precision(stage.precision, info.device)
@@ -440,17 +448,27 @@ def train_stage(
     batches = Prefetcher(draw_batch, (stage.steps - start) * stage.grad_accum_steps)
 
     def save(step: int) -> None:
-        model_state, optim_state = full_states(model, optimizer)  # collective under FSDP
         positions = _gather(sampler_state, info) if own_share else sampler_state  # every rank's own position
         data_report = _merged(report, info) if own_share else report
-        model_state = {k: v for k, v in model_state.items() if k in trainable}  # frozen weights never change
-        if info.is_main:
-            trainer_state = {"sampler": positions, "stage": stage.name, "data_report": data_report.summary()}
-            scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
-            metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
+        trainer_state = {"sampler": positions, "stage": stage.name, "data_report": data_report.summary()}
+        scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
+        metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
+        if is_fsdp(model):  # every rank writes its own shards: nothing is gathered
+            states = sharded_states(model, optimizer)
+            save_sharded_checkpoint(ckpt_dir, step, states, scheduler, trainer_state, recipe_dict, metrics=metrics)
+        elif info.is_main:
+            model_state = full_model_state(model)
             save_checkpoint(
-                ckpt_dir, step, model_state, optim_state, scheduler, trainer_state, recipe_dict, metrics=metrics
+                ckpt_dir,
+                step,
+                model_state,
+                optimizer.state_dict(),
+                scheduler,
+                trainer_state,
+                recipe_dict,
+                metrics=metrics,
             )
+        if info.is_main:
             prune_checkpoints(ckpt_dir, stage.keep_last_checkpoints, stage.best_metric)
         barrier()
 
@@ -519,12 +537,16 @@ def train_stage(
                 window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0
                 window_tokens.zero_()
                 if evaluate:
+                    if is_fsdp(model):  # rank 0 evaluates its unsharded copy: the shards are gathered into it
+                        trained = full_model_state(model)
+                        if info.is_main:
+                            embedder.load_state_dict(trained, strict=False)  # frozen weights never change
                     if info.is_main:
                         embedder.eval()
                         with batches.paused():  # evaluation tokenises too; the tokenizer is not shared across threads
                             row.update({f"eval/{k}": v for k, v in evaluator(embedder).items()})
                         model.train()
-                    barrier()
+                    barrier(eval_group)
                 history.append(row)
                 if info.is_main:
                     with log_file.open("a") as f:
@@ -538,6 +560,8 @@ def train_stage(
         save(stage.steps)
     if is_fsdp(model) and holds_weights(embedder):
         load_model_weights(latest_checkpoint(ckpt_dir), embedder)  # the trained weights, unsharded
+    if eval_group is not None:
+        dist.destroy_process_group(eval_group)
     if own_share:
         report = _merged(report, info)
     if info.is_main:

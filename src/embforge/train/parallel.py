@@ -19,6 +19,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -51,8 +52,13 @@ _BIND_WORLD_AT_IMPORT = (
 )
 
 
-def init_distributed() -> DistInfo:
-    """Join the process group torchrun set up, or return a single-process DistInfo."""
+def init_distributed(timeout_s: float | None = None) -> DistInfo:
+    """Join the process group torchrun set up, or return a single-process DistInfo.
+
+    Args:
+        timeout_s: how long a collective of the group may wait for the other ranks (None: torch's
+            default, 10 min for nccl, 30 min for gloo).
+    """
     world = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if torch.cuda.is_available():
@@ -63,20 +69,21 @@ def init_distributed() -> DistInfo:
     if world > 1 and not dist.is_initialized():
         for module in _BIND_WORLD_AT_IMPORT:
             importlib.import_module(module)
-        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+        timeout = timedelta(seconds=timeout_s) if timeout_s is not None else None
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo", timeout=timeout)
     rank = dist.get_rank() if dist.is_initialized() else 0
     return DistInfo(rank=rank, world=world, local_rank=local_rank, device=device)
 
 
 @contextlib.contextmanager
-def distributed_session() -> Iterator[DistInfo]:
-    """``init_distributed()`` for the body, then leave the group: what every multi-rank command runs in.
+def distributed_session(timeout_s: float | None = None) -> Iterator[DistInfo]:
+    """``init_distributed(timeout_s)`` for the body, then leave the group: what every multi-rank command runs in.
 
     On success every rank first meets at a barrier, so no rank tears its group down while another
     still has a collective in flight with it. After an error there is no barrier (the other ranks
     may never reach it): the group is destroyed at once and torchrun stops the rest.
     """
-    info = init_distributed()
+    info = init_distributed(timeout_s)
     try:
         yield info
         barrier()
@@ -162,19 +169,56 @@ def is_fsdp(model: torch.nn.Module) -> bool:
     return type(model).__name__.startswith("FSDP")
 
 
-def full_states(model: torch.nn.Module, optimizer) -> tuple[dict, dict]:
-    """Unsharded model and optimizer state dicts (collective under FSDP: call on every rank)."""
-    if is_fsdp(model):
-        from torch.distributed.checkpoint.state_dict import (
-            StateDictOptions,
-            get_model_state_dict,
-            get_optimizer_state_dict,
-        )
+def full_model_state(model: torch.nn.Module) -> dict:
+    """The unsharded trainable tensors of the model (frozen ones never change; buffers are left out).
 
-        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-        return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, optimizer, options=options)
+    Under FSDP a collective (call it on every rank): the shards are gathered into host memory on
+    rank 0, and the other ranks get ``{}``. Otherwise the (DDP-unwrapped) model's own tensors.
+    """
+    if is_fsdp(model):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True, ignore_frozen_params=True)
+        state = get_model_state_dict(model, options=options)
+    else:
+        state = (model.module if hasattr(model, "module") else model).state_dict()
+    keep = trainable_names(model)
+    return {k: v for k, v in state.items() if k in keep}
+
+
+def trainable_names(model: torch.nn.Module) -> set[str]:
+    """State-dict keys of the parameters that train (with LoRA: the adapters and the head, not the base)."""
     inner = model.module if hasattr(model, "module") else model
-    return inner.state_dict(), optimizer.state_dict()
+    return {name for name, p in inner.named_parameters() if p.requires_grad}
+
+
+def sharded_states(model: torch.nn.Module, optimizer) -> dict:
+    """``{"model": ..., "optimizer": ...}`` as this rank holds them, for ``torch.distributed.checkpoint``.
+
+    Under FSDP the values are DTensors over this rank's shards only (nothing is gathered);
+    unsharded (one process, DDP) they are the full tensors. Keys are parameter names, whatever
+    the wrapping, so a checkpoint written by N ranks loads on M. Only trainable parameters:
+    the optimizer holds no others, and the frozen ones never change.
+    """
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, optimizer)  # sharded, not full: no gather
+    keep = trainable_names(model)
+    return {"model": {k: v for k, v in model_state.items() if k in keep}, "optimizer": optim_state}
+
+
+def set_sharded_states(model: torch.nn.Module, optimizer, states: dict) -> None:
+    """Load what :func:`sharded_states` returned (after ``torch.distributed.checkpoint`` filled it) into the
+    wrapped model and its optimizer; frozen parameters keep their values."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(
+        model,
+        optimizer,
+        model_state_dict=states["model"],
+        optim_state_dict=states["optimizer"],
+        options=StateDictOptions(strict=False),  # frozen weights are not in the checkpoint
+    )
 
 
 def optimizer_loader(model: torch.nn.Module, optimizer):
@@ -193,9 +237,22 @@ def no_sync(model: torch.nn.Module):
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
-def barrier() -> None:
+def barrier(group=None) -> None:
+    """Wait for every rank (on ``group``, default: the whole world); no-op without a process group."""
     if dist.is_available() and dist.is_initialized():
-        dist.barrier()
+        dist.barrier(group=group)
+
+
+def patient_group(timeout_s: float):
+    """A gloo group over every rank whose collectives wait up to ``timeout_s`` (None without a process group).
+
+    For the ranks that wait while rank 0 works alone (evaluates): on the default group they would
+    give up after its timeout (10 min for nccl, 30 for gloo) and take the run down. A collective
+    call: every rank creates it, in the same order; :func:`shutdown` destroys it with the rest.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return None
+    return dist.new_group(backend="gloo", timeout=timedelta(seconds=timeout_s))
 
 
 def _drop_dtensor_caches() -> None:

@@ -114,6 +114,9 @@ class StageConfig:
     eval_every: int = 0  # 0: no evaluation during the stage
     eval_tasks: str | None = None  # task file (relative to data_root)
     eval_only: list[str] | None = None  # task names inside it
+    # multi-process: how long the other ranks wait for rank 0's evaluation (the process group's own
+    # timeout, 10 min for nccl and 30 for gloo, would end the run during a long one)
+    eval_timeout_s: float = 6 * 3600
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip the step
 
     def validate(self, path: str) -> None:
@@ -121,6 +124,8 @@ class StageConfig:
             raise ConfigError(f"{path}: steps and grad_accum_steps must be >= 1, grad_cache_chunk >= 0")
         if self.eval_every and not self.eval_tasks:
             raise ConfigError(f"{path}: eval_every needs eval_tasks")
+        if self.eval_timeout_s <= 0:
+            raise ConfigError(f"{path}.eval_timeout_s must be > 0")
         if self.keep_last_checkpoints < 0:
             raise ConfigError(f"{path}.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
         if self.best_metric is not None and not self.best_metric.startswith("eval/"):

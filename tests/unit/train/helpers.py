@@ -8,6 +8,7 @@ import os
 import random
 import socket
 import subprocess
+from pathlib import Path
 
 import torch
 
@@ -16,7 +17,8 @@ from embforge.data.pairs import Example
 from embforge.data.records import TrainingRecord
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import TINY_WORDS, tiny_bert
-from embforge.train.loop import ContrastiveBatch, collate
+from embforge.train.loop import ContrastiveBatch, collate, train_stage
+from embforge.train.parallel import DistInfo
 from embforge.train.recipe import DataConfig, DatasetConfig, StageConfig
 
 
@@ -72,6 +74,21 @@ def stage_config(steps=20, **over) -> StageConfig:
     }
     raw.update(over)
     return from_dict(StageConfig, raw)
+
+
+def train_on(data_dir, stage_dir, model: Embedder, stage: StageConfig, *, info: DistInfo | None = None, **kwargs):
+    """``train_stage`` of ``model`` on the tests' data (seed 3, no recipe), in one process unless ``info`` says
+    otherwise; ``kwargs``: resume, evaluator, parallel. Returns the logged rows."""
+    return train_stage(
+        model,
+        stage,
+        data_root=Path(data_dir),
+        stage_dir=Path(stage_dir),
+        recipe_dict={},
+        info=info or DistInfo(),
+        seed=3,
+        **kwargs,
+    )
 
 
 @contextlib.contextmanager

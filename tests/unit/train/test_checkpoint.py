@@ -4,6 +4,7 @@ import errno
 import json
 import multiprocessing
 import os
+import pickle
 import random
 import sys
 import time
@@ -14,28 +15,16 @@ import torch
 from safetensors.torch import load_file
 
 import embforge.train.checkpoint as checkpoint
-import embforge.train.loop as loop
 from embforge.atomic import MANIFEST, folder_problem, write_manifest
 from embforge.errors import CheckpointError, SaveError
 from embforge.train.checkpoint import latest_checkpoint, load_training_state, save_checkpoint
-from embforge.train.parallel import DistInfo
 
 from . import kill_driver
-from .helpers import crash_in_step, stage_config, tiny_embedder
+from .helpers import crash_in_step, stage_config, tiny_embedder, train_on
 
 
 def _train(model, stage, data_dir, out, resume=True, evaluator=None):
-    return loop.train_stage(
-        model,
-        stage,
-        data_root=data_dir,
-        stage_dir=out,
-        recipe_dict={},
-        info=DistInfo(),
-        seed=3,
-        resume=resume,
-        evaluator=evaluator,
-    )
+    return train_on(data_dir, out, model, stage, resume=resume, evaluator=evaluator)
 
 
 def _visible_checkpoints_are_complete(ckpt_dir) -> list[str]:
@@ -188,6 +177,35 @@ def test_training_state_is_loaded_with_weights_only(tmp_path):
         load_training_state(path, optimizer.load_state_dict, scheduler)
     assert not _RunsCodeWhenLoaded.loaded
     load_training_state(tmp_path / "step-00000010", optimizer.load_state_dict, scheduler)  # RNG states included
+
+
+def test_a_sharded_checkpoint_is_read_without_running_code(tmp_path):
+    """The index (``.metadata``, read with plain pickle by torch.distributed.checkpoint) and the non-tensor
+    values (optimizer hyper-parameters, read with torch.load(weights_only=False) by it) are refused when
+    they name anything but tensors, plain values and the index's own classes."""
+    import torch.distributed.checkpoint as dcp
+
+    from embforge.train.checkpoint import SHARDED, load_model_weights, load_sharded_states
+
+    saved, path = torch.nn.Linear(3, 2), tmp_path / "step-00000010"
+    groups = [{"lr": 0.5, "extra": _RunsCodeWhenLoaded()}]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # "assuming the intent is to save in a single process"
+        dcp.save(
+            {"model": saved.state_dict(), "optimizer": {"param_groups": groups}},
+            storage_writer=dcp.FileSystemWriter(path / SHARDED),
+            no_dist=True,
+        )
+    model = torch.nn.Linear(3, 2)
+    load_model_weights(path, model)  # tensors only: read
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), saved.state_dict().values()))
+    with pytest.raises(CheckpointError, match="needs more than weights_only=True"):
+        load_sharded_states(path, {"optimizer": {"param_groups": [{"lr": 0.0, "extra": None}]}}, no_dist=True)
+    assert not _RunsCodeWhenLoaded.loaded
+    (path / SHARDED / ".metadata").write_bytes(pickle.dumps(_RunsCodeWhenLoaded()))
+    with pytest.raises(CheckpointError, match=r"\.metadata: refused .*_mark_loaded is not allowed"):
+        load_model_weights(path, model)
+    assert not _RunsCodeWhenLoaded.loaded
 
 
 def test_disk_full_during_a_checkpoint_save_leaves_the_previous_one_intact(tmp_path, monkeypatch):

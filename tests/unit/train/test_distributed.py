@@ -5,20 +5,45 @@ are gathered across ranks with gradient, and DDP averages the gradients. And lea
 group really ends it: no gloo thread survives into interpreter shutdown.
 """
 
+import contextlib
 import json
+import shutil
+import time
 import weakref
 
+import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from embforge.models.embedder import Embedder
+from embforge.train import loop
+from embforge.train.checkpoint import checkpoint_folders
 from embforge.train.loop import contrastive_step
-from embforge.train.parallel import DistInfo, barrier, distributed_session, init_distributed, shutdown, wrap_model
+from embforge.train.parallel import (
+    DistInfo,
+    barrier,
+    distributed_session,
+    init_distributed,
+    meta_copy,
+    shutdown,
+    wrap_model,
+)
 from embforge.train.recipe import LossConfig
 
-from .helpers import free_port, gloo_threads, grads, make_batch, rank_env, records, tiny_embedder
+from .helpers import (
+    crash_in_step,
+    free_port,
+    gloo_threads,
+    grads,
+    make_batch,
+    rank_env,
+    records,
+    stage_config,
+    tiny_embedder,
+    train_on,
+)
 
 GLOBAL_B, N = 6, 2
 FLAGS = [True, True, False, True, True, True]
@@ -146,3 +171,127 @@ def test_fsdp_ranks_materialise_only_their_own_shards(tmp_path):
     assert r0["local"] + r1["local"] >= r0["full"] and max(r0["local"], r1["local"]) <= r0["full"] // 2 + 1024
     for r in (r0, r1):  # the shards, filled from rank 0, compute rank 0's full model
         assert torch.allclose(r["emb"], r0["reference"], atol=1e-5)
+
+
+# ---------------------------------------------------------------------------- FSDP checkpoints and evaluation
+FSDP_STEPS, FSDP_SAVE_EVERY = 8, 4
+
+
+def _fsdp_stage(**over):
+    return stage_config(steps=FSDP_STEPS, save_every=FSDP_SAVE_EVERY, log_every=2, keep_last_checkpoints=0, **over)
+
+
+def _fsdp_train_worker(rank, world, port, data_dir, stage_dir, out_file, crash_in, watch_resume):
+    """Train ``_fsdp_stage`` under FSDP (resuming from ``stage_dir``); rank 0 saves its final weights.
+
+    ``crash_in``: stop both ranks in that step (after the middle checkpoint). ``watch_resume``: a load of
+    a full optimizer state fails, and each rank records what its optimizer holds right after the resume.
+    """
+    rank_env(rank, world, port)
+
+    loaded = {}
+    if watch_resume:
+
+        def no_full_optimizer_state(*args, **kwargs):
+            raise AssertionError("a full optimizer state was loaded")
+
+        def watched(path, states, **kwargs):
+            real_load(path, states, **kwargs)
+            for fqn, tensors in states["optimizer"]["state"].items():
+                exp_avg = tensors["exp_avg"]
+                loaded[fqn] = (type(exp_avg).__name__, exp_avg.to_local().numel(), exp_avg.numel())
+
+        real_load = loop.load_sharded_states
+        loop.load_sharded_states = watched
+        loop.optimizer_loader = no_full_optimizer_state
+    with distributed_session() as info:
+        embedder = tiny_embedder() if rank == 0 else meta_copy(tiny_embedder())  # as build_device does
+        with crash_in_step(crash_in) if crash_in else contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):
+            train_on(data_dir, stage_dir, embedder, _fsdp_stage(), info=info, parallel="fsdp")
+        torch.save({"weights": embedder.state_dict() if rank == 0 else {}, "loaded": loaded}, f"{out_file}.{rank}")
+
+
+def _fsdp_run(tmp_path, data_dir, name, *, crash_in=0, watch_resume=False) -> list[dict]:
+    out = tmp_path / f"{name}.pt"
+    args = (2, free_port(), str(data_dir), str(tmp_path / name), str(out), crash_in, watch_resume)
+    mp.spawn(_fsdp_train_worker, args=args, nprocs=2, join=True)
+    return [torch.load(f"{out}.{rank}") for rank in range(2)]
+
+
+def test_fsdp_sharded_checkpoint_resume_equals_an_uninterrupted_run(data_dir, tmp_path):
+    """2 FSDP ranks stop after the middle checkpoint and resume from it: the same final weights as an
+    uninterrupted run (fp32, 1e-6). The checkpoint holds each rank's shards (torch.distributed.checkpoint),
+    no full optimizer.pt, and each rank reads back only its own half of the optimizer state. The same
+    checkpoint also resumes in one process (resharded), with twice the per-rank batch."""
+    straight = _fsdp_run(tmp_path, data_dir, "straight")[0]["weights"]
+    _fsdp_run(tmp_path, data_dir, "resumed", crash_in=FSDP_SAVE_EVERY + 2)
+    ckpts = tmp_path / "resumed" / "checkpoints"
+    middle = ckpts / f"step-{FSDP_SAVE_EVERY:08d}"
+    assert [p.name for p in checkpoint_folders(ckpts)] == [middle.name]
+    files = sorted(p.relative_to(middle).as_posix() for p in middle.rglob("*") if p.is_file())
+    assert files == [
+        "manifest.json",
+        "recipe.yaml",
+        "rng.pt",
+        "sharded/.metadata",
+        "sharded/__0_0.distcp",
+        "sharded/__1_0.distcp",
+        "trainer_state.json",
+    ]
+    assert set(json.loads((middle / "manifest.json").read_text())["files"]) == set(files) - {"manifest.json"}
+    single = tmp_path / "single"  # a copy of the stopped run, resumed below in one process
+    shutil.copytree(tmp_path / "resumed", single)
+
+    ranks = _fsdp_run(tmp_path, data_dir, "resumed", watch_resume=True)
+    for name, w in straight.items():
+        assert torch.allclose(ranks[0]["weights"][name], w, atol=1e-6, rtol=0), name
+    assert ranks[0]["loaded"].keys() == ranks[1]["loaded"].keys() and ranks[0]["loaded"]
+    for fqn, (kind, local, total) in ranks[0]["loaded"].items():
+        assert kind == "DTensor" and ranks[1]["loaded"][fqn][0] == "DTensor", fqn
+        assert local + ranks[1]["loaded"][fqn][1] == total and max(local, ranks[1]["loaded"][fqn][1]) <= total // 2 + 64
+    one = tiny_embedder(seed=9)  # the checkpoint's weights replace these
+    stage = _fsdp_stage()
+    stage.data.batch_size *= 2  # the same global batch on one rank
+    train_on(data_dir, single, one, stage, parallel="fsdp")
+    trained = {k: v for k, v in one.state_dict().items() if k in straight and "pooler" not in k}
+    for name, w in trained.items():  # one process sums in another order: test_torchrun's tolerance
+        assert torch.allclose(w, straight[name], atol=1e-4), name
+
+
+EVAL_SLEEP_S, GROUP_TIMEOUT_S = 8.0, 4.0
+
+
+def _score(model) -> dict[str, float]:
+    return {"norm": float(np.linalg.norm(model.encode(["a short text"])[0, :8]))}
+
+
+def _slow_eval_worker(rank, world, port, data_dir, stage_dir, parallel, out_file):
+    """Rank 0 evaluates for twice the process group's timeout while rank 1 waits for it."""
+    rank_env(rank, world, port)
+
+    def slow_evaluator(model):
+        time.sleep(EVAL_SLEEP_S)
+        return _score(model)
+
+    with distributed_session(timeout_s=GROUP_TIMEOUT_S) as info:
+        embedder = tiny_embedder() if rank == 0 or parallel == "ddp" else meta_copy(tiny_embedder())
+        stage = stage_config(steps=4, save_every=0, log_every=2, eval_every=4, eval_tasks="unused")
+        history = train_on(data_dir, stage_dir, embedder, stage, info=info, parallel=parallel, evaluator=slow_evaluator)
+        if rank == 0:  # rank 0's model now holds the final weights: the evaluation must have seen them
+            torch.save({"history": history, "final": _score(embedder)}, out_file)
+
+
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_a_long_evaluation_on_rank_0_does_not_time_out_the_other_ranks(data_dir, tmp_path, parallel):
+    """The process group times out after 4 s; rank 0 evaluates for 8 s: the run completes, with the scores
+    logged. Under FSDP the shards are gathered into rank 0's model for it (the scores are the final model's)."""
+    out = tmp_path / "eval.pt"
+    args = (2, free_port(), str(data_dir), str(tmp_path / "run"), parallel, str(out))
+    mp.spawn(_slow_eval_worker, args=args, nprocs=2, join=True)
+    got = torch.load(out)
+    assert [row["step"] for row in got["history"]] == [2, 4]
+    assert got["history"][-1]["eval/norm"] == pytest.approx(got["final"]["norm"], abs=1e-6)
+    ckpt = tmp_path / "run" / "checkpoints" / "step-00000004"
+    assert json.loads((ckpt / "trainer_state.json").read_text())["metrics"] == {
+        "eval/norm": pytest.approx(got["final"]["norm"])
+    }
