@@ -100,33 +100,50 @@ ROTARY_ENCODER_TYPES = frozenset({"nomic_bert"})  # positions only enter attenti
 VARLEN_ATTENTION = "embforge_varlen"  # the name our attention function is registered under in transformers
 
 
+PACK_MULTIPLE = 64  # packed lengths are rounded up to a multiple of this (see PackedBatch)
+
+
 class PackedBatch:
-    """Where the real tokens of a padded (B, T) batch sit once packed into one sequence of N tokens.
+    """Where the tokens of a padded (B, T) batch sit once packed into one sequence of N tokens.
+
+    The N packed tokens are the ``num_real`` real tokens (row-major), then as many pad
+    positions as round N up to a multiple of ``multiple`` (while the batch has pads): a
+    few wasted rows buy a small set of distinct tensor sizes, where exact lengths would
+    give every batch new ones — the allocator then keeps freed blocks of every size.
+    Measured (MiniLM, batch 1024, GradCache chunks of 32, 2 steps, `bench/train.py`'s
+    worker): peak RSS 3,844 MB with exact lengths, 2,663 MB with multiples of 64; samples/s
+    at batch 32 unchanged within run-to-run noise. Pad rows attend
+    to their row's real tokens like any query (keys are real tokens only) and are dropped
+    by :meth:`unpack_real`.
 
     Attributes:
-        indices: (N,) positions of the real tokens in the flattened (B·T) batch, row-major.
+        indices: (N,) positions of the packed tokens in the flattened (B·T) batch.
+        num_real: the number of real tokens (the first ``num_real`` of ``indices``).
         key_mask: (B, 1, 1, T) bool, True on real tokens (keys attention may look at).
-        cu_seqlens: (B + 1,) int32 offsets of each sequence in the packed one (flash-attention style).
-        max_len: the longest sequence.
     """
 
-    def __init__(self, attention_mask: torch.Tensor):
-        keep = attention_mask.bool()  # (B, T)
-        self.batch, self.seq_len = keep.shape
-        self.indices = keep.flatten().nonzero().squeeze(1)  # (N,)
-        self.key_mask = keep[:, None, None, :]  # (B, 1, 1, T)
-        lengths = keep.sum(dim=1)  # (B,)
-        self.cu_seqlens = F.pad(lengths.cumsum(0), (1, 0)).to(torch.int32)  # (B + 1,)
-        self.max_len = int(lengths.max()) if lengths.numel() else 0
+    def __init__(self, attention_mask: torch.Tensor, multiple: int = PACK_MULTIPLE):
+        keep = attention_mask.bool().flatten()  # (B·T,)
+        self.batch, self.seq_len = attention_mask.shape
+        real = keep.nonzero().squeeze(1)  # (num_real,)
+        self.num_real = real.numel()
+        extra = min(-self.num_real % multiple, keep.numel() - self.num_real)
+        pads = (~keep).nonzero().squeeze(1)[:extra]  # (extra,)
+        self.indices = torch.cat([real, pads])  # (N,)
+        self.key_mask = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T)
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, T, ...) -> (N, ...): the real tokens only."""
+        """(B, T, ...) -> (N, ...): the packed tokens."""
         return x.reshape(self.batch * self.seq_len, *x.shape[2:])[self.indices]
 
     def unpack(self, x: torch.Tensor) -> torch.Tensor:
-        """(N, ...) -> (B, T, ...), zeros at pad positions (differentiable)."""
+        """(N, ...) -> (B, T, ...), zeros where nothing was packed (differentiable)."""
         out = x.new_zeros(self.batch * self.seq_len, *x.shape[1:])  # (B·T, ...)
-        return out.index_copy(0, self.indices, x).view(self.batch, self.seq_len, *x.shape[1:])
+        return out.index_copy(0, self.indices[: x.shape[0]], x).view(self.batch, self.seq_len, *x.shape[1:])
+
+    def unpack_real(self, x: torch.Tensor) -> torch.Tensor:
+        """(N, ...) -> (B, T, ...), the real tokens' rows only: zeros at every pad (differentiable)."""
+        return self.unpack(x[: self.num_real])
 
 
 def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, scaling=None, **kwargs):
@@ -229,7 +246,7 @@ def unpadded_forward(
         embforge_packed=packed,
         **extra,
     )
-    return packed.unpack(out.last_hidden_state[0])  # (B, T, D)
+    return packed.unpack_real(out.last_hidden_state[0])  # (B, T, D)
 
 
 # ============================================================================ poolings

@@ -140,3 +140,14 @@ def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(mi
     for i, text in enumerate(texts):  # no text's embedding depends on what it is batched with
         alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=False).detach()
         torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+
+
+def test_packed_length_is_rounded_up_with_pad_rows_that_unpack_real_drops():
+    mask = torch.tensor([[1] * 30 + [0] * 20, [1] * 45 + [0] * 5, [1] * 10 + [0] * 40])  # 85 real of 150
+    packed = portable.PackedBatch(mask, multiple=64)
+    assert packed.num_real == 85 and len(packed.indices) == 128  # rounded up with 43 pad positions
+    assert mask.flatten()[packed.indices[:85]].all() and not mask.flatten()[packed.indices[85:]].any()
+    x = torch.arange(150.0).view(3, 50, 1)
+    assert torch.equal(packed.unpack_real(packed.pack(x)), x * mask[..., None])  # real rows back, zeros at pads
+    assert len(portable.PackedBatch(mask, multiple=1).indices) == 85
+    assert len(portable.PackedBatch(mask[:, :42], multiple=64).indices) == 126  # 82 real: every pad used, short of 128
