@@ -71,6 +71,10 @@ class Draw:
         return cls(record, state[1], state[2] if len(state) > 2 else record.negatives)  # older: [record, positive]
 
 
+def _line_digest(line: bytes) -> int:
+    return int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little") >> 1
+
+
 _NEGATIVES_STREAM = 1  # a second random stream per (seed, epoch, position), apart from the positive's
 
 
@@ -145,10 +149,12 @@ class MemorySource:
 
 @dataclass
 class _Line:
-    """A usable record read from a stream, and where: (epoch, shard, byte offset, line number)."""
+    """A usable record read from a stream, where: (epoch, shard, byte offset, line number), and a
+    digest of the line (a resume re-reads it there and checks it is the same line)."""
 
     record: TrainingRecord
     where: tuple[int, int, int, int]
+    digest: int
 
 
 class StreamSource:
@@ -218,7 +224,7 @@ class StreamSource:
                 continue
             record = self._parse(line, self.shard, self.lineno, self.report)
             if record is not None:
-                return _Line(record, (self.epoch, self.shard, start, self.lineno))
+                return _Line(record, (self.epoch, self.shard, start, self.lineno), _line_digest(line))
         self.epoch, self.shard, self.offset, self.lineno = self.epoch + 1, 0, 0, 0
         return None
 
@@ -256,7 +262,7 @@ class StreamSource:
             "offset": self.offset,
             "lineno": self.lineno,
             "epoch_read": self.epoch_read,
-            "buffer": [list(item.where) for item in self.buffer],
+            "buffer": [[*item.where, item.digest] for item in self.buffer],
             "rng": self.rng.bit_generator.state,
         }
 
@@ -267,14 +273,15 @@ class StreamSource:
         if "rng" in state:
             self.rng.bit_generator.state = state["rng"]
         self.buffer = []
-        for where in state.get("buffer", []):  # re-read each buffered line where it was; counted once already
+        for entry in state.get("buffer", []):  # re-read each buffered line where it was; counted once already
+            where, digest = tuple(entry[:4]), entry[4]
             _, shard, offset, lineno = where
             with open(self.shards[shard], "rb") as f:
                 f.seek(offset)
-                record = self._parse(f.readline(), shard, lineno, DataReport())
-            if record is None:
+                line = f.readline()
+            if _line_digest(line) != digest:
                 raise DataError(f"{self.shards[shard]}:{lineno} changed since the checkpoint was written")
-            self.buffer.append(_Line(record, tuple(where)))
+            self.buffer.append(_Line(self._parse(line, shard, lineno, DataReport()), where, digest))
 
 
 def load_jsonl_records(
@@ -360,7 +367,9 @@ class BatchSampler:
                     )
                 drawn = self._take(i)
                 record = drawn.record
-                texts = {record.query, *record.positives, *record.negatives}  # other positives are no negatives
+                # the texts this example brings: its query, every positive (the others are no negatives
+                # either) and the negatives drawn for it, not the rest of a wide mined list
+                texts = {record.query, *record.positives, *drawn.negatives}
                 if self.no_duplicates and texts & seen:
                     deferred.append(drawn)
                     continue

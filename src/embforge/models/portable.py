@@ -239,9 +239,14 @@ def unpadded_forward(
     positions = extra.pop("position_ids", None)
     positions = encoder_positions(backbone, attention_mask) if positions is None else positions  # (B, T)
     extra = {k: packed.pack(v)[None] if torch.is_tensor(v) and v.shape[:2] == (B, T) else v for k, v in extra.items()}
+    packed_positions = packed.pack(positions)  # (N,)
+    # pad rows get position 0: a length-dependent rotary scaling (dynamic NTK) reads a sequence's
+    # length off its increasing positions, and pad rows carrying a long row's positions at the end
+    # would otherwise lengthen the last text
+    packed_positions[packed.num_real :] = 0
     out = backbone(
         input_ids=packed.pack(input_ids)[None],  # (1, N)
-        position_ids=packed.pack(positions)[None],  # (1, N)
+        position_ids=packed_positions[None],  # (1, N)
         attention_mask=None,
         embforge_packed=packed,
         **extra,

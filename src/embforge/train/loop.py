@@ -64,7 +64,7 @@ from embforge.train.parallel import (
     wrap_model,
 )
 from embforge.train.prefetch import Prefetcher
-from embforge.train.recipe import DataConfig, LossConfig, OptimConfig, StageConfig
+from embforge.train.recipe import DEFAULT_SHUFFLE_BUFFER, DataConfig, LossConfig, OptimConfig, StageConfig
 from embforge.train.schedule import build_scheduler
 
 
@@ -92,6 +92,8 @@ def build_sampler(
     report = DataReport()
     sources = []
     share = (rank, world) if data.rank_reading == "own_share" and world > 1 else None
+    # task files are read whole on every rank: only rank 0 counts them, so the summed counts are the file's
+    whole_file_report = DataReport() if share is not None and rank > 0 else report
 
     def memory(records, i, shared=False):  # shared: ``records`` is already this rank's share
         if share is not None and not shared:
@@ -104,14 +106,14 @@ def build_sampler(
         if ds.format == "beir":
             if data.num_negatives:
                 raise DataError(f"dataset {ds.name!r}: BEIR pairs carry no hard negatives; mine them first")
-            sources.append(memory(load_beir_pairs(path, ds.split, ds.name, report), i))
+            sources.append(memory(load_beir_pairs(path, ds.split, ds.name, whole_file_report), i))
         elif ds.format in ("classification", "clustering"):
             records = classification_records(
                 path,
                 ds.name,
                 num_negatives=data.num_negatives,
                 seed=seed + i,
-                report=report,
+                report=whole_file_report,
                 text_field=fields.get("text", "text"),
                 label_field=fields.get("label", "label"),
                 label_texts=ds.label_texts,
@@ -124,7 +126,7 @@ def build_sampler(
                 ds.name,
                 num_negatives=data.num_negatives,
                 seed=seed + i,
-                report=report,
+                report=whole_file_report,
                 min_score=ds.min_score,
                 fields=keys,
             )
@@ -140,7 +142,7 @@ def build_sampler(
                     report,
                     seed + i,
                     data.on_bad_record,
-                    shuffle_buffer=ds.shuffle_buffer,
+                    shuffle_buffer=DEFAULT_SHUFFLE_BUFFER if ds.shuffle_buffer is None else ds.shuffle_buffer,
                     negative_sampling=data.negative_sampling,
                     share=share or (0, 1),
                 )
@@ -449,8 +451,9 @@ def train_stage(
 
     def save(step: int) -> None:
         positions = _gather(sampler_state, info) if own_share else sampler_state  # every rank's own position
-        data_report = _merged(report, info) if own_share else report
-        trainer_state = {"sampler": positions, "stage": stage.name, "data_report": data_report.summary()}
+        with batches.paused():  # the prefetch thread counts into the report as it reads
+            summary = (_merged(report, info) if own_share else report).summary()
+        trainer_state = {"sampler": positions, "stage": stage.name, "data_report": summary}
         scores = {k: v for k, v in history[-1].items() if k.startswith("eval/")} if history else {}
         metrics = scores if history and history[-1]["step"] == step else {}  # an evaluation at this very step
         if is_fsdp(model):  # every rank writes its own shards: nothing is gathered

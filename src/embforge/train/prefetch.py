@@ -21,11 +21,12 @@ T = TypeVar("T")
 
 
 class Prefetcher(Generic[T]):
-    """``count`` results of ``produce()``, computed in a background thread ``depth`` ahead."""
+    """``count`` results of ``produce()``, computed in a background thread, at most ``depth`` ahead."""
 
     def __init__(self, produce: Callable[[], T], count: int, depth: int = 2):
         self._produce, self._left = produce, count
-        self._queue: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        self._queue: queue.Queue = queue.Queue()
+        self._slots = threading.Semaphore(max(1, depth))  # items produced and not yet taken: at most depth
         self._lock = threading.Lock()  # held by the worker while it produces an item
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._work, name="embforge-prefetch", daemon=True)
@@ -33,6 +34,9 @@ class Prefetcher(Generic[T]):
 
     def _work(self) -> None:
         for _ in range(self._left):
+            while not self._slots.acquire(timeout=0.1):  # wait for the consumer to take one
+                if self._stop.is_set():
+                    return
             with self._lock:
                 if self._stop.is_set():
                     return
@@ -40,18 +44,14 @@ class Prefetcher(Generic[T]):
                     item = (True, self._produce())
                 except BaseException as exc:  # noqa: BLE001 (handed to the consumer, raised there)
                     item = (False, exc)
-            while not self._stop.is_set():
-                try:
-                    self._queue.put(item, timeout=0.1)
-                    break
-                except queue.Full:
-                    continue
+            self._queue.put(item)
             if not item[0]:
                 return
 
     def next(self) -> T:
         """The next item, in order; re-raises the exception ``produce`` raised for it."""
         ok, value = self._queue.get()
+        self._slots.release()
         if not ok:
             raise value
         return value

@@ -15,6 +15,8 @@ from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
 from embforge.models.spec import ModelConfig
 
+DEFAULT_SHUFFLE_BUFFER = 10_000  # records a stream's shuffle buffer holds unless told
+
 
 @dataclass
 class DatasetConfig:
@@ -34,7 +36,8 @@ class DatasetConfig:
     document_prompt: str = ""  # text prepended to positives and negatives
     in_batch_negatives: bool = True  # false: this dataset's queries see only their own documents
     stream: bool = False  # read shards sequentially (memory independent of size) instead of loading
-    shuffle_buffer: int = 10_000  # stream: records shuffled in a seeded buffer of this size (0: file order)
+    shuffle_buffer: int | None = None  # stream: records shuffled in a seeded buffer of this size (0: file order;
+    # default DEFAULT_SHUFFLE_BUFFER); streams only
 
 
 @dataclass
@@ -66,8 +69,12 @@ class DataConfig:
             raise ConfigError(f"{path}: batch_size must be >= 1 and num_negatives >= 0")
         if any(d.weight <= 0 for d in self.datasets):
             raise ConfigError(f"{path}.datasets: weights must be > 0")
-        if any(d.shuffle_buffer < 0 for d in self.datasets):
-            raise ConfigError(f"{path}.datasets: shuffle_buffer must be >= 0 (0 reads a stream in file order)")
+        for i, d in enumerate(self.datasets):
+            if d.shuffle_buffer is not None and (not d.stream or d.shuffle_buffer < 0):
+                raise ConfigError(
+                    f"{path}.datasets.{i}.shuffle_buffer: applies to streamed datasets (stream: true), "
+                    f"as a count >= 0 (0 reads in file order); got {d.shuffle_buffer} with stream: {d.stream}"
+                )
 
 
 @dataclass

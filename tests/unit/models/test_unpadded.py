@@ -135,11 +135,15 @@ def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(mi
     model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=128).eval()
     texts = [" ".join(TEXTS * 4), TEXTS[0], " ".join(TEXTS[:2])]  # ~80 tokens (stretched), 10 and ~16 (not)
     assert_paths_agree(model, texts)
-    batch = model.tokenize(texts)
-    together = portable.embed(model.backbone, model.pooler, **batch, unpad=False).detach()
-    for i, text in enumerate(texts):  # no text's embedding depends on what it is batched with
-        alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=False).detach()
-        torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
+    # a long padded row before a short last one: the packed batch's pad rows (rounding its length
+    # up) must not lengthen the last text
+    for batch_texts in (texts, [" ".join(TEXTS * 4), " ".join(TEXTS * 6), TEXTS[2]]):
+        batch = model.tokenize(batch_texts)
+        for unpad in (False, True):
+            together = portable.embed(model.backbone, model.pooler, **batch, unpad=unpad).detach()
+            for i, text in enumerate(batch_texts):  # no text's embedding depends on what it is batched with
+                alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=unpad).detach()
+                torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_length_is_rounded_up_with_pad_rows_that_unpack_real_drops():

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 import embforge.train.loop as loop
+from embforge.errors import DataError
 from embforge.train.prefetch import Prefetcher
 
 from .helpers import stage_config, tiny_embedder
@@ -66,6 +67,17 @@ def test_a_batch_holds_the_drawn_negatives_after_the_positives(tmp_path):
     assert texts == ["q", "p", *example.negatives] and example.negatives != ["n0", "n1", "n2"]
 
 
+def test_no_duplicates_looks_at_the_drawn_negatives_not_the_whole_list(tmp_path):
+    shared = [f"popular document {j}" for j in range(9)]  # wide mined lists share popular documents
+    rows = [{"query": f"q{i}", "positive": f"p{i}", "negatives": [f"own{i}", *shared]} for i in range(8)]
+    _write(tmp_path / "d.jsonl", rows)
+    data = {"batch_size": 4, "num_negatives": 1, "negative_sampling": "first", "no_duplicates": True}
+    sampler = _sampler(tmp_path, {**data, "datasets": [{"name": "d", "path": "d.jsonl"}]})
+    for batch in _batches(sampler, 6):  # fills: only the drawn negative (own{i}) is in the batch
+        texts = [t for e in batch for t in (e.record.query, e.positive, *e.negatives)]
+        assert len(batch) == 4 and len(texts) == len(set(texts))
+
+
 # ---------------------------------------------------------------------------- shuffle buffer
 def _stream(tmp_path, shuffle_buffer, batch_size=5):
     for shard in range(2):  # 20 records in two shards, one bad-for-the-stage line (no negative) in each
@@ -121,8 +133,15 @@ def test_a_shuffled_stream_resumes_exactly_and_its_state_holds_no_text(tmp_path,
 def test_a_line_changed_under_a_buffered_position_is_an_error_on_resume(tmp_path):
     data = _stream(tmp_path, 7)
     state = _after(_sampler(tmp_path, data), 1)
-    (tmp_path / "s-0.jsonl").write_text((tmp_path / "s-0.jsonl").read_text().replace('"q0-', '{"x": "q0-', 1))
-    with pytest.raises(Exception, match="s-0.jsonl"):
+    _, shard, offset, lineno, _ = state["sources"][0]["buffer"][0]  # a line waiting in the buffer
+    path = tmp_path / f"s-{shard}.jsonl"
+    raw = path.read_bytes()
+    end = raw.index(b"\n", offset)
+    line = raw[offset:end]
+    changed = line.replace(b'"query": "q', b'"query": "Q')  # same length: every offset stays valid
+    assert changed != line and len(changed) == len(line)
+    path.write_bytes(raw[:offset] + changed + raw[end:])
+    with pytest.raises(DataError, match=f"s-{shard}.jsonl:{lineno} changed since the checkpoint"):
         _sampler(tmp_path, data).load_state_dict(state)
 
 
@@ -148,18 +167,19 @@ def test_prefetcher_reads_ahead_at_most_depth_and_pauses():
     produced = []
     batches = Prefetcher(lambda: produced.append(1) or len(produced), count=100, depth=2)
     deadline = time.monotonic() + 5
-    while len(produced) < 3 and time.monotonic() < deadline:  # two queued, a third held at the put
+    while len(produced) < 2 and time.monotonic() < deadline:  # two ready, no third
         time.sleep(0.01)
     time.sleep(0.1)
-    assert len(produced) == 3
+    assert len(produced) == 2
     with batches.paused():
         assert batches.next() == 1
         time.sleep(0.1)
-        assert len(produced) == 3  # room in the queue, but paused
+        assert len(produced) == 2  # room for one more, but paused
     deadline = time.monotonic() + 5
-    while len(produced) < 4 and time.monotonic() < deadline:
+    while len(produced) < 3 and time.monotonic() < deadline:
         time.sleep(0.01)
-    assert len(produced) == 4
+    time.sleep(0.1)
+    assert len(produced) == 3
     batches.close()
     assert not any(t.name == "embforge-prefetch" and t.is_alive() for t in threading.enumerate())
 
@@ -296,3 +316,33 @@ def test_a_data_position_of_another_reading_or_world_size_is_refused(tmp_path):
         loop._rank_sampler_state([{}, {}, {}], True, two, tmp_path)
     with pytest.raises(CheckpointError, match="written with rank_reading global"):
         loop._rank_sampler_state({"rng": 1}, True, two, tmp_path)
+
+
+def test_own_share_deals_out_a_task_file_and_counts_it_once_over_the_ranks(tmp_path):
+    from embforge.data.records import DataReport
+
+    _write(tmp_path / "sts.jsonl", [{"sentence1": f"a{i}", "sentence2": f"b{i}", "score": 5.0} for i in range(10)])
+    data = {
+        "batch_size": 1,
+        "rank_reading": "own_share",
+        "datasets": [{"name": "sts", "path": "sts.jsonl", "format": "sts"}],
+    }
+    stage = stage_config(data=data)
+    one, one_report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    ranks = [loop.build_sampler(stage.data, tmp_path, seed=0, world=2, rank=r) for r in (0, 1)]
+    total = DataReport()
+    for _, report in ranks:
+        total.merge(report)
+    assert total.summary() == one_report.summary()  # summed over ranks = one process's counts
+    records = [{(r.query, r.positive) for r in sampler.sources[0].records} for sampler, _ in ranks]
+    assert records[0].isdisjoint(records[1])
+    assert records[0] | records[1] == {(r.query, r.positive) for r in one.sources[0].records}
+
+
+def test_shuffle_buffer_is_for_streams_only_and_not_negative(tmp_path):
+    from embforge.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=r"datasets.0.shuffle_buffer: applies to streamed datasets"):
+        stage_config(data={"datasets": [{"name": "d", "path": "d.jsonl", "shuffle_buffer": 100}]})
+    with pytest.raises(ConfigError, match=r"datasets.0.shuffle_buffer"):
+        stage_config(data={"datasets": [{"name": "d", "path": "d-*.jsonl", "stream": True, "shuffle_buffer": -1}]})

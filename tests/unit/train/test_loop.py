@@ -375,27 +375,28 @@ def test_a_record_instruction_overrides_the_dataset_instruction(tmp_path, monkey
     assert prompts["a cat sat on the mat"] == ""  # documents get no instruction
 
 
-def test_training_embeds_a_text_exactly_as_inference_does(tmp_path):
-    """One tokenisation path: the vectors trained on are the ones `encode` returns for the same
-    text and prompt (case folding, prompt, truncation and EOS rules included)."""
+def test_training_embeds_a_text_exactly_as_inference_does(tmp_path, monkeypatch):
+    """One tokenisation path: the batch `train_stage` trains on embeds each text exactly as
+    `encode_queries` / `encode_documents` do (case folding, prompt, truncation and EOS rules)."""
     rows = [{"query": "Sort A List, Quickly", "positive": "DEF sort(x): return sorted(x)", "negatives": ["The CAT"]}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    model = tiny_embedder().eval()
+    model = tiny_embedder()
     model.prompts = {"query": "search_query: ", "document": "search_document: "}
-    data = {
-        "batch_size": 1,
-        "num_negatives": 1,
-        "datasets": [
-            {"name": "d", "path": "d.jsonl", "query_prompt": "search_query: ", "document_prompt": "search_document: "}
-        ],
-    }
-    stage = stage_config(data=data)
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
-    batch = loop.collate(
-        sampler.next_batch(), stage.data, lambda t, p: model.tokenize(t, prompt=p), torch.device("cpu")
-    )
-    with torch.no_grad():
-        trained_q, trained_d = model(**batch.queries), model(**batch.docs)
-    torch.testing.assert_close(trained_q, torch.from_numpy(model.encode_queries([rows[0]["query"]])), atol=1e-6, rtol=0)
-    inferred_d = model.encode_documents([rows[0]["positive"], "The CAT"])
-    torch.testing.assert_close(trained_d, torch.from_numpy(inferred_d), atol=1e-6, rtol=0)
+    prompts = {"query_prompt": "search_query: ", "document_prompt": "search_document: "}
+    data = {"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl", **prompts}]}
+    seen = {}
+    real = loop.contrastive_step
+
+    def spy(wrapped, batch, *a, **k):  # before the step changes the weights
+        with torch.no_grad():
+            seen["trained"] = (model(**batch.queries), model(**batch.docs))
+        seen["inferred"] = (
+            model.encode_queries([rows[0]["query"]]),
+            model.encode_documents([rows[0]["positive"], *rows[0]["negatives"]]),
+        )
+        return real(wrapped, batch, *a, **k)
+
+    monkeypatch.setattr(loop, "contrastive_step", spy)
+    _train(model, stage_config(steps=1, data=data), tmp_path, tmp_path / "run", resume=False)
+    for trained, inferred in zip(seen["trained"], seen["inferred"]):
+        torch.testing.assert_close(trained, torch.from_numpy(inferred), atol=1e-6, rtol=0)
