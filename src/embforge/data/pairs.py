@@ -35,9 +35,10 @@ from embforge.data.records import DataReport, OnBadRecord, TrainingRecord, parse
 from embforge.errors import DataError
 
 
-def text_key(text: str) -> int:
-    """A stable 63-bit id of a text (the same in every process, unlike ``hash``)."""
-    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little") >> 1
+def text_key(text: str | bytes) -> int:
+    """A stable 63-bit id of a text or raw line (the same in every process, unlike ``hash``)."""
+    data = text.encode("utf-8") if isinstance(text, str) else text
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 NegativeSampling = Literal["sample", "first"]
@@ -69,10 +70,6 @@ class Draw:
     def from_state(cls, state: list) -> Draw:
         record = TrainingRecord(**state[0])
         return cls(record, state[1], state[2] if len(state) > 2 else record.negatives)  # older: [record, positive]
-
-
-def _line_digest(line: bytes) -> int:
-    return int.from_bytes(hashlib.blake2b(line, digest_size=8).digest(), "little") >> 1
 
 
 _NEGATIVES_STREAM = 1  # a second random stream per (seed, epoch, position), apart from the positive's
@@ -224,7 +221,7 @@ class StreamSource:
                 continue
             record = self._parse(line, self.shard, self.lineno, self.report)
             if record is not None:
-                return _Line(record, (self.epoch, self.shard, start, self.lineno), _line_digest(line))
+                return _Line(record, (self.epoch, self.shard, start, self.lineno), text_key(line))
         self.epoch, self.shard, self.offset, self.lineno = self.epoch + 1, 0, 0, 0
         return None
 
@@ -238,19 +235,16 @@ class StreamSource:
             if item is None:
                 raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
             return self._draw(item)
+        if not self.buffer and self.epoch_read:  # the epoch is drained: fill from the next one
+            self.epoch_read = False
         while len(self.buffer) < self.shuffle_buffer and not self.epoch_read:
             item = self._read()
             if item is None:
                 self.epoch_read = True
             else:
                 self.buffer.append(item)
-        if not self.buffer:  # the epoch is drained: refill from the next one
-            self.epoch_read = False
-            item = self._read()
-            if item is None:
-                raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
-            self.buffer.append(item)
-            return self.next()
+        if not self.buffer:  # a whole epoch read, nothing usable in it
+            raise DataError(f"dataset {self.name!r}: no usable record found in its shards")
         j = int(self.rng.integers(len(self.buffer)))
         self.buffer[j], self.buffer[-1] = self.buffer[-1], self.buffer[j]
         return self._draw(self.buffer.pop())
@@ -279,7 +273,7 @@ class StreamSource:
             with open(self.shards[shard], "rb") as f:
                 f.seek(offset)
                 line = f.readline()
-            if _line_digest(line) != digest:
+            if text_key(line) != digest:
                 raise DataError(f"{self.shards[shard]}:{lineno} changed since the checkpoint was written")
             self.buffer.append(_Line(self._parse(line, shard, lineno, DataReport()), where, digest))
 

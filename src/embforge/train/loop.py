@@ -91,7 +91,7 @@ def build_sampler(
     """
     report = DataReport()
     sources = []
-    share = (rank, world) if data.rank_reading == "own_share" and world > 1 else None
+    share = (rank, world) if data.reads_own_share(world) else None
     # task files are read whole on every rank: only rank 0 counts them, so the summed counts are the file's
     whole_file_report = DataReport() if share is not None and rank > 0 else report
 
@@ -389,7 +389,7 @@ def train_stage(
     sampler, report = build_sampler(
         stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives, rank=info.rank
     )
-    own_share = stage.data.rank_reading == "own_share" and info.world > 1  # each rank its own sampler
+    own_share = stage.data.reads_own_share(info.world)  # each rank its own sampler
     ckpt_dir = stage_dir / "checkpoints"
     if info.is_main:
         ready_checkpoint_dir(ckpt_dir)

@@ -59,6 +59,10 @@ class DataConfig:
     # the negatives): stop naming file:line, or skip it and count it by reason in the stage's data summary
     on_bad_record: Literal["error", "skip"] = "error"
 
+    def reads_own_share(self, world: int) -> bool:
+        """Whether each of ``world`` ranks reads its own share and draws its own batches."""
+        return self.rank_reading == "own_share" and world > 1
+
     def validate(self, path: str) -> None:
         if not self.datasets:
             raise ConfigError(f"{path}.datasets: at least one dataset is needed")
