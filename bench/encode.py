@@ -5,11 +5,17 @@ Runs both on the same real texts (MLQuestions passages and SICK sentences from
 reference for several repetitions, and reports the median texts/s of each and their
 ratio. The last line is one JSON object.
 
+embforge runs twice: its default path (``precision: auto``, which is bf16 autocast on CPUs
+that run bf16 natively and fp32 elsewhere) gives ``ratio``, and the same path forced to fp32
+gives ``ratio_fp32`` (matched precision: sentence-transformers runs fp32). ``cos`` and
+``min_cos`` are the default path's cosines to sentence-transformers' embeddings.
+
 It also runs the ONNX Runtime int8 path (``embforge export onnx --int8``, exported once
 into the work directory) on the same texts and threads: ``ratio_int8`` is its texts/s over
 sentence-transformers', ``cos_int8`` the mean cosine of its embeddings to
 sentence-transformers' (``min_cos_int8`` the worst text), and ``ndcg10_change_int8`` the
-change of nDCG@10 (x100) on the shared MLQuestions dev set, int8 minus the PyTorch path.
+change of nDCG@10 (x100) on the shared MLQuestions dev set, int8 minus the PyTorch fp32 path
+(``ndcg10_change`` likewise for the default path).
 
     python bench/encode.py            # 2,000 texts, 5 repetitions, + MLQuestions nDCG@10
     python bench/encode.py --quick    # 200 texts, 1 repetition, no nDCG (CI)
@@ -73,6 +79,7 @@ def main() -> None:
     from embforge.models.embedder import Embedder
     from embforge.onnx.export import export_onnx
     from embforge.onnx.runtime import OnnxEmbedder
+    from embforge.precision import resolve_precision
 
     texts, source = real_texts(args.texts)
     ours = Embedder.load("all-MiniLM-L6-v2", device="cpu")
@@ -84,6 +91,7 @@ def main() -> None:
     int8 = OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads)
     runners = {
         "embforge": lambda: ours.encode(texts, batch_size=args.batch_size, show_progress=False),
+        "embforge_fp32": lambda: ours.encode(texts, batch_size=args.batch_size, show_progress=False, precision="fp32"),
         "reference": lambda: ref.encode(
             texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True
         ),
@@ -106,23 +114,33 @@ def main() -> None:
         return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
     cos = cosines(outputs["embforge"], outputs["reference"])
+    cos_fp32 = cosines(outputs["embforge_fp32"], outputs["reference"])
     cos_int8 = cosines(outputs["onnx_int8"], outputs["reference"])
     ours_tps = len(texts) / statistics.median(times["embforge"])
+    fp32_tps = len(texts) / statistics.median(times["embforge_fp32"])
     ref_tps = len(texts) / statistics.median(times["reference"])
     int8_tps = len(texts) / statistics.median(times["onnx_int8"])
-    ndcg = ndcg_int8 = None
+    precision = resolve_precision(ours.precision, ours.device)
+    ndcg = ndcg_fp32 = ndcg_int8 = None
     if not args.quick:
         ndcg, ndcg_int8 = mlquestions_ndcg(ours), mlquestions_ndcg(int8)
+        ours.precision = "fp32"
+        ndcg_fp32 = mlquestions_ndcg(ours)
     print(f"{len(texts)} texts ({source}), batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
     print(
-        f"embforge {ours_tps:.1f} texts/s, sentence-transformers {ref_tps:.1f} texts/s, ratio {ours_tps / ref_tps:.2f}"
+        f"embforge default ({precision}) {ours_tps:.1f} texts/s, sentence-transformers (fp32) {ref_tps:.1f} texts/s, "
+        f"ratio {ours_tps / ref_tps:.2f}, cosine to sentence-transformers mean {cos.mean():.6f} min {cos.min():.6f}"
     )
+    print(f"embforge fp32 {fp32_tps:.1f} texts/s, ratio at matched precision {fp32_tps / ref_tps:.2f}")
     print(
         f"ONNX int8 {int8_tps:.1f} texts/s, ratio {int8_tps / ref_tps:.2f}, "
         f"cosine to sentence-transformers mean {cos_int8.mean():.5f} min {cos_int8.min():.5f}"
     )
     if ndcg is not None:
-        print(f"MLQuestions nDCG@10: PyTorch {ndcg:.2f}, ONNX int8 {ndcg_int8:.2f} ({ndcg_int8 - ndcg:+.2f})")
+        print(
+            f"MLQuestions nDCG@10: PyTorch fp32 {ndcg_fp32:.2f}, default ({precision}) {ndcg:.2f} "
+            f"({ndcg - ndcg_fp32:+.2f}), ONNX int8 {ndcg_int8:.2f} ({ndcg_int8 - ndcg_fp32:+.2f})"
+        )
     print(
         json.dumps(
             {
@@ -131,14 +149,21 @@ def main() -> None:
                 "reference": round(ref_tps, 1),
                 "unit": "texts/s",
                 "ratio": round(ours_tps / ref_tps, 3),
-                "max_abs_cos_diff": float(np.abs(1 - cos).max()),
+                "precision": precision,
+                "cos": round(float(cos.mean()), 6),
+                "min_cos": round(float(cos.min()), 6),
+                "embforge_fp32": round(fp32_tps, 1),
+                "ratio_fp32": round(fp32_tps / ref_tps, 3),
+                "max_abs_cos_diff_fp32": float(np.abs(1 - cos_fp32).max()),
                 "onnx_int8": round(int8_tps, 1),
                 "ratio_int8": round(int8_tps / ref_tps, 3),
                 "cos_int8": round(float(cos_int8.mean()), 5),
                 "min_cos_int8": round(float(cos_int8.min()), 5),
+                "ndcg10_fp32": None if ndcg is None else round(ndcg_fp32, 2),
                 "ndcg10": None if ndcg is None else round(ndcg, 2),
                 "ndcg10_int8": None if ndcg_int8 is None else round(ndcg_int8, 2),
-                "ndcg10_change_int8": None if ndcg is None else round(ndcg_int8 - ndcg, 2),
+                "ndcg10_change": None if ndcg is None else round(ndcg - ndcg_fp32, 2),
+                "ndcg10_change_int8": None if ndcg is None else round(ndcg_int8 - ndcg_fp32, 2),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "texts": len(texts),
                 "threads": args.threads,

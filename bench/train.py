@@ -188,7 +188,7 @@ def main() -> None:
 
     import torch
 
-    from embforge.train.loop import resolve_precision
+    from embforge.precision import resolve_precision
 
     auto = resolve_precision("auto", torch.device("cpu"))
     capability = torch.backends.cpu.get_cpu_capability()

@@ -19,6 +19,16 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--attention", choices=["bidirectional", "causal"], default=None, help="decoders: override the attention"
     )
+    _add_precision_arg(p)
+
+
+def _add_precision_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--precision",
+        choices=["auto", "fp32", "bf16"],
+        default=None,
+        help="PyTorch models: auto (default) = bf16 autocast where the device runs bf16 natively, else fp32",
+    )
 
 
 def _load_model(args: argparse.Namespace):
@@ -28,8 +38,9 @@ def _load_model(args: argparse.Namespace):
 
 
 def _model_overrides(args: argparse.Namespace) -> dict:
-    """The model flags the user set (``--max-seq-len``, ``--pooling``, ``--attention``)."""
-    return {key: getattr(args, key) for key in ("max_seq_len", "pooling", "attention") if getattr(args, key, None)}
+    """The model flags the user set (``--max-seq-len``, ``--pooling``, ``--attention``, ``--precision``)."""
+    keys = ("max_seq_len", "pooling", "attention", "precision")
+    return {key: getattr(args, key) for key in keys if getattr(args, key, None)}
 
 
 def _load_inference_model(args: argparse.Namespace):
@@ -37,6 +48,8 @@ def _load_inference_model(args: argparse.Namespace):
     from embforge.onnx.runtime import OnnxEmbedder, is_onnx_folder
 
     if is_onnx_folder(args.model):
+        if getattr(args, "precision", None):
+            raise ConfigError("--precision applies to PyTorch models; an ONNX folder runs fp32 (or --int8)")
         return OnnxEmbedder.load(args.model, quantized=args.int8)
     if args.int8:
         raise ConfigError("--int8 needs an ONNX folder: run `embforge export onnx MODEL OUT --int8` first")
@@ -312,6 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (PyTorch models)")
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     p.add_argument("--int8", action="store_true", help="ONNX folder: serve the int8-quantised model")
+    _add_precision_arg(p)
     p.add_argument("--max-items", type=int, default=2048, help="inputs per request")
     p.add_argument("--max-input-tokens", type=int, default=None, help="tokens per input (default: the model's max)")
     p.add_argument("--truncate", action="store_true", help="truncate over-long inputs instead of answering 413")

@@ -68,11 +68,14 @@ def onnx_minilm(minilm, tmp_path_factory):
 
 @pytest.fixture(scope="module", params=["torch", "onnx"])
 def server(request, minilm_dir):
-    model = MODEL if request.param == "torch" else str(request.getfixturevalue("onnx_minilm"))
+    # fp32 on both backends, so answers equal `Embedder.encode(precision="fp32")` to float rounding;
+    # the default (auto) precision is tested on its own below
+    torch = request.param == "torch"
+    model = MODEL if torch else str(request.getfixturevalue("onnx_minilm"))
     proc, url = _start(
         model,
         "--served-model-name", MODEL, "--api-key", KEY, "--max-items", "64", "--max-queued-items", "128",
-        "--max-body-bytes", "300000",
+        "--max-body-bytes", "300000", *(["--precision", "fp32"] if torch else []),
     )  # fmt: skip
     yield url
     assert _stop(proc)
@@ -100,7 +103,7 @@ def test_openai_client_gets_embedder_embeddings(client, minilm, encoding_format,
     for d in resp.data:  # the client decodes base64 itself only when it chose the format
         e = d.embedding
         got.append(np.frombuffer(base64.b64decode(e), dtype="<f4") if isinstance(e, str) else np.asarray(e))
-    expected = minilm.encode(TEXTS, dimensions=dimensions)
+    expected = minilm.encode(TEXTS, dimensions=dimensions, precision="fp32")
     np.testing.assert_allclose(np.stack(got), expected, atol=2e-5)
     assert [d.index for d in resp.data] == list(range(len(TEXTS)))
     n_tokens = sum(len(ids) for ids in minilm.tokenizer(TEXTS)["input_ids"])
@@ -109,10 +112,25 @@ def test_openai_client_gets_embedder_embeddings(client, minilm, encoding_format,
 
 def test_default_client_format_single_string_and_token_ids(client, minilm):
     resp = client.embeddings.create(input=TEXTS[0], model=MODEL)  # the client asks for base64 by default
-    np.testing.assert_allclose(resp.data[0].embedding, minilm.encode(TEXTS[0]), atol=2e-5)
+    np.testing.assert_allclose(resp.data[0].embedding, minilm.encode(TEXTS[0], precision="fp32"), atol=2e-5)
     ids = minilm.tokenizer(TEXTS[:2])["input_ids"]
     resp = client.embeddings.create(input=ids, model=MODEL, encoding_format="float")
-    np.testing.assert_allclose([d.embedding for d in resp.data], minilm.encode(TEXTS[:2]), atol=2e-5)
+    np.testing.assert_allclose([d.embedding for d in resp.data], minilm.encode(TEXTS[:2], precision="fp32"), atol=2e-5)
+
+
+def test_default_precision_server_stays_within_1e_4_cosine_of_fp32(minilm):
+    """No --precision: auto (bf16 autocast on CPUs with native bf16, else fp32), like `Embedder.encode`."""
+    proc, url = _start(MODEL)
+    try:
+        resp = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120).embeddings.create(
+            input=TEXTS, model=MODEL, encoding_format="float"
+        )
+    finally:
+        assert _stop(proc)
+    got = np.asarray([d.embedding for d in resp.data])
+    fp32 = minilm.encode(TEXTS, precision="fp32")
+    cos = (got * fp32).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
+    assert cos.min() >= 0.9999, cos
 
 
 def test_models_lists_the_served_model(client, minilm):

@@ -28,7 +28,7 @@ def test_encode_matches_differentiable_forward(tiny_embedder):
     batch = tiny_embedder.tokenize(TEXTS)
     with torch.no_grad():
         fwd = tiny_embedder(**batch).numpy()
-    assert np.allclose(fwd, tiny_embedder.encode(TEXTS), atol=1e-5)
+    assert np.allclose(fwd, tiny_embedder.encode(TEXTS, precision="fp32"), atol=1e-5)
 
 
 def test_matryoshka_dimensions_truncate_then_renormalise(tiny_embedder):
@@ -72,11 +72,13 @@ def test_save_load_round_trip_and_atomic_replace(tiny_embedder, tmp_path):
 def test_saved_folder_loads_in_sentence_transformers(tiny_model_dir, tiny_embedder):
     st = pytest.importorskip("sentence_transformers")
     model = st.SentenceTransformer(str(tiny_model_dir), device="cpu")
-    ours = tiny_embedder.encode(TEXTS)
+    ours = tiny_embedder.encode(TEXTS, precision="fp32")
     theirs = model.encode(TEXTS, convert_to_numpy=True)
     assert np.allclose(ours, theirs, atol=1e-5)
     assert np.allclose(
-        tiny_embedder.encode(TEXTS, prompt_name="query"), model.encode(TEXTS, prompt_name="query"), atol=1e-5
+        tiny_embedder.encode(TEXTS, prompt_name="query", precision="fp32"),
+        model.encode(TEXTS, prompt_name="query"),
+        atol=1e-5,
     )
 
 
@@ -105,3 +107,28 @@ def test_unsupported_st_module_is_an_error(tiny_model_dir, tmp_path):
     (bad / "modules.json").write_text(json.dumps(modules))
     with pytest.raises(ConfigError, match="Dense.*not supported"):
         Embedder.load(bad)
+
+
+def test_inference_precision_is_validated_and_selectable(tiny_embedder):
+    from embforge.models.tiny import tiny_bert
+    from embforge.precision import resolve_precision
+
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        Embedder(*tiny_bert(), precision="fp16")
+    with pytest.raises(ConfigError, match="precision must be one of"):
+        tiny_embedder.encode(TEXTS, precision="half")
+    assert resolve_precision("fp32", "cpu") == "fp32" and resolve_precision("bf16", "cpu") == "bf16"
+    bf16, fp32 = tiny_embedder.encode(TEXTS, precision="bf16"), tiny_embedder.encode(TEXTS, precision="fp32")
+    assert bf16.dtype == fp32.dtype == np.float32 and not np.array_equal(bf16, fp32)
+    assert (bf16 * fp32).sum(1).min() > 0.999
+    expected = bf16 if resolve_precision("auto", "cpu") == "bf16" else fp32
+    np.testing.assert_array_equal(tiny_embedder.encode(TEXTS), expected)  # the default is `auto`
+
+
+def test_cached_teacher_embeddings_are_keyed_by_the_resolved_precision(tiny_model_dir):
+    from embforge.data.embedding_cache import cache_key
+
+    keys = {
+        p: cache_key(Embedder.load(tiny_model_dir, device="cpu", precision=p), TEXTS, None) for p in ("fp32", "bf16")
+    }
+    assert keys["fp32"] != keys["bf16"]

@@ -29,9 +29,11 @@ def test_export_reproduces_embedder_encode(tiny_embedder, onnx_dir):
     onnx = OnnxEmbedder.load(onnx_dir)
     assert (onnx.hidden_size, onnx.max_seq_len, onnx.prompts) == (64, 64, tiny_embedder.prompts)
     for kwargs in ({}, {"prompt_name": "query"}, {"dimensions": 16}, {"batch_size": 1}):
-        np.testing.assert_allclose(onnx.encode(TEXTS, **kwargs), tiny_embedder.encode(TEXTS, **kwargs), atol=1e-5)
+        np.testing.assert_allclose(
+            onnx.encode(TEXTS, **kwargs), tiny_embedder.encode(TEXTS, **kwargs, precision="fp32"), atol=1e-5
+        )
     np.testing.assert_allclose(
-        onnx.encode_queries("sort a list"), tiny_embedder.encode_queries("sort a list"), atol=1e-5
+        onnx.encode_queries("sort a list"), tiny_embedder.encode_queries("sort a list", precision="fp32"), atol=1e-5
     )
     # the same token ids as the model's own tokenizer, truncation included
     assert onnx.tokenize(TEXTS)["input_ids"].tolist() == tiny_embedder.tokenize(TEXTS)["input_ids"].tolist()
@@ -81,3 +83,8 @@ def test_cli_export_then_encode_without_torch_path(tiny_model_dir, tmp_path):
     assert (
         main(["encode", str(tiny_model_dir), "--int8", "--input", str(inp), "--output", str(tmp_path / "e.npy")]) == 2
     )
+    # --precision is for PyTorch models: refused for an ONNX folder, not silently ignored
+    assert (
+        main(["encode", str(out), "--precision", "bf16", "--input", str(inp), "--output", str(tmp_path / "f.npy")]) == 2
+    )
+    assert not (tmp_path / "f.npy").exists()

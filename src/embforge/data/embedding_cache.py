@@ -18,10 +18,14 @@ from embforge.vectors import l2_normalise
 
 
 def teacher_identity(teacher: Any) -> str:
-    """A string that changes whenever the teacher's weights change."""
+    """A string that changes whenever the teacher's weights (or its inference precision) change."""
     name = str(getattr(teacher, "name_or_path", "") or type(teacher).__qualname__)
     folder = Path(name)
     parts = [name, str(getattr(teacher, "max_seq_len", "")), str(getattr(teacher, "pooling", ""))]
+    if hasattr(teacher, "precision") and hasattr(teacher, "device"):  # bf16 and fp32 embeddings differ slightly
+        from embforge.precision import resolve_precision
+
+        parts.append(resolve_precision(teacher.precision, teacher.device))
     if folder.is_dir():
         for f in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")):
             st = f.stat()

@@ -31,6 +31,7 @@ from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_
 from embforge.models.matryoshka import check_dimensions
 from embforge.models.prompts import resolve_prompt
 from embforge.models.registry import resolve_model_path
+from embforge.precision import autocast, resolve_precision
 
 
 class Embedder(nn.Module):
@@ -75,6 +76,7 @@ class Embedder(nn.Module):
         padding_side: str | None = None,
         instruction_template: str | None = None,
         matryoshka_rule: str = "truncate",
+        precision: str = "auto",
     ):
         super().__init__()
         self.backbone = backbone
@@ -120,6 +122,8 @@ class Embedder(nn.Module):
         if matryoshka_rule not in portable.MATRYOSHKA_RULES:
             raise ConfigError(f"matryoshka_rule must be one of {portable.MATRYOSHKA_RULES}, got {matryoshka_rule!r}")
         self.matryoshka_rule = matryoshka_rule
+        resolve_precision(precision, "cpu")  # validates the name
+        self.precision = precision  # of inference (encode, serve); training has its stage's own
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -247,6 +251,7 @@ class Embedder(nn.Module):
         prompt: str | None = None,
         dimensions: int | None = None,
         show_progress: bool | None = None,
+        precision: str | None = None,
     ) -> np.ndarray:
         """Embed texts (inference mode, batches of similar length).
 
@@ -258,6 +263,9 @@ class Embedder(nn.Module):
             dimensions: keep the first ``dimensions`` components (Matryoshka, after the model's
                 ``matryoshka_rule``), then re-normalise.
             show_progress: progress bar; default on for long inputs.
+            precision: ``auto`` | ``fp32`` | ``bf16`` (default: the model's ``precision``,
+                ``auto`` unless loaded otherwise: bf16 autocast where the device runs bf16
+                natively, see :func:`embforge.precision.resolve_precision`).
 
         Returns:
             float32 array (N, D') — or (D',) for a single string.
@@ -272,7 +280,7 @@ class Embedder(nn.Module):
             show = show_progress if show_progress is not None else len(batches) >= PROGRESS_MIN_BATCHES
             was_training = self.training
             self.eval()
-            with torch.inference_mode():
+            with torch.inference_mode(), self.inference_autocast(precision):
                 for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                     batch = portable.pad_batch(
                         self.tokenizer, [ids[i] for i in idx], [excluded[i] for i in idx], device=self.device
@@ -290,6 +298,10 @@ class Embedder(nn.Module):
                     out[idx] = pooled.cpu().numpy()
             self.train(was_training)
         return out[0] if single else out
+
+    def inference_autocast(self, precision: str | None = None):
+        """The autocast context that inference runs under (``precision`` or the model's own)."""
+        return autocast(precision or self.precision, self.device)
 
     def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``query`` prompt when the model defines one."""

@@ -139,9 +139,14 @@ class TorchBackend(_ModelBackend):
 
         padded = pad_features(batch, self.pad_id, self.padding_side)
         device = self.model.device
-        with torch.inference_mode():
+        with torch.inference_mode(), self.model.inference_autocast():
             out = self.model(**{k: torch.from_numpy(v).to(device) for k, v in padded.items()})  # (B, D)
         return out.float().cpu().numpy()
+
+    def describe(self) -> dict:
+        from embforge.precision import resolve_precision
+
+        return {**super().describe(), "precision": resolve_precision(self.model.precision, self.model.device)}
 
 
 class OnnxBackend(_ModelBackend):

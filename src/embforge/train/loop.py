@@ -13,6 +13,7 @@ with ``on_nonfinite: skip``, the step is dropped and counted).
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import math
 import time
@@ -36,6 +37,8 @@ from embforge.data.pairs import (
 from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
+from embforge.precision import autocast as precision_autocast
+from embforge.precision import resolve_precision
 from embforge.train.checkpoint import (
     is_sharded,
     latest_checkpoint,
@@ -309,18 +312,6 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
 
 
 # ---------------------------------------------------------------------------- the loop
-def resolve_precision(precision: str, device: torch.device) -> str:
-    """``auto`` -> ``bf16`` on GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else ``fp32``.
-
-    bf16 here is autocast: weights, optimizer state and the loss stay fp32.
-    """
-    if precision != "auto":
-        return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
-
-
 def _sum_over_ranks(x: torch.Tensor, info: DistInfo) -> float:
     if info.world > 1:
         x = x.clone()
@@ -415,11 +406,7 @@ def train_stage(
     log_file = stage_dir / "metrics.jsonl"
     history = resume_log(log_file, start, rewrite=info.is_main)  # lines past the checkpoint are dropped
     precision = resolve_precision(stage.precision, info.device)
-    autocast = (
-        (lambda: torch.autocast(info.device.type, dtype=torch.bfloat16))
-        if precision == "bf16"
-        else contextlib.nullcontext
-    )
+    autocast = functools.partial(precision_autocast, precision, info.device)
     B = stage.data.batch_size
 
     def tokenize(texts, prompts):  # the Embedder's own tokenisation: training text = inference text

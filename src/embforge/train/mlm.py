@@ -12,8 +12,8 @@ a resumed run continues the same trajectory. The backbone is exported to
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import functools
 import json
 import math
 import os
@@ -40,6 +40,8 @@ from embforge.errors import ConfigError, DataError
 from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.portable import num_parameters
+from embforge.precision import autocast as precision_autocast
+from embforge.precision import resolve_precision
 from embforge.train.checkpoint import (
     latest_checkpoint,
     load_model_weights,
@@ -50,7 +52,7 @@ from embforge.train.checkpoint import (
     resume_point,
     save_checkpoint,
 )
-from embforge.train.loop import TrainingError, build_optimizer, resolve_precision
+from embforge.train.loop import TrainingError, build_optimizer
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
 from embforge.train.schedule import build_scheduler
 
@@ -171,9 +173,7 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
         load_model_weights(latest, model)
         start = load_training_state(latest, optimizer.load_state_dict, scheduler)["step"]
     precision = resolve_precision(recipe.precision, dev)
-    autocast = (
-        (lambda: torch.autocast(dev.type, dtype=torch.bfloat16)) if precision == "bf16" else contextlib.nullcontext
-    )
+    autocast = functools.partial(precision_autocast, precision, dev)
     mask_kwargs = dict(
         mask_prob=recipe.data.mask_prob,
         mask_token_id=tokenizer.mask_token_id,

@@ -47,7 +47,7 @@ def test_forward_applies_the_rule_too():
     model = tiny("layer_norm")
     with torch.no_grad():
         trained = model(**model.tokenize(TEXTS)).numpy()
-    np.testing.assert_allclose(trained, model.encode(TEXTS), atol=1e-5)
+    np.testing.assert_allclose(trained, model.encode(TEXTS, precision="fp32"), atol=1e-5)
 
 
 @pytest.mark.parametrize("rule", ["truncate", "layer_norm"])
@@ -62,8 +62,8 @@ def test_sentence_transformers_folder_states_the_rule_and_truncate_dim_agrees(ru
     assert again.matryoshka_rule == rule
     theirs = st.SentenceTransformer(str(folder), device="cpu")
     for dim in (None, 48, 16):
-        ours = model.encode(TEXTS, dimensions=dim)
-        np.testing.assert_allclose(again.encode(TEXTS, dimensions=dim), ours, atol=1e-6)
+        ours = model.encode(TEXTS, dimensions=dim, precision="fp32")
+        np.testing.assert_allclose(again.encode(TEXTS, dimensions=dim, precision="fp32"), ours, atol=1e-6)
         np.testing.assert_allclose(theirs.encode(TEXTS, truncate_dim=dim, normalize_embeddings=True), ours, atol=1e-5)
 
 
@@ -75,7 +75,7 @@ def test_embforge_folder_carries_the_rule_into_sentence_transformers(tmp_path):
     assert Embedder.load(folder, device="cpu").matryoshka_rule == "layer_norm"
     theirs = st.SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     for dim in (None, 16):
-        ours = model.encode(TEXTS, dimensions=dim)
+        ours = model.encode(TEXTS, dimensions=dim, precision="fp32")
         np.testing.assert_allclose(theirs.encode(TEXTS, truncate_dim=dim, normalize_embeddings=True), ours, atol=1e-5)
 
 

@@ -7,6 +7,7 @@ import threading
 
 import numpy as np
 
+from embforge.precision import resolve_precision
 from embforge.serve.backend import Encoded, TorchBackend, from_token_ids, pad_features
 from embforge.serve.batcher import MicroBatcher
 
@@ -104,3 +105,4 @@ def test_torch_backend_matches_embedder_encode(tiny_embedder):
         np.testing.assert_allclose(got, tiny_embedder.encode(texts, prompt_name=prompt), atol=1e-5)
     info = backend.describe()
     assert info["prompts"] == tiny_embedder.prompts and info["query_prompt_name"] == "query"
+    assert info["precision"] == resolve_precision("auto", "cpu")  # the model's default, as served

@@ -390,9 +390,9 @@ def test_training_embeds_a_text_exactly_as_inference_does(tmp_path, monkeypatch)
     def spy(wrapped, batch, *a, **k):  # before the step changes the weights
         with torch.no_grad():
             seen["trained"] = (model(**batch.queries), model(**batch.docs))
-        seen["inferred"] = (
-            model.encode_queries([rows[0]["query"]]),
-            model.encode_documents([rows[0]["positive"], *rows[0]["negatives"]]),
+        seen["inferred"] = (  # at the stage's precision (fp32)
+            model.encode_queries([rows[0]["query"]], precision="fp32"),
+            model.encode_documents([rows[0]["positive"], *rows[0]["negatives"]], precision="fp32"),
         )
         return real(wrapped, batch, *a, **k)
 

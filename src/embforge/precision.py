@@ -1,0 +1,44 @@
+"""Numeric precision: one rule for what ``auto`` means, for training and for inference.
+
+``bf16`` is autocast everywhere in embforge: matrix products and attention run in bfloat16,
+weights, reductions, the loss and the returned embeddings stay float32.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from embforge.errors import ConfigError
+
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def resolve_precision(precision: str, device: torch.device | str) -> str:
+    """``auto`` -> ``bf16`` on GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else ``fp32``.
+
+    On CPUs without native bf16 (AVX2-only) autocast would be emulated and several times
+    slower, so ``auto`` keeps fp32 there.
+
+    Raises:
+        ConfigError: ``precision`` is not one of :data:`PRECISIONS`.
+    """
+    if precision not in PRECISIONS:
+        raise ConfigError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    if precision != "auto":
+        return precision
+    device = torch.device(device)
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    if device.type == "cpu":
+        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+    return "fp32"
+
+
+def autocast(precision: str, device: torch.device | str):
+    """A context that runs ``precision`` (already resolved, or ``auto``) on ``device``'s type."""
+    device = torch.device(device)
+    if resolve_precision(precision, device) == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
