@@ -83,8 +83,36 @@ def test_cli_export_then_encode_without_torch_path(tiny_model_dir, tmp_path):
     assert (
         main(["encode", str(tiny_model_dir), "--int8", "--input", str(inp), "--output", str(tmp_path / "e.npy")]) == 2
     )
+    assert main(["export", "onnx", str(tiny_model_dir), str(tmp_path / "no"), "--int8-ffn-fp32"]) == 2  # needs --int8
+    assert not (tmp_path / "no").exists()
     # --precision is for PyTorch models: refused for an ONNX folder, not silently ignored
     assert (
         main(["encode", str(out), "--precision", "bf16", "--input", str(inp), "--output", str(tmp_path / "f.npy")]) == 2
     )
     assert not (tmp_path / "f.npy").exists()
+
+
+def _op_counts(path) -> dict[str, int]:
+    import collections
+
+    import onnx
+
+    return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
+
+
+def test_int8_quantises_every_weight_matmul_unless_told_to_keep_the_ffn_fp32(tiny_embedder, onnx_dir, tmp_path):
+    # the padded forward is exported: the packed path's gathers and scatters made ONNX Runtime slow
+    assert not {"ScatterElements", "ScatterND", "NonZero"} & set(_op_counts(onnx_dir / "model.onnx"))
+    layers = tiny_embedder.backbone.config.num_hidden_layers
+
+    def int8_matmuls(folder) -> int:
+        ops = _op_counts(folder / "model_int8.onnx")
+        return ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"]  # the latter shares a quantised input
+
+    assert int8_matmuls(onnx_dir) == 6 * layers  # q, k, v, attention out, FFN up, FFN down
+    kept = export_onnx(tiny_embedder, tmp_path / "ffn", quantize=True, ffn_fp32=True)
+    assert int8_matmuls(kept) == 5 * layers  # FFN down stays fp32
+    ref = tiny_embedder.encode(TEXTS, precision="fp32")
+    for folder in (onnx_dir, kept):
+        int8 = OnnxEmbedder(folder, quantized=True).encode(TEXTS)
+        assert (int8 * ref).sum(1).min() > 0.95
