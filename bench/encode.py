@@ -15,8 +15,8 @@ into the work directory) on the same texts and threads: ``ratio_int8`` is its te
 sentence-transformers', ``cos_int8`` the mean cosine of its embeddings to
 sentence-transformers' (``min_cos_int8`` the worst text), and ``ndcg10_change_int8`` the
 change of nDCG@10 (x100) on the shared MLQuestions dev set, int8 minus the PyTorch fp32 path
-(``ndcg10_change`` likewise for the default path). The ``*_int8_ffn_fp32`` keys are the same
-for the int8 model exported with ``--int8-ffn-fp32`` (feed-forward down-projections fp32).
+(``ndcg10_change`` likewise for the default path). The ``*_int8_ffn_down`` keys are the same
+for the int8 model exported with ``--int8-ffn-down`` (feed-forward down-projections int8 too).
 
     python bench/encode.py            # 2,000 texts, 5 repetitions, + MLQuestions nDCG@10
     python bench/encode.py --quick    # 200 texts, 1 repetition, no nDCG (CI)
@@ -89,9 +89,9 @@ def main() -> None:
     if not (onnx_dir / "model_int8.onnx").is_file():
         print("exporting MiniLM to ONNX + int8 (once)...", file=sys.stderr)
         export_onnx(ours, onnx_dir, quantize=True, source="all-MiniLM-L6-v2")
-    ffn_dir = Path(args.work_dir) / "minilm-onnx-ffn-fp32"
+    ffn_dir = Path(args.work_dir) / "minilm-onnx-ffn-down"
     if not (ffn_dir / "model_int8.onnx").is_file():
-        export_onnx(ours, ffn_dir, quantize=True, ffn_fp32=True, source="all-MiniLM-L6-v2")
+        export_onnx(ours, ffn_dir, quantize=True, quantize_ffn_down=True, source="all-MiniLM-L6-v2")
     int8 = OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads)
     int8_ffn = OnnxEmbedder(ffn_dir, quantized=True, num_threads=args.threads)
     runners = {
@@ -101,7 +101,7 @@ def main() -> None:
             texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True
         ),
         "onnx_int8": lambda: int8.encode(texts, batch_size=args.batch_size, show_progress=False),
-        "onnx_int8_ffn_fp32": lambda: int8_ffn.encode(texts, batch_size=args.batch_size, show_progress=False),
+        "onnx_int8_ffn_down": lambda: int8_ffn.encode(texts, batch_size=args.batch_size, show_progress=False),
     }
     outputs = {name: run() for name, run in runners.items()}  # warm-up, and the outputs to compare
     times: dict[str, list[float]] = {name: [] for name in runners}
@@ -122,12 +122,12 @@ def main() -> None:
     cos = cosines(outputs["embforge"], outputs["reference"])
     cos_fp32 = cosines(outputs["embforge_fp32"], outputs["reference"])
     cos_int8 = cosines(outputs["onnx_int8"], outputs["reference"])
-    cos_ffn = cosines(outputs["onnx_int8_ffn_fp32"], outputs["reference"])
+    cos_ffn = cosines(outputs["onnx_int8_ffn_down"], outputs["reference"])
     ours_tps = len(texts) / statistics.median(times["embforge"])
     fp32_tps = len(texts) / statistics.median(times["embforge_fp32"])
     ref_tps = len(texts) / statistics.median(times["reference"])
     int8_tps = len(texts) / statistics.median(times["onnx_int8"])
-    ffn_tps = len(texts) / statistics.median(times["onnx_int8_ffn_fp32"])
+    ffn_tps = len(texts) / statistics.median(times["onnx_int8_ffn_down"])
     precision = resolve_precision(ours.precision, ours.device)
     ndcg = ndcg_fp32 = ndcg_int8 = ndcg_ffn = None
     if not args.quick:
@@ -145,14 +145,14 @@ def main() -> None:
         f"cosine to sentence-transformers mean {cos_int8.mean():.5f} min {cos_int8.min():.5f}"
     )
     print(
-        f"ONNX int8 --int8-ffn-fp32 {ffn_tps:.1f} texts/s, ratio {ffn_tps / ref_tps:.2f}, "
+        f"ONNX int8 --int8-ffn-down {ffn_tps:.1f} texts/s, ratio {ffn_tps / ref_tps:.2f}, "
         f"cosine to sentence-transformers mean {cos_ffn.mean():.5f} min {cos_ffn.min():.5f}"
     )
     if ndcg is not None:
         print(
             f"MLQuestions nDCG@10: PyTorch fp32 {ndcg_fp32:.2f}, default ({precision}) {ndcg:.2f} "
             f"({ndcg - ndcg_fp32:+.2f}), ONNX int8 {ndcg_int8:.2f} ({ndcg_int8 - ndcg_fp32:+.2f}), "
-            f"int8 --int8-ffn-fp32 {ndcg_ffn:.2f} ({ndcg_ffn - ndcg_fp32:+.2f})"
+            f"int8 --int8-ffn-down {ndcg_ffn:.2f} ({ndcg_ffn - ndcg_fp32:+.2f})"
         )
     print(
         json.dumps(
@@ -177,11 +177,11 @@ def main() -> None:
                 "ndcg10_int8": None if ndcg_int8 is None else round(ndcg_int8, 2),
                 "ndcg10_change": None if ndcg is None else round(ndcg - ndcg_fp32, 2),
                 "ndcg10_change_int8": None if ndcg is None else round(ndcg_int8 - ndcg_fp32, 2),
-                "onnx_int8_ffn_fp32": round(ffn_tps, 1),
-                "ratio_int8_ffn_fp32": round(ffn_tps / ref_tps, 3),
-                "cos_int8_ffn_fp32": round(float(cos_ffn.mean()), 5),
-                "min_cos_int8_ffn_fp32": round(float(cos_ffn.min()), 5),
-                "ndcg10_change_int8_ffn_fp32": None if ndcg is None else round(ndcg_ffn - ndcg_fp32, 2),
+                "onnx_int8_ffn_down": round(ffn_tps, 1),
+                "ratio_int8_ffn_down": round(ffn_tps / ref_tps, 3),
+                "cos_int8_ffn_down": round(float(cos_ffn.mean()), 5),
+                "min_cos_int8_ffn_down": round(float(cos_ffn.min()), 5),
+                "ndcg10_change_int8_ffn_down": None if ndcg is None else round(ndcg_ffn - ndcg_fp32, 2),
                 "cpu_capability": torch.backends.cpu.get_cpu_capability(),
                 "texts": len(texts),
                 "threads": args.threads,

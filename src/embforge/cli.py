@@ -110,10 +110,10 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embforge.onnx.export import export_onnx
 
     args.device = "cpu"
-    if args.int8_ffn_fp32 and not args.int8:
-        raise ConfigError("--int8-ffn-fp32 shapes the int8 model: add --int8")
+    if args.int8_ffn_down and not args.int8:
+        raise ConfigError("--int8-ffn-down shapes the int8 model: add --int8")
     model = _load_model(args)
-    out = export_onnx(model, args.output, quantize=args.int8, ffn_fp32=args.int8_ffn_fp32, source=args.model)
+    out = export_onnx(model, args.output, quantize=args.int8, quantize_ffn_down=args.int8_ffn_down, source=args.model)
     print(f"wrote ONNX model{' (+ int8)' if args.int8 else ''} to {out}")
     return 0
 
@@ -347,9 +347,9 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("output", help="output folder")
     e.add_argument("--int8", action="store_true", help="also write model_int8.onnx (dynamic int8 quantisation)")
     e.add_argument(
-        "--int8-ffn-fp32",
+        "--int8-ffn-down",
         action="store_true",
-        help="keep the int8 model's feed-forward down-projections fp32: closer to fp32, about 1.4x slower",
+        help="also quantise the feed-forward down-projections (heavy-tailed inputs): faster, further from fp32",
     )
     e.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     e.set_defaults(func=cmd_export)

@@ -83,7 +83,7 @@ def test_cli_export_then_encode_without_torch_path(tiny_model_dir, tmp_path):
     assert (
         main(["encode", str(tiny_model_dir), "--int8", "--input", str(inp), "--output", str(tmp_path / "e.npy")]) == 2
     )
-    assert main(["export", "onnx", str(tiny_model_dir), str(tmp_path / "no"), "--int8-ffn-fp32"]) == 2  # needs --int8
+    assert main(["export", "onnx", str(tiny_model_dir), str(tmp_path / "no"), "--int8-ffn-down"]) == 2  # needs --int8
     assert not (tmp_path / "no").exists()
     # --precision is for PyTorch models: refused for an ONNX folder, not silently ignored
     assert (
@@ -100,7 +100,7 @@ def _op_counts(path) -> dict[str, int]:
     return collections.Counter(node.op_type for node in onnx.load(str(path)).graph.node)
 
 
-def test_int8_quantises_every_weight_matmul_unless_told_to_keep_the_ffn_fp32(tiny_embedder, onnx_dir, tmp_path):
+def test_int8_keeps_the_ffn_down_projection_fp32_unless_told_to_quantise_it(tiny_embedder, onnx_dir, tmp_path):
     # the padded forward is exported: the packed path's gathers and scatters made ONNX Runtime slow
     assert not {"ScatterElements", "ScatterND", "NonZero"} & set(_op_counts(onnx_dir / "model.onnx"))
     layers = tiny_embedder.backbone.config.num_hidden_layers
@@ -109,10 +109,10 @@ def test_int8_quantises_every_weight_matmul_unless_told_to_keep_the_ffn_fp32(tin
         ops = _op_counts(folder / "model_int8.onnx")
         return ops["DynamicQuantizeMatMul"] + ops["MatMulIntegerToFloat"]  # the latter shares a quantised input
 
-    assert int8_matmuls(onnx_dir) == 6 * layers  # q, k, v, attention out, FFN up, FFN down
-    kept = export_onnx(tiny_embedder, tmp_path / "ffn", quantize=True, ffn_fp32=True)
-    assert int8_matmuls(kept) == 5 * layers  # FFN down stays fp32
+    assert int8_matmuls(onnx_dir) == 5 * layers  # q, k, v, attention out, FFN up; FFN down stays fp32
+    every = export_onnx(tiny_embedder, tmp_path / "ffn", quantize=True, quantize_ffn_down=True)
+    assert int8_matmuls(every) == 6 * layers
     ref = tiny_embedder.encode(TEXTS, precision="fp32")
-    for folder in (onnx_dir, kept):
+    for folder in (onnx_dir, every):
         int8 = OnnxEmbedder(folder, quantized=True).encode(TEXTS)
         assert (int8 * ref).sum(1).min() > 0.95

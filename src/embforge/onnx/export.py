@@ -47,7 +47,7 @@ def export_onnx(
     out_dir: str | Path,
     *,
     quantize: bool = False,
-    ffn_fp32: bool = False,
+    quantize_ffn_down: bool = False,
     opset: int = 17,
     source: str | None = None,
 ) -> Path:
@@ -58,8 +58,8 @@ def export_onnx(
             ``input_ids`` and ``attention_mask`` and returns (B, D) embeddings).
         out_dir: folder to write; an existing one is replaced.
         quantize: also write ``model_int8.onnx`` (dynamic int8 quantisation).
-        ffn_fp32: in the int8 model, keep the feed-forward down-projections fp32 (see
-            :func:`quantize_int8`).
+        quantize_ffn_down: in the int8 model, quantise the feed-forward down-projections
+            too (see :func:`quantize_int8`).
         opset: ONNX opset version.
         source: recorded in ``embforge_onnx.json`` (the model name or path).
 
@@ -108,7 +108,7 @@ def export_onnx(
         }
         (tmp / ONNX_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if quantize:  # from the plain graph: the quantiser knows its MatMuls, not the fused kernels
-            quantize_int8(tmp / "raw.onnx", tmp / "raw_int8.onnx", ffn_fp32=ffn_fp32)
+            quantize_int8(tmp / "raw.onnx", tmp / "raw_int8.onnx", quantize_ffn_down=quantize_ffn_down)
             optimize_graph(tmp / "raw_int8.onnx", tmp / ONNX_FILES["int8"])
             (tmp / "raw_int8.onnx").unlink()
         optimize_graph(tmp / "raw.onnx", tmp / ONNX_FILES["fp32"])
@@ -134,21 +134,22 @@ def optimize_graph(src: Path, dst: Path) -> Path:
     return dst
 
 
-# ops whose outputs are heavy-tailed (GELU/SwiGLU/GEGLU feed-forward activations): with
-# ``ffn_fp32`` the weight MatMul right after one (the feed-forward down-projection) stays fp32
+# ops whose outputs are heavy-tailed (GELU/SwiGLU/GEGLU feed-forward activations): the weight
+# MatMul right after one (the feed-forward down-projection) stays fp32 unless ``quantize_ffn_down``
 _HEAVY_TAILED = ("Mul", "Gelu", "FastGelu", "Sigmoid", "Relu", "Tanh", "Erf")
 
 
-def quantize_int8(src: Path, dst: Path, *, ffn_fp32: bool = False) -> Path:
+def quantize_int8(src: Path, dst: Path, *, quantize_ffn_down: bool = False) -> Path:
     """Dynamic int8 quantisation of an fp32 ONNX model.
 
-    Weight MatMuls get per-channel int8 weights and per-batch (per-tensor) int8 activations.
-    With ``ffn_fp32``, those fed by an activation function stay fp32: their inputs are
-    heavy-tailed, so one per-tensor scale serves most values poorly. Measured on MiniLM
-    (1,000 real texts, cosine to fp32; docs/results.md): every MatMul quantised gives mean
-    0.994, worst text 0.988, and 1.4x the texts/s of ``ffn_fp32`` (mean 0.997, worst 0.993);
-    MLQuestions nDCG@10 moves +0.29 and -0.24 points. Smoothing the activations into the
-    weights per channel (SmoothQuant, alpha 0.25-0.8) made both worse, so it is not used.
+    Weight MatMuls get per-channel int8 weights and per-batch (per-tensor) int8 activations,
+    except those fed by an activation function, which stay fp32 unless ``quantize_ffn_down``:
+    their inputs are heavy-tailed, so one per-tensor scale serves most values poorly.
+    Measured on MiniLM (bench/encode.py, 2,000 real texts, cosine to sentence-transformers;
+    docs/results.md): by default mean 0.9969, worst text 0.9922, MLQuestions nDCG@10 -0.24;
+    with ``quantize_ffn_down`` 1.17x the texts/s, mean 0.9941, worst text 0.9843, nDCG@10
+    +0.30. Smoothing the activations into the weights per channel (SmoothQuant, alpha
+    0.25-0.8) made the cosines worse, so it is not used.
     """
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
@@ -157,7 +158,7 @@ def quantize_int8(src: Path, dst: Path, *, ffn_fp32: bool = False) -> Path:
     keep_fp32 = [
         node.name
         for node in graph.node
-        if ffn_fp32
+        if not quantize_ffn_down
         and node.op_type == "MatMul"
         and node.input[0] in producer
         and producer[node.input[0]].op_type in _HEAVY_TAILED
