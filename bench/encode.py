@@ -80,7 +80,6 @@ def main() -> None:
     from embforge.models.embedder import Embedder
     from embforge.onnx.export import export_onnx
     from embforge.onnx.runtime import OnnxEmbedder
-    from embforge.precision import resolve_precision
 
     texts, source = real_texts(args.texts)
     ours = Embedder.load("all-MiniLM-L6-v2", device="cpu")
@@ -128,7 +127,7 @@ def main() -> None:
     ref_tps = len(texts) / statistics.median(times["reference"])
     int8_tps = len(texts) / statistics.median(times["onnx_int8"])
     ffn_tps = len(texts) / statistics.median(times["onnx_int8_ffn_down"])
-    precision = resolve_precision(ours.precision, ours.device)
+    precision = ours.inference_precision
     ndcg = ndcg_fp32 = ndcg_int8 = ndcg_ffn = None
     if not args.quick:
         ndcg, ndcg_int8, ndcg_ffn = mlquestions_ndcg(ours), mlquestions_ndcg(int8), mlquestions_ndcg(int8_ffn)

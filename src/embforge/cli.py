@@ -25,7 +25,7 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 def _add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16"],
+        choices=["auto", "fp32", "bf16"],  # embforge.precision.PRECISIONS (not imported: it imports torch)
         default=None,
         help="PyTorch models: auto (default) = bf16 autocast where the device runs bf16 natively, else fp32",
     )

@@ -22,10 +22,9 @@ def teacher_identity(teacher: Any) -> str:
     name = str(getattr(teacher, "name_or_path", "") or type(teacher).__qualname__)
     folder = Path(name)
     parts = [name, str(getattr(teacher, "max_seq_len", "")), str(getattr(teacher, "pooling", ""))]
-    if hasattr(teacher, "precision") and hasattr(teacher, "device"):  # bf16 and fp32 embeddings differ slightly
-        from embforge.precision import resolve_precision
-
-        parts.append(resolve_precision(teacher.precision, teacher.device))
+    precision = getattr(teacher, "inference_precision", None)  # bf16 and fp32 embeddings differ slightly
+    if precision is not None:
+        parts.append(precision)
     if folder.is_dir():
         for f in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")):
             st = f.stat()

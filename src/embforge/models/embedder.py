@@ -299,6 +299,11 @@ class Embedder(nn.Module):
             self.train(was_training)
         return out[0] if single else out
 
+    @property
+    def inference_precision(self) -> str:
+        """The precision inference runs at on this device: ``self.precision`` resolved (``fp32`` or ``bf16``)."""
+        return resolve_precision(self.precision, self.device)
+
     def inference_autocast(self, precision: str | None = None):
         """The autocast context that inference runs under (``precision`` or the model's own)."""
         return autocast(precision or self.precision, self.device)

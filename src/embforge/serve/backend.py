@@ -144,9 +144,7 @@ class TorchBackend(_ModelBackend):
         return out.float().cpu().numpy()
 
     def describe(self) -> dict:
-        from embforge.precision import resolve_precision
-
-        return {**super().describe(), "precision": resolve_precision(self.model.precision, self.model.device)}
+        return {**super().describe(), "precision": self.model.inference_precision}
 
 
 class OnnxBackend(_ModelBackend):
