@@ -37,6 +37,7 @@ from embforge.data.pairs import (
 from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, DataError, EmbforgeError
 from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
+from embforge.models.portable import use_fast_dropout
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
 from embforge.train.checkpoint import (
@@ -377,6 +378,7 @@ def train_stage(
         evaluator: optional ``callable(embedder) -> {task: score}`` run every ``eval_every`` steps.
     """
     torch.manual_seed(seed)
+    use_fast_dropout(embedder)
     sampler, report = build_sampler(
         stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives, rank=info.rank
     )

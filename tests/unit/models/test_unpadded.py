@@ -155,3 +155,26 @@ def test_packed_length_is_rounded_up_with_pad_rows_that_unpack_real_drops():
     assert torch.equal(packed.unpack_real(packed.pack(x)), x * mask[..., None])  # real rows back, zeros at pads
     assert len(portable.PackedBatch(mask, multiple=1).indices) == 85
     assert len(portable.PackedBatch(mask[:, :42], multiple=64).indices) == 126  # 82 real: every pad used, short of 128
+
+
+def test_length_buckets_cover_every_row_once_and_shrink_the_attention_area():
+    lengths = [128] * 10 + [100, 97, 90, 64, 60, 33, 20, 12, 11, 10, 0]
+    groups = portable.length_buckets(lengths, max_buckets=4)
+    assert 1 < len(groups) <= 4
+    rows = [r for g, _ in groups for r in g]
+    assert sorted(rows) == [i for i, n in enumerate(lengths) if n > 0]  # every non-empty row exactly once
+    assert all(max(lengths[r] for r in g) <= t <= 128 for g, t in groups)
+    area = sum(len(g) * t * t for g, t in groups)
+    assert area < 0.8 * 20 * 128**2  # one padded block: 20 rows x 128^2
+    # two lengths, two buckets: exactly the lengths (rounded up to the grid of 8)
+    assert portable.length_buckets([50, 9, 50, 9], max_buckets=2) == [([0, 2], 50), ([1, 3], 16)]
+    assert portable.length_buckets([5, 5, 5], max_buckets=4) == [([0, 1, 2], 5)]  # capped at the longest
+    assert portable.length_buckets([0, 0]) == []
+
+
+def test_unpadded_equals_padded_when_every_row_has_its_own_length():
+    backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+    model = Embedder(backbone, tokenizer, max_seq_len=64).train()
+    texts = [" ".join(["word"] * n) for n in (1, 3, 5, 8, 13, 21, 34, 55)]  # more lengths than buckets
+    assert len(portable.PackedBatch(model.tokenize(texts)["attention_mask"]).buckets) == portable.ATTENTION_BUCKETS
+    assert_paths_agree(model, texts)
