@@ -58,13 +58,13 @@ def backbone_forward(
     """Run a transformers backbone and return its last hidden states (B, T, D).
 
     This is the one place that decides how a backbone attends. Encoders of
-    :data:`UNPAD_MODEL_TYPES` run unpadded (:func:`unpadded_forward`: no compute on pad
-    tokens) when ``unpad`` is true, or by default (None) whenever the batch has padding or
-    the backbone is in training mode;
+    :data:`UNPAD_MODEL_TYPES` and decoders, with SDPA attention, run unpadded
+    (:func:`unpadded_forward`: no compute on pad tokens) when ``unpad`` is true, or by
+    default (None) whenever the batch has padding or the backbone is in training mode;
     other encoders get the usual 2-D padding mask. For decoders, position ids are counted
     over real tokens (so left and right padding give the same states), and with
-    ``bidirectional`` a 4-D mask lets every token see every non-pad token (transformers
-    uses an already-4-D mask as is). Pad positions of the result hold zeros (unpadded) or
+    ``bidirectional`` every token sees every non-pad token (padded: a 4-D mask, which
+    transformers uses as is; unpadded: no causal mask within a sequence). Pad positions of the result hold zeros (unpadded) or
     the model's states (padded); poolings never read them.
     """
     if not is_decoder(backbone.config):
@@ -76,6 +76,10 @@ def backbone_forward(
         if backbone.config.model_type in ROTARY_ENCODER_TYPES and "position_ids" not in extra:
             extra = {**extra, "position_ids": encoder_positions(backbone, attention_mask)}
         return backbone(input_ids=input_ids, attention_mask=attention_mask, **extra).last_hidden_state
+    if unpad is None:
+        unpad = supports_unpadding(backbone) and (backbone.training or not bool(attention_mask.bool().all()))
+    if unpad:
+        return unpadded_forward(backbone, input_ids, attention_mask, causal=not bidirectional, **extra)
     positions = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     mask = attention_mask
     if bidirectional:
@@ -249,15 +253,18 @@ def length_buckets(lengths: Sequence[int], max_buckets: int = ATTENTION_BUCKETS)
 class _Bucket:
     """One attention group of a :class:`PackedBatch`: b rows padded to length t."""
 
-    def __init__(self, rows: list[int], t: int, lengths: torch.Tensor, starts: torch.Tensor):
+    def __init__(self, rows: list[int], t: int, lengths: torch.Tensor, starts: torch.Tensor, causal: bool = False):
         rows_t = torch.tensor(rows, device=lengths.device)
         lens, first = lengths[rows_t][:, None], starts[rows_t][:, None]  # (b, 1)
         cols = torch.arange(t, device=lengths.device)[None]  # (1, t)
         real = cols < lens  # (b, t)
         self.shape = (len(rows), t)
         self.index = torch.where(real, first + cols, first).flatten()  # (b·t,) packed token per slot; pads repeat one
-        self.full = bool(real.all())  # no pads: no key mask, every slot's output kept
-        self.key_mask = None if self.full else real[:, None, None, :]  # (b, 1, 1, t)
+        self.full = bool(real.all())  # no pads: every slot's output kept
+        self.key_mask = None if self.full else real[:, None, None, :]  # (b, 1, 1, t); None: no mask
+        if causal:  # a sequence's tokens sit in order from column 0: causal = lower triangle
+            tril = torch.ones(t, t, dtype=torch.bool, device=lengths.device).tril()  # (t, t)
+            self.key_mask = tril[None, None] if self.key_mask is None else self.key_mask & tril  # (b|1, 1, t, t)
         self.real = real.flatten().nonzero().squeeze(1)  # (n,) slots holding real tokens
         self.packed = self.index[self.real]  # (n,) their packed positions
 
@@ -290,12 +297,19 @@ class PackedBatch:
         indices: (N,) positions of the packed tokens in the flattened (B·T) batch.
         num_real: the number of real tokens (the first ``num_real`` of ``indices``).
         buckets: the attention groups.
+        causal: each token attends to its own sequence's earlier tokens only (decoders with
+            the causal mask kept); else to its whole sequence.
         order: (num_real,) packed position of each bucket output row, buckets concatenated.
     """
 
     def __init__(
-        self, attention_mask: torch.Tensor, multiple: int = PACK_MULTIPLE, max_buckets: int = ATTENTION_BUCKETS
+        self,
+        attention_mask: torch.Tensor,
+        multiple: int = PACK_MULTIPLE,
+        max_buckets: int = ATTENTION_BUCKETS,
+        causal: bool = False,
     ):
+        self.causal = causal
         keep = attention_mask.bool().flatten()  # (B·T,)
         self.batch, self.seq_len = attention_mask.shape
         real = keep.nonzero().squeeze(1)  # (num_real,)
@@ -306,7 +320,7 @@ class PackedBatch:
         lengths = attention_mask.bool().sum(1)  # (B,)
         starts = lengths.cumsum(0) - lengths  # (B,) packed position of each row's first token
         groups = length_buckets(lengths.tolist(), max_buckets)
-        self.buckets = [_Bucket(rows, t, lengths, starts) for rows, t in groups]
+        self.buckets = [_Bucket(rows, t, lengths, starts, causal) for rows, t in groups]
         self.order = torch.cat([b.packed for b in self.buckets]) if self.buckets else real
 
     def pack(self, x: torch.Tensor) -> torch.Tensor:
@@ -346,10 +360,13 @@ def varlen_attention(module, query, key, value, attention_mask, dropout=0.0, sca
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
-    q_all, k_all, v_all = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, Dh)
+    q_all, k_all, v_all = (x[0].transpose(0, 1) for x in (query, key, value))  # (N, H, Dh); k, v: H_kv heads
+    groups = q_all.shape[1] // k_all.shape[1]  # grouped-query attention: query heads per key/value head
     outs = []
     for bucket in packed.buckets:
-        q, k, v = bucket.gather(q_all), bucket.gather(k_all), bucket.gather(v_all)  # (b, H, t, Dh)
+        q, k, v = bucket.gather(q_all), bucket.gather(k_all), bucket.gather(v_all)  # (b, H | H_kv, t, Dh)
+        if groups > 1:
+            k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)  # (b, H, t, Dh)
         if dropout > 0.0 and q.device.type == "cpu":  # SDPA's CPU kernel has no dropout: its math path, cheaper
             out = dropout_attention(q, k, v, bucket.key_mask, dropout, scaling)
         else:
@@ -379,44 +396,50 @@ def encoder_positions(backbone: nn.Module, attention_mask: torch.Tensor) -> torc
     """Position ids (B, T) of an encoder batch, the same padded or unpadded.
 
     Absolute-position encoders (BERT): the column, as transformers numbers them. Rotary
-    encoders (:data:`ROTARY_ENCODER_TYPES`): the rank among the row's real tokens, pads
+    encoders (:data:`ROTARY_ENCODER_TYPES`) and decoders: the rank among the row's real tokens, pads
     repeating a neighbour's — attention scores only see position differences, and a
     length-dependent rotary scaling (dynamic NTK) then sees each text's own length
     (whatever it is batched with) and the same one for left and right padding.
     """
     B, T = attention_mask.shape
-    if backbone.config.model_type in ROTARY_ENCODER_TYPES:
+    if backbone.config.model_type in ROTARY_ENCODER_TYPES or is_decoder(backbone.config):
         return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # (B, T)
     return torch.arange(T, device=attention_mask.device).expand(B, T)  # (B, T)
 
 
 def supports_unpadding(backbone: nn.Module) -> bool:
-    """True for encoders of :data:`UNPAD_MODEL_TYPES` that attend with SDPA (or already unpadded)."""
+    """True for encoders of :data:`UNPAD_MODEL_TYPES` and for decoders (:data:`DECODER_MODEL_TYPES`)
+    that attend with SDPA (or already unpadded)."""
     config = backbone.config
-    return config.model_type in UNPAD_MODEL_TYPES and config._attn_implementation in ("sdpa", VARLEN_ATTENTION)
+    family = config.model_type in UNPAD_MODEL_TYPES or is_decoder(config)
+    return family and config._attn_implementation in ("sdpa", VARLEN_ATTENTION)
 
 
 def unpadded_forward(
-    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, **extra
+    backbone: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, causal: bool = False, **extra
 ) -> torch.Tensor:
-    """Run an encoder on the real tokens only; return (B, T, D) last hidden states, zeros at pads.
+    """Run a backbone on the real tokens only; return (B, T, D) last hidden states, zeros at pads.
 
     The batch is packed into one (1, N) sequence; every token keeps the position id the
-    padded path gives it (:func:`encoder_positions`), and attention stays within each sequence
-    (:func:`varlen_attention`), so the result equals the padded forward's on real tokens.
+    padded path gives it (:func:`encoder_positions`; decoders count positions over real
+    tokens), and attention stays within each sequence (:func:`varlen_attention`; ``causal``:
+    within its earlier tokens), so the result equals the padded forward's on real tokens.
     Per-token extra inputs (``token_type_ids``) are packed alike.
 
     Raises:
-        ValueError: the backbone is not an SDPA encoder of :data:`UNPAD_MODEL_TYPES`.
+        ValueError: the backbone is neither an encoder of :data:`UNPAD_MODEL_TYPES` nor a
+            decoder, with sdpa attention.
     """
     if not supports_unpadding(backbone):
         config = backbone.config
         raise ValueError(
-            f"unpadded attention supports {sorted(UNPAD_MODEL_TYPES)} with sdpa attention, "
+            f"unpadded attention supports {sorted(UNPAD_MODEL_TYPES)} and decoders "
+            f"({sorted(DECODER_MODEL_TYPES)}) with sdpa attention, "
             f"not {config.model_type!r} with {config._attn_implementation!r}"
         )
     _use_varlen_attention(backbone.config)
-    packed = PackedBatch(attention_mask)
+    decoder = is_decoder(backbone.config)
+    packed = PackedBatch(attention_mask, causal=causal)
     B, T = input_ids.shape
     positions = extra.pop("position_ids", None)
     positions = encoder_positions(backbone, attention_mask) if positions is None else positions  # (B, T)
@@ -426,10 +449,13 @@ def unpadded_forward(
     # length off its increasing positions, and pad rows carrying a long row's positions at the end
     # would otherwise lengthen the last text
     packed_positions[packed.num_real :] = 0
+    if decoder:  # an already-4-D mask stops transformers building an (N, N) one, which varlen_attention ignores
+        extra = {**extra, "use_cache": False, "attention_mask": attention_mask.new_ones(1, 1, 1, 1, dtype=torch.bool)}
+    else:
+        extra = {**extra, "attention_mask": None}
     out = backbone(
         input_ids=packed.pack(input_ids)[None],  # (1, N)
         position_ids=packed_positions[None],  # (1, N)
-        attention_mask=None,
         embforge_packed=packed,
         **extra,
     )

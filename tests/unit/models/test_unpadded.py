@@ -9,7 +9,7 @@ from embforge.models import portable
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
-from embforge.models.tiny import tiny_bert, tiny_decoder
+from embforge.models.tiny import DECODER_FAMILIES, tiny_bert, tiny_decoder
 
 TEXTS = [
     "sort a list of python dict values by key",
@@ -98,7 +98,8 @@ def test_auto_choice_and_unsupported_backbones():
     backbone, tokenizer = tiny_bert()
     assert portable.supports_unpadding(backbone)
     decoder, _ = tiny_decoder("llama")
-    assert not portable.supports_unpadding(decoder)
+    assert portable.supports_unpadding(decoder)
+    assert not portable.supports_unpadding(tiny_decoder("llama", attn_implementation="eager")[0])
     eager, _ = tiny_bert(attn_implementation="eager")
     assert not portable.supports_unpadding(eager)
     ids = torch.ones(1, 4, dtype=torch.long)
@@ -178,3 +179,29 @@ def test_unpadded_equals_padded_when_every_row_has_its_own_length():
     texts = [" ".join(["word"] * n) for n in (1, 3, 5, 8, 13, 21, 34, 55)]  # more lengths than buckets
     assert len(portable.PackedBatch(model.tokenize(texts)["attention_mask"]).buckets) == portable.ATTENTION_BUCKETS
     assert_paths_agree(model, texts)
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+@pytest.mark.parametrize("padding_side", ["right", "left"])
+def test_decoder_unpadded_equals_padded(family, attention, padding_side):
+    """Grouped-query decoders (4 heads / 2 KV heads) packed: same states and gradients, either mask, either side."""
+    backbone, tokenizer = tiny_decoder(family)
+    model = Embedder(
+        backbone, tokenizer, max_seq_len=64, attention=attention, pooling={"name": "mean"}, padding_side=padding_side
+    ).train()
+    texts = TEXTS + [" ".join(["word"] * n) for n in (8, 13, 21)]
+    batch = model.tokenize(texts)
+    assert len(portable.PackedBatch(batch["attention_mask"]).buckets) > 1
+    bidirectional = attention == "bidirectional"
+    hidden = {}
+    for unpad in (False, True):
+        states = portable.backbone_forward(
+            model.backbone, batch["input_ids"], batch["attention_mask"], bidirectional=bidirectional, unpad=unpad
+        )
+        hidden[unpad] = states[batch["attention_mask"].bool()]
+        grads = torch.autograd.grad(hidden[unpad].square().sum(), list(model.backbone.parameters()))
+        hidden[unpad, "grads"] = grads
+    torch.testing.assert_close(hidden[True], hidden[False], atol=1e-5, rtol=1e-5)
+    for gu, gp in zip(hidden[True, "grads"], hidden[False, "grads"]):
+        torch.testing.assert_close(gu, gp, atol=1e-4 * gp.abs().max().item(), rtol=1e-4)  # fp32 summation order
