@@ -153,7 +153,9 @@ def bf16_skip_reason() -> str | None:
     """Why bf16 configurations are skipped on this CPU, or None when it has native bf16."""
     import torch
 
-    if torch.ops.mkldnn._is_mkldnn_bf16_supported():
+    from embforge.precision import cpu_has_native_bf16
+
+    if cpu_has_native_bf16():
         return None
     return (
         f"CPU capability {torch.backends.cpu.get_cpu_capability()} has no native bf16 (AVX512-BF16/AMX): "

@@ -15,6 +15,21 @@ from embforge.errors import ConfigError
 PRECISIONS = ("auto", "fp32", "bf16")
 
 
+def cpu_has_native_bf16() -> bool:
+    """Whether this CPU executes bf16 natively (AVX512-BF16 or AMX tiles).
+
+    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is true on any
+    AVX-512 CPU, including those (Skylake/Cascade Lake) that only emulate bf16; the
+    instruction-set flags say what runs natively. Older torch without them: oneDNN's check.
+    """
+    import torch.cpu
+
+    flags = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    if any(f is None for f in flags):
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return any(f() for f in flags)
+
+
 def resolve_precision(precision: str, device: torch.device | str) -> str:
     """``auto`` -> ``bf16`` on GPUs with bf16 and on CPUs with native bf16 (AVX512-BF16/AMX), else ``fp32``.
 
@@ -32,7 +47,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
     if device.type == "cpu":
-        return "bf16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "fp32"
+        return "bf16" if cpu_has_native_bf16() else "fp32"
     return "fp32"
 
 

@@ -24,11 +24,9 @@ def test_embeddings_match_sentence_transformers(minilm, st_minilm, real_sentence
 
 def test_default_precision_stays_within_1e_4_cosine_of_sentence_transformers(minilm, st_minilm, real_sentences):
     """The default path (``auto``: bf16 autocast on CPUs with native bf16, else fp32)."""
-    import torch
+    from embforge.precision import cpu_has_native_bf16, resolve_precision
 
-    from embforge.precision import resolve_precision
-
-    native = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    native = cpu_has_native_bf16()
     assert resolve_precision(minilm.precision, "cpu") == ("bf16" if native else "fp32")
     ours = minilm.encode(real_sentences, batch_size=32)
     theirs = st_minilm.encode(real_sentences, batch_size=32, convert_to_numpy=True)
