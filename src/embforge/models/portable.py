@@ -84,11 +84,13 @@ def backbone_forward(
     mask = attention_mask
     if bidirectional:
         impl = getattr(backbone.config, "_attn_implementation", "eager") or "eager"
-        if impl not in ("eager", "sdpa"):
+        # an earlier unpadded call switched an SDPA backbone to VARLEN_ATTENTION for good; its
+        # padded calls are transformers' SDPA attention, so they take SDPA's boolean mask
+        if impl not in ("eager", "sdpa", VARLEN_ATTENTION):
             raise NotImplementedError(f"bidirectional attention supports eager and sdpa, not {impl!r}")
         keep = attention_mask.bool()[:, None, None, :]  # (B, 1, 1, T): keys every query may attend to
         keep = keep.expand(-1, 1, attention_mask.shape[1], -1)  # (B, 1, T, T)
-        if impl == "sdpa":
+        if impl != "eager":
             mask = keep
         else:  # eager adds the mask to the scores
             dtype = next(backbone.parameters()).dtype

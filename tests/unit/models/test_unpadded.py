@@ -205,3 +205,19 @@ def test_decoder_unpadded_equals_padded(family, attention, padding_side):
     torch.testing.assert_close(hidden[True], hidden[False], atol=1e-5, rtol=1e-5)
     for gu, gp in zip(hidden[True, "grads"], hidden[False, "grads"]):
         torch.testing.assert_close(gu, gp, atol=1e-4 * gp.abs().max().item(), rtol=1e-4)  # fp32 summation order
+
+
+@pytest.mark.parametrize("family", DECODER_FAMILIES)
+@pytest.mark.parametrize("attention", ["bidirectional", "causal"])
+def test_decoder_batch_without_padding_after_a_packed_one(family, attention):
+    """A padded batch runs packed and switches the backbone's attention for good; a later batch
+    without padding takes the padded path on that backbone, with the same result as a fresh one."""
+    backbone, tokenizer = tiny_decoder(family)
+    model = Embedder(backbone, tokenizer, max_seq_len=64, attention=attention, pooling={"name": "mean"}).eval()
+    text = ["find the matching file path"]
+    with torch.no_grad():
+        fresh = model.encode(text, precision="fp32")
+        model.encode(TEXTS, precision="fp32")  # padded -> packed: the backbone now attends through varlen
+        assert backbone.config._attn_implementation == portable.VARLEN_ATTENTION
+        again = model.encode(text, precision="fp32")  # one text, no padding: the padded path
+    torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(fresh), atol=1e-6, rtol=1e-6)
