@@ -36,8 +36,10 @@ def _write_dataset(path: Path, ds, seed: int) -> None:
         labels = sorted(ds.label_texts) if ds.label_texts else ["a", "b", "c"]
         rows = [{"text": w, "label": labels[i % len(labels)]} for i, w in enumerate(words)]
     elif ds.format == "sts":
+        col = {"sentence1": "sentence1", "sentence2": "sentence2", "score": "score", **(ds.fields or {})}
         rows = [
-            {"sentence1": a, "sentence2": b, "score": float(i % 6)} for i, (a, b) in enumerate(zip(words, words[1:]))
+            {col["sentence1"]: a, col["sentence2"]: b, col["score"]: float(i % 6)}
+            for i, (a, b) in enumerate(zip(words, words[1:]))
         ]
     else:
         rename = ds.fields or {}
