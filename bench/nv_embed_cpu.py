@@ -23,13 +23,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 RECIPE = REPO / "src" / "embforge" / "recipes" / "nv_embed" / "cpu_smollm2.yaml"
 TASKS = REPO / "tasks" / "shared_mteb.yaml"
-HELD_OUT = [
-    "DBPedia-Subset",
-    "STS13",
-    "STS15",
-    "STS16",
-    "BIOSSES",
-]  # none shares text with the training data (test_held_out.py)
+# none shares text with the recipe's training data (tests/unit/train/test_held_out.py)
+HELD_OUT = ["DBPedia-Subset", "STS13", "STS15", "STS16", "BIOSSES"]
 VARIANTS = {
     "recipe": [],  # bidirectional + latent attention (the paper's choice)
     "causal_last": ["model.attention=causal", "model.pooling=last"],

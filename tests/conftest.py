@@ -122,3 +122,19 @@ def unwritable(monkeypatch, request):
         return folder
 
     return make
+
+
+@pytest.fixture()
+def load_bench(monkeypatch):
+    """``load_bench("train")`` -> the module ``bench/train.py`` (benchmarks are scripts, not a package;
+    their folder goes on sys.path for this test only, so they can import their sibling ``_worker.py``)."""
+    folder = REPO / "bench"
+    monkeypatch.syspath_prepend(str(folder))
+
+    def load(name: str):
+        spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
+        module = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(module)
+        return module
+
+    return load

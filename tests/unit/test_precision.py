@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
-from pathlib import Path
-
 import pytest
 import torch
 import torch.cpu
 
 from embforge.precision import cpu_has_native_bf16, resolve_precision
-
-BENCH_TRAIN = Path(__file__).resolve().parents[2] / "bench" / "train.py"
 
 
 def _cpu(monkeypatch, *, avx512_bf16: bool, amx: bool, onednn: bool = True) -> None:
@@ -32,11 +27,8 @@ def test_auto_is_bf16_only_where_the_cpu_runs_bf16_natively(monkeypatch, avx512_
     assert resolve_precision("bf16", "cpu") == "bf16"  # asked for explicitly, it is what runs
 
 
-def test_bench_train_skips_bf16_without_native_support_and_says_why(monkeypatch):
-    monkeypatch.syspath_prepend(str(BENCH_TRAIN.parent))  # the bench imports its sibling _worker.py
-    spec = importlib.util.spec_from_file_location("bench_train", BENCH_TRAIN)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
+def test_bench_train_skips_bf16_without_native_support_and_says_why(monkeypatch, load_bench):
+    bench = load_bench("train")
     _cpu(monkeypatch, avx512_bf16=False, amx=False)
     reason = bench.bf16_skip_reason()
     assert reason is not None and "no native bf16" in reason and torch.backends.cpu.get_cpu_capability() in reason
