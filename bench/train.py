@@ -157,8 +157,10 @@ def bf16_skip_reason() -> str | None:
 
     if cpu_has_native_bf16():
         return None
+    cap = os.environ.get("ONEDNN_MAX_CPU_ISA")
+    capped = f", oneDNN capped at ONEDNN_MAX_CPU_ISA={cap}" if cap else ""
     return (
-        f"CPU capability {torch.backends.cpu.get_cpu_capability()} has no native bf16 (AVX512-BF16/AMX): "
+        f"CPU capability {torch.backends.cpu.get_cpu_capability()}{capped} has no native bf16 (AVX512-BF16/AMX): "
         "autocast would be emulated, many times slower, and say nothing about either framework"
     )
 

@@ -16,18 +16,22 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_native_bf16() -> bool:
-    """Whether this CPU executes bf16 natively (AVX512-BF16 or AMX tiles).
+    """Whether this CPU executes bf16 natively (AVX512-BF16 or AMX tiles) and oneDNN may use it.
 
-    oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is true on any
-    AVX-512 CPU, including those (Skylake/Cascade Lake) that only emulate bf16; the
-    instruction-set flags say what runs natively. Older torch without them: oneDNN's check.
+    Both must hold. oneDNN's own check (``torch.ops.mkldnn._is_mkldnn_bf16_supported``) is
+    true on any AVX-512 CPU, including those (Skylake/Cascade Lake) that only emulate bf16,
+    so the instruction-set flags say what runs natively; but the flags read the hardware,
+    and oneDNN's check is what turns false when its ISA is capped below AVX-512
+    (``ONEDNN_MAX_CPU_ISA=AVX2``), where a bf16 matmul is emulated (measured 23x slower
+    than on the uncapped AVX512-BF16 CPU). Older torch without the flags: oneDNN's check.
     """
     import torch.cpu
 
+    onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     flags = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     if any(f is None for f in flags):
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    return any(f() for f in flags)
+        return onednn
+    return onednn and any(f() for f in flags)
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

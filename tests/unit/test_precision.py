@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 import torch.cpu
@@ -16,12 +20,17 @@ def _cpu(monkeypatch, *, avx512_bf16: bool, amx: bool, onednn: bool = True) -> N
 
 
 @pytest.mark.parametrize(
-    ("avx512_bf16", "amx", "native"),
-    [(True, False, True), (False, True, True), (False, False, False)],  # Zen 4 / Sapphire Rapids / Cascade Lake
+    ("avx512_bf16", "amx", "onednn", "native"),
+    [
+        (True, False, True, True),  # Zen 4
+        (False, True, True, True),  # Sapphire Rapids
+        (False, False, True, False),  # Cascade Lake: oneDNN says "supported" on every AVX-512 CPU, and emulates
+        (False, False, False, False),  # AVX2-only
+        (True, True, False, False),  # bf16 hardware, oneDNN capped below it (ONEDNN_MAX_CPU_ISA=AVX2)
+    ],
 )
-def test_auto_is_bf16_only_where_the_cpu_runs_bf16_natively(monkeypatch, avx512_bf16, amx, native):
-    # oneDNN says "supported" on every AVX-512 CPU (it emulates bf16 there); the flags decide
-    _cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx, onednn=True)
+def test_auto_is_bf16_only_where_the_cpu_runs_bf16_natively(monkeypatch, avx512_bf16, amx, onednn, native):
+    _cpu(monkeypatch, avx512_bf16=avx512_bf16, amx=amx, onednn=onednn)
     assert cpu_has_native_bf16() is native
     assert resolve_precision("auto", "cpu") == ("bf16" if native else "fp32")
     assert resolve_precision("bf16", "cpu") == "bf16"  # asked for explicitly, it is what runs
@@ -34,3 +43,11 @@ def test_bench_train_skips_bf16_without_native_support_and_says_why(monkeypatch,
     assert reason is not None and "no native bf16" in reason and torch.backends.cpu.get_cpu_capability() in reason
     _cpu(monkeypatch, avx512_bf16=True, amx=False)
     assert bench.bf16_skip_reason() is None
+
+
+def test_a_capped_onednn_isa_turns_auto_to_fp32_on_real_hardware():
+    # no patching: oneDNN reads the cap at start-up, so a fresh interpreter under it
+    env = {**os.environ, "ONEDNN_MAX_CPU_ISA": "AVX2"}
+    code = "from embforge.precision import resolve_precision; print(resolve_precision('auto', 'cpu'))"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "fp32"
