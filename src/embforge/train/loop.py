@@ -54,6 +54,7 @@ from embforge.train.checkpoint import (
     save_sharded_checkpoint,
 )
 from embforge.train.grad_cache import grad_cache_step, split_features
+from embforge.train.host_memory import keep_freed_memory
 from embforge.train.parallel import (
     DistInfo,
     barrier,
@@ -464,7 +465,9 @@ def train_stage(
             prune_checkpoints(ckpt_dir, stage.keep_last_checkpoints, stage.best_metric)
         barrier()
 
-    try:
+    # CPU: freed step buffers stay mapped (not page-faulted back in every step); the prefetch
+    # thread is closed on the way out, whatever ends the loop
+    with keep_freed_memory(info.device.type == "cpu"), contextlib.closing(batches):
         for step in range(start, stage.steps):
             optimizer.zero_grad(set_to_none=True)
             losses = []
@@ -545,8 +548,6 @@ def train_stage(
                         f.write(json.dumps(row) + "\n")
             if stage.save_every and done % stage.save_every == 0 and done != stage.steps:
                 save(done)
-    finally:
-        batches.close()
     bar.close()
     if latest is None or start < stage.steps:
         save(stage.steps)

@@ -52,6 +52,7 @@ from embforge.train.checkpoint import (
     resume_point,
     save_checkpoint,
 )
+from embforge.train.host_memory import keep_freed_memory
 from embforge.train.loop import TrainingError, build_optimizer
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
 from embforge.train.schedule import build_scheduler
@@ -222,53 +223,55 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
     micro = recipe.micro_batch_size or recipe.batch_size
     bar = tqdm(total=recipe.steps, initial=start, desc=f"mlm ({precision})", unit="step")
     window = {"loss": 0.0, "correct": 0, "masked": 0, "steps": 0, "t0": time.perf_counter()}
-    for step in range(start, recipe.steps):
-        chunks = data.train[batch_indices(step, recipe.batch_size, len(data.train), recipe.seed)]  # (B, T)
-        generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-        inputs, labels = mask_tokens(chunks, generator=generator, **mask_kwargs)
-        optimizer.zero_grad(set_to_none=True)
-        # micro-batches accumulate sum(CE) / (masked tokens of the whole batch): the full batch's mean
-        masked = int((labels != IGNORE).sum())
-        loss, correct = torch.zeros(()), 0
-        for part in range(0, len(inputs), micro):
-            part_loss, part_correct, _ = mlm_loss(
-                model, inputs[part : part + micro].to(dev), labels[part : part + micro].to(dev), autocast, "sum"
-            )
-            part_loss = part_loss / max(masked, 1)
-            if not math.isfinite(float(part_loss.detach())):
-                raise TrainingError(
-                    f"mlm: loss became {float(part_loss.detach())} at step {step + 1}; stopped before updating the weights. "
-                    f"The last good checkpoint is {latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
+    # CPU: freed step buffers stay mapped instead of page-faulting back in every step
+    with keep_freed_memory(dev.type == "cpu"):
+        for step in range(start, recipe.steps):
+            chunks = data.train[batch_indices(step, recipe.batch_size, len(data.train), recipe.seed)]  # (B, T)
+            generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
+            inputs, labels = mask_tokens(chunks, generator=generator, **mask_kwargs)
+            optimizer.zero_grad(set_to_none=True)
+            # micro-batches accumulate sum(CE) / (masked tokens of the whole batch): the full batch's mean
+            masked = int((labels != IGNORE).sum())
+            loss, correct = torch.zeros(()), 0
+            for part in range(0, len(inputs), micro):
+                part_loss, part_correct, _ = mlm_loss(
+                    model, inputs[part : part + micro].to(dev), labels[part : part + micro].to(dev), autocast, "sum"
                 )
-            part_loss.backward()
-            loss, correct = loss + part_loss.detach().cpu(), correct + part_correct
-        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        done = step + 1
-        window["loss"] += float(loss)
-        window["correct"] += correct
-        window["masked"] += masked
-        window["steps"] += 1
-        bar.update(1)
-        bar.set_postfix(loss=f"{float(loss):.3f}")
-        row: dict = {}
-        if done % recipe.log_every == 0 or done == recipe.steps:
-            elapsed = time.perf_counter() - window["t0"]
-            row = {
-                "loss": window["loss"] / window["steps"],
-                "train_masked_acc": 100.0 * window["correct"] / max(window["masked"], 1),
-                "lr": scheduler.get_last_lr()[0],
-                "grad_norm": float(grad_norm),
-                "tokens_per_s": window["steps"] * chunks.numel() / max(elapsed, 1e-9),
-            }
-            window = {"loss": 0.0, "correct": 0, "masked": 0, "steps": 0, "t0": time.perf_counter()}
-        if (recipe.eval_every and done % recipe.eval_every == 0) or done == recipe.steps:
-            row.update(evaluate())
-        if row:
-            log({"step": done, **row})
-        if recipe.save_every and done % recipe.save_every == 0 and done != recipe.steps:
-            save(done)
+                part_loss = part_loss / max(masked, 1)
+                if not math.isfinite(float(part_loss.detach())):
+                    raise TrainingError(
+                        f"mlm: loss became {float(part_loss.detach())} at step {step + 1}; stopped before updating the weights. "
+                        f"The last good checkpoint is {latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
+                    )
+                part_loss.backward()
+                loss, correct = loss + part_loss.detach().cpu(), correct + part_correct
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or float("inf"))
+            optimizer.step()
+            scheduler.step()
+            done = step + 1
+            window["loss"] += float(loss)
+            window["correct"] += correct
+            window["masked"] += masked
+            window["steps"] += 1
+            bar.update(1)
+            bar.set_postfix(loss=f"{float(loss):.3f}")
+            row: dict = {}
+            if done % recipe.log_every == 0 or done == recipe.steps:
+                elapsed = time.perf_counter() - window["t0"]
+                row = {
+                    "loss": window["loss"] / window["steps"],
+                    "train_masked_acc": 100.0 * window["correct"] / max(window["masked"], 1),
+                    "lr": scheduler.get_last_lr()[0],
+                    "grad_norm": float(grad_norm),
+                    "tokens_per_s": window["steps"] * chunks.numel() / max(elapsed, 1e-9),
+                }
+                window = {"loss": 0.0, "correct": 0, "masked": 0, "steps": 0, "t0": time.perf_counter()}
+            if (recipe.eval_every and done % recipe.eval_every == 0) or done == recipe.steps:
+                row.update(evaluate())
+            if row:
+                log({"step": done, **row})
+            if recipe.save_every and done % recipe.save_every == 0 and done != recipe.steps:
+                save(done)
     bar.close()
     if latest is None or start < recipe.steps:
         save(recipe.steps)
