@@ -6,6 +6,7 @@ answers), runs ``consistency_filter`` with the packaged MiniLM as teacher (top-2
 each source) and prints kept/dropped per source. The last line is one JSON object.
 
     python bench/consistency.py [--top-k 2] [--chunk-pairs 1000000]
+    python bench/consistency.py --quick    # the first 100 pairs of each source, in seconds
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import json
 import sys
 import tempfile
 import time
+from collections import Counter
 from pathlib import Path
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -78,6 +80,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--top-k", type=int, default=2)
     parser.add_argument("--chunk-pairs", type=int, default=1_000_000)
+    parser.add_argument("--quick", action="store_true", help="the first 100 pairs of each source")
     args = parser.parse_args()
     if not SHARED.is_dir():
         sys.exit(f"needs {SHARED}")
@@ -85,6 +88,14 @@ def main() -> None:
     from embforge.models.embedder import Embedder
 
     rows = shared_pairs()
+    if args.quick:
+        taken: Counter = Counter()
+        kept_rows = []
+        for r in rows:
+            taken[r["source"]] += 1
+            if taken[r["source"]] <= 100:
+                kept_rows.append(r)
+        rows = kept_rows
     with tempfile.TemporaryDirectory() as tmp:
         inp = Path(tmp) / "pairs.jsonl"
         inp.write_text("".join(json.dumps(r) + "\n" for r in rows))
@@ -109,6 +120,7 @@ def main() -> None:
                 "pairs": len(rows),
                 "kept": kept,
                 "top_k": args.top_k,
+                "quick": args.quick,
                 "seconds": round(seconds, 1),
                 "per_source": report,
             }

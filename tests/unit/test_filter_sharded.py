@@ -1,14 +1,22 @@
-"""Sharded filtering: 2 torchrun processes (shard i on rank i % 2) write the same files and report as 1 process."""
+"""Sharded filtering: 2 ranks (shard i written by rank i % 2) write the same files and report as 1 process.
+
+The consistency filter's chunks span a source's shards, so its ranks split the chunks, not the shards.
+"""
 
 import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
+import torch.multiprocessing as mp
 
 from embforge.cli import main
+from embforge.data.filtering import consistency_filter_shards
+from embforge.train.parallel import distributed_session
 
-from .train.helpers import free_port, run_ok
+from .test_filtering import HashTeacher, _interleaved_rows, _naive_consistency, write_shards
+from .train.helpers import free_port, rank_env, run_ok
 
 WORDS = ["cat", "dog", "list", "file", "path", "key", "data", "text", "model", "query", "sort", "map"]
 
@@ -94,3 +102,41 @@ def test_torchrun_sharded_clean_matches_one_process(tmp_path, capsys, monkeypatc
     assert 0 < expected["longer than 25 characters"] and 0 < expected["exact duplicate (normalised text)"]
     assert one == expected
     _same_files(tmp_path)
+
+
+def _consistency_worker(rank, world, port, folder):
+    rank_env(rank, world, port)
+    folder = Path(folder)
+    inputs = sorted((folder / "in").glob("part-*.jsonl"))
+    with distributed_session() as info:  # the command's own init and teardown
+        summary = consistency_filter_shards(
+            HashTeacher(),
+            inputs,
+            [folder / "two" / p.name for p in inputs],
+            chunk_pairs=5,
+            on_bad_record="skip",
+            rank=info.rank,
+            world=info.world,
+        )
+    (folder / f"summary-{rank}.json").write_text(json.dumps(summary))
+
+
+def test_two_ranks_split_chunks_spanning_shards_and_write_what_one_process_writes(tmp_path):
+    rows = _interleaved_rows()
+    inputs = write_shards(tmp_path / "in", rows, num_shards=5)  # 12 lines each: chunks of 5 cross shards
+    with inputs[3].open("a") as f:
+        f.write('{"query": "broken"\n')
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+    one = consistency_filter_shards(
+        HashTeacher(), inputs, [tmp_path / "one" / p.name for p in inputs], chunk_pairs=5, on_bad_record="skip"
+    )
+    mp.spawn(_consistency_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):  # every rank returns the whole report, each pair counted once
+        assert json.loads((tmp_path / f"summary-{rank}.json").read_text()) == one
+    assert one["shards"] == 5 and one["total"] == len(rows) and one["skipped"] == {"invalid JSON": 1}
+    _same_files(tmp_path, num_shards=5)
+    keep, expected = _naive_consistency(rows, HashTeacher(), top_k=2, chunk_pairs=5)  # one file, same lines
+    assert one["per_source"] == expected
+    kept = [json.loads(x) for p in inputs for x in (tmp_path / "one" / p.name).read_text().splitlines()]
+    assert kept == [rows[i] for i in sorted(keep)]

@@ -35,9 +35,43 @@ def test_consistent_matches_hand_computed_top2():
     #          q1 -> d1 .981, d3 .316 (own 1 kept)
     #          q2 -> d3 .894, d1 .832 (own 2 is last: dropped)
     #          q3 -> d2 .636 ..., d1 -0.10, d0 -0.94 (top-2 {2,1}: own 3 dropped)
-    texts = ["a", "b", "c", "d"]
-    assert consistent(q, d, texts, top_k=2).tolist() == [True, True, False, False]
-    assert consistent(q, d, texts, top_k=4).tolist() == [True, True, True, True]
+    own = np.arange(4)  # pair i's document is document i
+    assert consistent(q, d, own, top_k=2).tolist() == [True, True, False, False]
+    assert consistent(q, d, own, top_k=4).tolist() == [True, True, True, True]
+
+
+# documents X (pairs 0, 1), Y (pair 2), Z (pair 3) in 2-D
+TWIN_TABLE = {
+    "q0": [1, 0.05],  # X 1.00, Y .64: own X first
+    "q1": [1, -0.05],  # X 1.00: own X first
+    "q2": [0.95, 0.3],  # X .95, Y .81, Z -.33: own Y second among the distinct documents
+    "q3": [1, 0.2],  # X .98, Y .75, Z -.43: own Z last
+    "X": [1, 0],
+    "Y": [0.6, 0.8],
+    "Z": [-0.6, 0.8],
+}
+TWIN_ROWS = [("q0", "X"), ("q1", "X"), ("q2", "Y"), ("q3", "Z")]
+
+
+def test_own_document_is_the_position_of_its_distinct_text_so_a_twin_takes_one_place():
+    q = np.array([TWIN_TABLE[query] for query, _ in TWIN_ROWS], dtype=np.float32)  # (4, 2)
+    d = np.array([TWIN_TABLE[t] for t in "XYZ"], dtype=np.float32)  # (3, 2): the distinct documents
+    own = np.array([0, 0, 1, 2])  # pairs 0 and 1 share document 0 (X)
+    assert consistent(q, d, own, top_k=2).tolist() == [True, True, True, False]
+    # by position among all four pair documents (X, X, Y, Z), q2's top 2 would be X twice and Y would lose
+    # its place to the twin; matching by text would drop pair 2 the same way
+    every = np.array([TWIN_TABLE[t] for _, t in TWIN_ROWS], dtype=np.float32)  # (4, 2)
+    assert consistent(q, every, np.arange(4), top_k=2).tolist()[2] is False
+    # top 1: both pairs of X find their one document, whatever order FAISS gives equal scores
+    assert consistent(q, d, own, top_k=1).tolist() == [True, True, False, False]
+
+
+def test_consistency_filter_counts_a_repeated_document_once(tmp_path):
+    inp = tmp_path / "in.jsonl"
+    inp.write_text("".join(json.dumps({"query": q, "positive": p}) + "\n" for q, p in TWIN_ROWS))
+    teacher = TableModel(TWIN_TABLE)
+    assert consistency_filter(teacher, inp, tmp_path / "out.jsonl", top_k=2) == {"default": {"kept": 3, "dropped": 1}}
+    assert [json.loads(x)["query"] for x in (tmp_path / "out.jsonl").read_text().splitlines()] == ["q0", "q1", "q2"]
 
 
 def test_consistency_filter_per_source_counts_and_order(tmp_path):
@@ -182,7 +216,10 @@ def _interleaved_rows(n=60):
 
 
 def _naive_consistency(rows, teacher, top_k, chunk_pairs):
-    """Kept row indices and the per-source report, computed directly: per source, chunks in file order."""
+    """Kept row indices and the per-source report, computed directly: per source, chunks in file order.
+
+    Within a chunk each distinct document text is one candidate; a pair is kept if its own is among the top_k.
+    """
     by_source = {}
     for i, row in enumerate(rows):
         by_source.setdefault(row.get("source", "default"), []).append(i)
@@ -190,12 +227,13 @@ def _naive_consistency(rows, teacher, top_k, chunk_pairs):
     for source, idx in sorted(by_source.items()):
         for start in range(0, len(idx), chunk_pairs):
             ids = idx[start : start + chunk_pairs]
-            docs = [rows[i].get("positive") or rows[i]["positives"][0] for i in ids]
+            texts = [rows[i].get("positive") or rows[i]["positives"][0] for i in ids]
+            docs = list(dict.fromkeys(texts))  # each distinct document once, in order of first occurrence
             q = np.stack([teacher.vector(rows[i]["query"]) for i in ids])
             d = np.stack([teacher.vector(t) for t in docs])
             sims = (q / np.linalg.norm(q, axis=1, keepdims=True)) @ (d / np.linalg.norm(d, axis=1, keepdims=True)).T
             for a, i in enumerate(ids):
-                if any(docs[b] == docs[a] for b in np.argsort(-sims[a])[:top_k]):
+                if docs.index(texts[a]) in np.argsort(-sims[a])[:top_k]:
                     keep.add(i)
         kept = len(keep & set(idx))
         report[source] = {"kept": kept, "dropped": len(idx) - kept}
@@ -214,6 +252,34 @@ def test_streamed_consistency_equals_a_naive_per_source_computation(tmp_path):
     kept_text = "".join(json.dumps(rows[i], ensure_ascii=False) + "\n" for i in sorted(keep))  # file order
     assert (tmp_path / "out.jsonl").read_text(encoding="utf-8") == kept_text
     assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out.jsonl"]  # spill folder removed
+
+
+def write_shards(folder, rows, num_shards):
+    """``rows`` split into ``num_shards`` consecutive files ``folder/part-<i>.jsonl``; returns their paths."""
+    folder.mkdir()
+    per = -(-len(rows) // num_shards)
+    paths = [folder / f"part-{i}.jsonl" for i in range(num_shards)]
+    for i, path in enumerate(paths):
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows[i * per : (i + 1) * per]), encoding="utf-8")
+    return paths
+
+
+def test_chunks_span_the_shards_of_a_source(tmp_path):
+    rows = _interleaved_rows()
+    inputs = write_shards(tmp_path / "in", rows, num_shards=5)  # 12 lines each: under 7 pairs per source
+    (tmp_path / "out").mkdir()
+    teacher = HashTeacher()
+    sharded = consistency_filter_shards(teacher, inputs, [tmp_path / "out" / p.name for p in inputs], chunk_pairs=7)
+    assert teacher.largest <= 7
+    one = tmp_path / "one.jsonl"
+    one.write_text("".join(p.read_text(encoding="utf-8") for p in inputs), encoding="utf-8")
+    single = consistency_filter_shards(HashTeacher(), [one], [tmp_path / "one-kept.jsonl"], chunk_pairs=7)
+    assert sharded == {**single, "shards": 5}
+    keep, expected = _naive_consistency(rows, teacher, top_k=2, chunk_pairs=7)
+    assert sharded["per_source"] == expected and all(r["kept"] + r["dropped"] > 7 for r in expected.values())
+    kept = [json.loads(x) for p in inputs for x in (tmp_path / "out" / p.name).read_text().splitlines()]
+    assert kept == [json.loads(x) for x in (tmp_path / "one-kept.jsonl").read_text().splitlines()]
+    assert kept == [rows[i] for i in sorted(keep)]
 
 
 def test_clean_near_duplicates_across_chunks_equal_a_naive_scan(tmp_path):
