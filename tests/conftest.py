@@ -6,6 +6,7 @@ import errno
 import importlib.util
 import os
 import random
+import sys
 import tempfile
 from pathlib import Path
 
@@ -134,6 +135,7 @@ def load_bench(monkeypatch):
     def load(name: str):
         spec = importlib.util.spec_from_file_location(f"bench_{name}", folder / f"{name}.py")
         module = importlib.util.module_from_spec(spec)
+        monkeypatch.setitem(sys.modules, spec.name, module)  # dataclasses look their module up there
         spec.loader.exec_module(module)
         return module
 

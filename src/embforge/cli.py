@@ -17,6 +17,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
     p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="override the model's pooling")
     p.add_argument(
+        "--new-head", action="store_true", help="with --pooling: replace the folder's trained head (else an error)"
+    )
+    p.add_argument(
         "--attention", choices=["bidirectional", "causal"], default=None, help="decoders: override the attention"
     )
     _add_precision_arg(p)
@@ -38,8 +41,8 @@ def _load_model(args: argparse.Namespace):
 
 
 def _model_overrides(args: argparse.Namespace) -> dict:
-    """The model flags the user set (``--max-seq-len``, ``--pooling``, ``--attention``, ``--precision``)."""
-    keys = ("max_seq_len", "pooling", "attention", "precision")
+    """The model flags the user set (``--max-seq-len``, ``--pooling``, ``--new-head``, ``--attention``, ``--precision``)."""
+    keys = ("max_seq_len", "pooling", "new_head", "attention", "precision")
     return {key: getattr(args, key) for key in keys if getattr(args, key, None)}
 
 
@@ -212,7 +215,7 @@ def cmd_filter(args: argparse.Namespace) -> int:
     if args.filter_kind == "clean" and args.near_duplicates is not None and args.model is None:
         raise ConfigError("filter clean --near-duplicates needs a teacher MODEL argument")
     inputs, outputs = _shard_paths(args.input, args.output)
-    with distributed_session() as info:  # under torchrun, each rank filters every world-th shard
+    with distributed_session() as info:  # under torchrun, each rank writes every world-th shard
         teacher = None
         if args.filter_kind == "consistency" or args.near_duplicates is not None:
             from embforge.models.embedder import Embedder

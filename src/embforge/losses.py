@@ -10,6 +10,14 @@ concatenated in rank order, so the candidate documents are (R·B·(1+N), D) and 
 rank r has its positive at ``r·B·(1+N) + i`` and its negatives at
 ``r·B·(1+N) + B + i·N + j``. :func:`contrastive_layout` computes these indices; it is the
 one place the layout is defined.
+
+Queries with different numbers of negatives (datasets of one stage with their own
+``num_negatives``): each rank embeds only the real documents, a compact block
+``[pos_0 … pos_{B-1} | the N_0 negatives of query 0 | the N_1 of query 1 | …]``, and
+:func:`pad_documents` spreads it into the layout above with N = the stage's largest N_i;
+the slots ``j ≥ N_i`` are zero rows that ``Layout.valid`` marks false, so they are never a
+candidate (masked before the softmax: no probability, no gradient) for any query of any
+rank. With every N_i = N nothing is padded and the layout is the one above.
 """
 
 from __future__ import annotations
@@ -79,16 +87,64 @@ class Layout:
     """Indices into the gathered documents for this rank's queries."""
 
     positive: torch.Tensor  # (B,) index of each query's positive
-    own: torch.Tensor  # (B, 1+N) indices of each query's positive and hard negatives
+    own: torch.Tensor  # (B, 1+N) indices of each query's positive and hard negatives (padding slots included)
+    valid: torch.Tensor | None = None  # (R·B·(1+N),) false at padding slots; None: no padding
 
 
-def contrastive_layout(batch_size: int, num_negatives: int, rank: int = 0, world: int = 1) -> Layout:
-    """Where rank ``rank``'s queries find their documents after the gather (see module doc)."""
+def contrastive_layout(
+    batch_size: int,
+    num_negatives: int,
+    rank: int = 0,
+    world: int = 1,
+    negative_counts: torch.Tensor | None = None,
+) -> Layout:
+    """Where rank ``rank``'s queries find their documents after the gather (see module doc).
+
+    Args:
+        batch_size: B, queries per rank.
+        num_negatives: N, negative slots per query (the largest count when they differ).
+        negative_counts: (R·B,) every rank's queries' real negatives (≤ N), in rank order; query
+            i of rank r fills its first ``negative_counts[r·B + i]`` slots, the rest are padding.
+            None: every query has N.
+    """
     B, N = batch_size, num_negatives
     base = rank * B * (1 + N)
     positive = base + torch.arange(B)  # (B,)
     negatives = base + B + torch.arange(B).unsqueeze(1) * N + torch.arange(N).unsqueeze(0)  # (B, N)
-    return Layout(positive=positive, own=torch.cat([positive.unsqueeze(1), negatives], dim=1))
+    valid = None
+    if negative_counts is not None:
+        counts = negative_counts.reshape(world, B).cpu()  # (R, B)
+        filled = torch.arange(N).view(1, 1, N) < counts.unsqueeze(-1)  # (R, B, N)
+        positives = torch.ones(world, B, dtype=torch.bool)  # (R, B)
+        valid = torch.cat([positives, filled.reshape(world, B * N)], dim=1).reshape(-1)  # (R·B·(1+N),)
+    return Layout(positive=positive, own=torch.cat([positive.unsqueeze(1), negatives], dim=1), valid=valid)
+
+
+def document_slots(negative_counts: torch.Tensor, num_negatives: int) -> torch.Tensor:
+    """Where each row of a rank's compact document block goes in its padded block (see module doc).
+
+    Args:
+        negative_counts: (B,) real negatives of each query (≤ ``num_negatives``).
+        num_negatives: N, slots per query.
+
+    Returns:
+        (B + ΣN_i,) int64: positive i -> i; negative j of query i -> B + i·N + j.
+    """
+    counts = negative_counts.long().cpu()
+    B = counts.shape[0]
+    query = torch.repeat_interleave(torch.arange(B), counts)  # (ΣN_i,) the query of each negative
+    first = torch.cumsum(counts, 0) - counts  # (B,) each query's first negative in the compact block
+    j = torch.arange(query.shape[0]) - first[query]  # (ΣN_i,) position among its query's negatives
+    return torch.cat([torch.arange(B), B + query * num_negatives + j])
+
+
+def pad_documents(docs: torch.Tensor, slots: torch.Tensor, size: int, fill: float = 0) -> torch.Tensor:
+    """The compact ``docs`` (B + ΣN_i, …) spread to ``slots`` of a (size, …) block, ``fill`` elsewhere.
+
+    Differentiable in ``docs`` only: the padding rows are constants.
+    """
+    out = docs.new_full((size, *docs.shape[1:]), fill)
+    return out.index_copy(0, slots.to(docs.device), docs)  # (size, …)
 
 
 # ---------------------------------------------------------------------------- InfoNCE
@@ -111,7 +167,8 @@ def info_nce(
     Args:
         queries: (B, D) this rank's query embeddings (L2-normalised for cosine).
         docs: (M, D) every candidate document (gathered across ranks).
-        layout: indices of each query's positive and own hard negatives in ``docs``.
+        layout: indices of each query's positive and own hard negatives in ``docs``, and
+            which slots of ``docs`` are padding (never candidates).
         temperature: τ of softmax(q·d / τ).
         in_batch_negatives: bool, or (B,) bool per query. Where false, a query is scored
             only against its own positive and hard negatives (NV-Embed stage 2; datasets
@@ -134,6 +191,8 @@ def info_nce(
     allowed.scatter_(1, layout.own.to(logits.device), True)
     in_batch = torch.as_tensor(in_batch_negatives, device=logits.device).expand(B)
     allowed |= in_batch.unsqueeze(1)
+    if layout.valid is not None:  # padding slots are no candidate of any query
+        allowed &= layout.valid.to(logits.device).unsqueeze(0)
     positive = layout.positive.to(logits.device)
     if doc_keys is not None:
         pos_keys = doc_keys[positive]  # (B,)

@@ -3,11 +3,6 @@
 from __future__ import annotations
 
 import base64
-import os
-import signal
-import socket
-import subprocess
-import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -19,43 +14,10 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
+from embforge.serve.launch import start_server, stop_server  # noqa: E402
+
 KEY = "test-key"
 MODEL = "all-MiniLM-L6-v2"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _start(model: str, *flags: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
-    cmd = [sys.executable, "-m", "embforge", "serve", model, "--port", str(port), "--log-level", "warning", *flags]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 180
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}: {proc.stdout.read()[-2000:]}")
-        try:
-            if httpx.get(f"{url}/health", timeout=1).status_code == 200:
-                return proc, url
-        except httpx.HTTPError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not come up in 180 s")
-
-
-def _stop(proc: subprocess.Popen) -> bool:
-    """SIGTERM; True when the server shut down by itself (uvicorn re-raises the signal once it is done)."""
-    proc.send_signal(signal.SIGTERM)
-    try:
-        return proc.wait(60) in (0, -signal.SIGTERM)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        raise
 
 
 @pytest.fixture(scope="module")
@@ -72,13 +34,13 @@ def server(request, minilm_dir):
     # the default (auto) precision is tested on its own below
     torch = request.param == "torch"
     model = MODEL if torch else str(request.getfixturevalue("onnx_minilm"))
-    proc, url = _start(
+    proc, url = start_server(
         model,
         "--served-model-name", MODEL, "--api-key", KEY, "--max-items", "64", "--max-queued-items", "128",
         "--max-body-bytes", "300000", *(["--precision", "fp32"] if torch else []),
     )  # fmt: skip
     yield url
-    assert _stop(proc)
+    assert stop_server(proc)
 
 
 @pytest.fixture
@@ -120,13 +82,13 @@ def test_default_client_format_single_string_and_token_ids(client, minilm):
 
 def test_default_precision_server_stays_within_1e_4_cosine_of_fp32(minilm):
     """No --precision: auto (bf16 autocast on CPUs with native bf16, else fp32), like `Embedder.encode`."""
-    proc, url = _start(MODEL)
+    proc, url = start_server(MODEL)
     try:
         resp = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120).embeddings.create(
             input=TEXTS, model=MODEL, encoding_format="float"
         )
     finally:
-        assert _stop(proc)
+        assert stop_server(proc)
     got = np.asarray([d.embedding for d in resp.data])
     fp32 = minilm.encode(TEXTS, precision="fp32")
     cos = (got * fp32).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(fp32, axis=1)
@@ -181,7 +143,7 @@ def test_queue_full_answers_503_with_retry_after(server):
 
 
 def test_sigterm_finishes_in_flight_requests(minilm_dir):
-    proc, url = _start(MODEL)
+    proc, url = start_server(MODEL)
     body = {"input": [f"in flight text {i} " * 30 for i in range(64)], "model": MODEL}
     result: dict = {}
     thread = threading.Thread(
@@ -193,6 +155,6 @@ def test_sigterm_finishes_in_flight_requests(minilm_dir):
         if "embforge_queue_inputs 64.0" in httpx.get(f"{url}/metrics").text:
             break
         time.sleep(0.02)
-    assert _stop(proc)
+    assert stop_server(proc)
     thread.join(300)
     assert result["r"].status_code == 200 and len(result["r"].json()["data"]) == 64

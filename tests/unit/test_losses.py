@@ -10,18 +10,26 @@ from embforge.losses import contrastive_layout, info_nce, matryoshka
 
 
 def naive_info_nce(q, docs, B, N, tau, in_batch, doc_keys=None):
+    """Every query with N hard negatives (the layout's row-major block)."""
+    return naive_ragged_info_nce(q, docs, [N] * B, tau, in_batch, doc_keys)
+
+
+def naive_ragged_info_nce(q, docs, counts, tau, in_batch, doc_keys=None):
+    """Per query: its positive, its own negatives and (in-batch) every other real document; compact docs
+    ``[B positives | the counts[0] negatives of query 0 | ...]``, no padding anywhere."""
+    B = q.shape[0]
+    starts = [B + sum(counts[:i]) for i in range(B)]
     total = 0.0
     for i in range(B):
-        pos = i
-        own = {pos} | {B + i * N + j for j in range(N)}
+        own = {i} | {starts[i] + j for j in range(counts[i])}
         cands = []
         for m in range(docs.shape[0]):
-            if m != pos and doc_keys is not None and doc_keys[m] == doc_keys[pos]:
+            if m != i and doc_keys is not None and doc_keys[m] == doc_keys[i]:
                 continue  # a copy of the positive is a false negative
             if m in own or in_batch[i]:
                 cands.append(m)
         scores = torch.stack([q[i] @ docs[m] / tau for m in cands])
-        total += -(scores[cands.index(pos)] - torch.logsumexp(scores, 0))
+        total += -(scores[cands.index(i)] - torch.logsumexp(scores, 0))
     return total / B
 
 
@@ -115,3 +123,58 @@ def test_perfect_embeddings_give_small_loss():
     e = torch.eye(4)
     loss = info_nce(e, e, contrastive_layout(4, 0), temperature=0.02)
     assert loss.item() < 1e-6 and math.isfinite(loss.item())
+
+
+# ---------------------------------------------------------------------------- queries with different N
+@pytest.mark.parametrize("in_batch", [[True] * 4, [False] * 4, [True, False, False, True]])
+def test_queries_with_different_numbers_of_negatives_match_the_naive_loop(in_batch):
+    from embforge.losses import document_slots, pad_documents
+
+    torch.manual_seed(5)
+    counts, D = [3, 1, 0, 2], 8  # e.g. retrieval with 3, binary classification with 1
+    B, N = len(counts), max(counts)
+    q = F.normalize(torch.randn(B, D), dim=-1).requires_grad_()
+    docs = F.normalize(torch.randn(B + sum(counts), D), dim=-1).requires_grad_()  # only real documents
+    keys = torch.arange(docs.shape[0])
+    keys[B + 3] = keys[1]  # query 1's negative repeats its positive's text: a false negative, masked
+    n = torch.tensor(counts)
+    slots = document_slots(n, N)
+    assert slots.tolist() == [0, 1, 2, 3, 4, 5, 6, 7, 13, 14]  # positives | q0: 4 5 6 | q1: 7 (8 9 pads) | q3: 13 14
+    layout = contrastive_layout(B, N, negative_counts=n)
+    padded = pad_documents(docs, slots, B * (1 + N))  # (B·(1+N), D), zero rows at the pads
+    got = info_nce(
+        q,
+        padded,
+        layout,
+        temperature=0.05,
+        in_batch_negatives=torch.tensor(in_batch),
+        doc_keys=pad_documents(keys, slots, B * (1 + N), fill=-1),
+    )
+    expected = naive_ragged_info_nce(q, docs, counts, 0.05, in_batch, keys.tolist())
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    got_grads = torch.autograd.grad(got, (q, docs))
+    for g, e in zip(got_grads, torch.autograd.grad(expected, (q, docs))):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-5)
+
+
+def test_equal_counts_give_the_unpadded_layout_and_loss():
+    from embforge.losses import document_slots, pad_documents
+
+    torch.manual_seed(6)
+    B, N, D = 3, 2, 8
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    counts = torch.full((2 * B,), N)  # two ranks, every query with N
+    lay = contrastive_layout(B, N, rank=1, world=2, negative_counts=counts)
+    plain = contrastive_layout(B, N, rank=1, world=2)
+    assert torch.equal(lay.own, plain.own) and bool(lay.valid.all())
+    assert torch.equal(pad_documents(docs, document_slots(counts[:B], N), B * (1 + N)), docs)
+    got = info_nce(q, docs, contrastive_layout(B, N, negative_counts=counts[:B]), temperature=0.05)
+    assert got.item() == info_nce(q, docs, contrastive_layout(B, N), temperature=0.05).item()
+
+
+def test_padding_slots_of_other_ranks_are_never_candidates():
+    counts = torch.tensor([2, 0, 1, 2])  # rank 0: queries with 2 and 0; rank 1: 1 and 2 (N = 2)
+    lay = contrastive_layout(2, 2, rank=0, world=2, negative_counts=counts)
+    # rank blocks of 2·(1+2) = 6: [p0 p1 | n00 n01 | pad pad] [p2 p3 | n20 pad | n30 n31]
+    assert lay.valid.tolist() == [1, 1, 1, 1, 0, 0] + [1, 1, 1, 0, 1, 1]

@@ -1,6 +1,6 @@
 import torch
 
-from embforge.models.portable import Pooling
+from embforge.modeling.pooling import Pooling
 
 
 def test_poolings_use_the_mask_for_either_padding_side():

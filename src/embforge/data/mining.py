@@ -59,6 +59,20 @@ class MiningResult:
     dropped: Counter = field(default_factory=Counter)  # reason -> count
 
 
+class PromptedTeacher:
+    """A teacher whose prompt names stand for given prompt texts (e.g. a task instruction through a
+    model's template), so :class:`Miner` embeds queries and candidates as training does.
+
+    ``prompts``: name -> text ("" for none, None for the teacher's default prompt).
+    """
+
+    def __init__(self, teacher: Any, prompts: dict[str, str | None]):
+        self.teacher, self.prompts = teacher, prompts
+
+    def encode(self, texts: list[str], *, prompt_name: str | None = None, batch_size: int = 64) -> np.ndarray:
+        return self.teacher.encode(texts, prompt=self.prompts.get(prompt_name), batch_size=batch_size)
+
+
 def build_index(corpus_emb: np.ndarray, kind: str, seed: int = 0):
     """FAISS inner-product index over L2-normalised embeddings."""
     import faiss

@@ -1,9 +1,12 @@
 """The one function that turns a recipe's ``model:`` block into an :class:`Embedder`.
 
 ``build_embedder(spec)`` loads the starting weights (packaged name or folder) or builds a
-backbone preset from its config, applies the spec's attention, pooling head, prompts and
-dtype, then LoRA. With ``device="meta"`` nothing is allocated: parameter counts and memory
-plans of 7B-parameter models come out in milliseconds.
+backbone preset from its config, applies the spec's attention, pooling head and prompts,
+then LoRA, then the dtype -- to the frozen weights only: every tensor that trains stays
+float32 (its master copy; the optimizer state follows it), so a bf16 recipe's LoRA and
+latent head learn at a 2e-5 learning rate, where bf16 weights would round most updates
+away. With ``device="meta"`` nothing is allocated: parameter counts and memory plans of
+7B-parameter models come out in milliseconds.
 """
 
 from __future__ import annotations
@@ -13,7 +16,7 @@ import torch
 from embforge.errors import ConfigError
 from embforge.models.embedder import Embedder
 from embforge.models.presets import BACKBONE_PRESETS, preset_config
-from embforge.models.saving import backbone_from_config
+from embforge.models.saving import backbone_from_config, is_peft
 from embforge.models.spec import LoraConfig, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -62,18 +65,50 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
     else:
         if preset_overrides:
             raise ConfigError("config overrides apply to backbone presets only")
-        embedder = Embedder.load(spec.name_or_path, device=device, **overrides)
-    embedder.to(_DTYPES[spec.dtype])
+        embedder = Embedder.load(spec.name_or_path, device=device, new_head=spec.new_head, **overrides)
     if spec.lora is not None:
-        apply_lora(embedder, spec.lora)
-    if spec.gradient_checkpointing:
-        # non-reentrant: frozen embeddings (LoRA) do not stop gradients from flowing through
-        backbone = embedder.backbone
-        if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5.x's name
-            backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        if is_peft(embedder.backbone):  # the folder kept its adapter (merge_on_save: false): train it on
+            check_adapter(embedder.backbone, spec.lora, spec.name_or_path)
+            embedder.pooler.requires_grad_(True)
         else:
-            backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            apply_lora(embedder, spec.lora)
+    cast_frozen(embedder, _DTYPES[spec.dtype])
+    if spec.gradient_checkpointing:
+        enable_gradient_checkpointing(embedder.backbone)
     return embedder.eval()
+
+
+def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:
+    """Recompute each layer's forward in the backward pass (non-reentrant: frozen embeddings, as with
+    LoRA, do not stop gradients from flowing through)."""
+    if hasattr(backbone, "activation_checkpointing_enable"):  # the name of newer transformers 5.x releases
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+
+
+def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
+    """Cast the parameters that do not train to ``dtype``; trained ones become (or stay) float32 masters.
+
+    Buffers (rotary frequencies) keep their dtype.
+    """
+    for p in module.parameters():
+        target = dtype if not p.requires_grad else torch.float32
+        if p.is_floating_point() and p.dtype != target:
+            p.data = p.data.to(target)
+
+
+def check_adapter(backbone, lora: LoraConfig, where: str) -> None:
+    """The folder's LoRA adapter must be the one ``lora`` describes (it trains on from where it stopped)."""
+    saved = backbone.peft_config[backbone.active_adapter]
+    have = {"r": saved.r, "alpha": saved.lora_alpha, "target_modules": sorted(saved.target_modules)}
+    want = {"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
+    differing = [f"{k}: the folder's {have[k]!r}, the recipe's {want[k]!r}" for k in have if have[k] != want[k]]
+    if differing:
+        raise ConfigError(
+            f"model.lora: {where} holds a LoRA adapter that the recipe's lora does not match ({'; '.join(differing)}); "
+            "make them match to train the adapter on, or save the folder merged (merge_on_save: true) to start a new one"
+        )
 
 
 def apply_lora(embedder: Embedder, lora: LoraConfig) -> None:

@@ -11,7 +11,7 @@ It is also an ``nn.Module`` whose ``forward`` maps a tokenised batch to embeddin
 gradients, which is what the training loop calls. The backbone may be an encoder (BERT
 family) or a decoder LLM run bidirectionally (NV-Embed); the pooler may be a trainable
 latent-attention head; prompts may be instructions that are attended to but not pooled.
-The forward pass itself lives in :mod:`embforge.models.portable`, which saved folders carry.
+The forward pass and the tokeniser live in :mod:`embforge.modeling`, which saved folders carry.
 """
 
 from __future__ import annotations
@@ -26,8 +26,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from embforge.errors import ConfigError, InputError
-from embforge.models import portable
+from embforge.modeling.attention import is_decoder
+from embforge.modeling.embedding import MATRYOSHKA_RULES, embed, prepare_backbone
+from embforge.modeling.pooling import build_pooler
+from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
+from embforge.models.heads import resolve_pooling
 from embforge.models.matryoshka import check_dimensions
 from embforge.models.prompts import resolve_prompt
 from embforge.models.registry import resolve_model_path
@@ -39,7 +43,7 @@ class Embedder(nn.Module):
 
     Args:
         backbone: a transformers base model returning ``last_hidden_state`` (B, T, D);
-            encoder or decoder (``portable.DECODER_MODEL_TYPES``), maybe wrapped by ``peft``.
+            encoder or decoder (``modeling.attention.DECODER_MODEL_TYPES``), maybe wrapped by ``peft``.
         tokenizer: its fast tokenizer.
         pooling: a name (``mean``, ``cls``, ``last``, ``latent``, ``self_attention``), a pooler
             settings dict (``{"name": "latent", "head_dim": 64}``) or a pooler module.
@@ -56,7 +60,7 @@ class Embedder(nn.Module):
             ``"Instruct: {instruction}\\nQuery: "`` (NV-Embed); None: the model takes no instructions.
         matryoshka_rule: how embeddings are shortened to ``dimensions``: ``truncate`` (then
             L2-normalise) or ``layer_norm`` (Nomic Embed v1.5: non-affine layer norm over all
-            dimensions, then truncate, then L2-normalise; see ``portable.matryoshka_norm``).
+            dimensions, then truncate, then L2-normalise; see ``modeling.embedding.matryoshka_norm``).
     """
 
     def __init__(
@@ -79,14 +83,14 @@ class Embedder(nn.Module):
         precision: str = "auto",
     ):
         super().__init__()
-        self.backbone = backbone
+        self.backbone = prepare_backbone(backbone)  # stateless NTK rotary, packed attention (idempotent)
         # BERT-style task poolers are never part of the embedding path: freeze them so that
         # DDP does not wait for gradients they never get (and the optimizer skips them)
         bert_pooler = getattr(backbone, "pooler", None)
         if isinstance(bert_pooler, nn.Module):
             bert_pooler.requires_grad_(False)
         config = backbone.config
-        self.is_decoder = portable.is_decoder(config)
+        self.is_decoder = is_decoder(config)
         if attention not in ("bidirectional", "causal"):
             raise ConfigError(f"attention must be 'bidirectional' or 'causal', got {attention!r}")
         if attention == "causal" and not self.is_decoder:
@@ -98,7 +102,7 @@ class Embedder(nn.Module):
             settings = {"name": pooling} if isinstance(pooling, str) else dict(pooling)
             try:  # on the backbone's device: a meta backbone gets a meta head (no memory)
                 with torch.device(next(backbone.parameters()).device):
-                    self.pooler = portable.build_pooler(settings, int(config.hidden_size))
+                    self.pooler = build_pooler(settings, int(config.hidden_size))
             except (ValueError, TypeError) as exc:
                 raise ConfigError(f"pooling {settings}: {exc}") from exc
         self.tokenizer = tokenizer  # None only for shape-only (meta device) models
@@ -119,15 +123,23 @@ class Embedder(nn.Module):
         self.default_prompt_name = default_prompt_name
         self.do_lower_case = do_lower_case
         self.instruction_template = instruction_template
-        if matryoshka_rule not in portable.MATRYOSHKA_RULES:
-            raise ConfigError(f"matryoshka_rule must be one of {portable.MATRYOSHKA_RULES}, got {matryoshka_rule!r}")
+        if matryoshka_rule not in MATRYOSHKA_RULES:
+            raise ConfigError(f"matryoshka_rule must be one of {MATRYOSHKA_RULES}, got {matryoshka_rule!r}")
         self.matryoshka_rule = matryoshka_rule
         resolve_precision(precision, "cpu")  # validates the name
         self.precision = precision  # of inference (encode, serve); training has its stage's own
+        self._text_encoder: TextEncoder | None = None  # built from the settings on first use
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
-    def load(cls, name_or_path: str | Path, *, device: str | torch.device | None = None, **overrides) -> Embedder:
+    def load(
+        cls,
+        name_or_path: str | Path,
+        *,
+        device: str | torch.device | None = None,
+        new_head: bool = False,
+        **overrides,
+    ) -> Embedder:
         """Load a known packaged model name or a local folder.
 
         Folders written by embforge, sentence-transformers folders and bare transformers
@@ -136,35 +148,51 @@ class Embedder(nn.Module):
         Args:
             name_or_path: e.g. ``"all-MiniLM-L6-v2"`` or ``"runs/my-model"``.
             device: where to put the model (default: CUDA if available, else CPU).
+            new_head: start a new, randomly initialised pooling head from ``pooling`` even
+                where the folder holds a trained one (which is then discarded).
             **overrides: constructor arguments that replace what the folder says
-                (``max_seq_len=128``, ``pooling="cls"``, ``prompts={...}``). A pooling that
-                differs from the folder's trained head starts a new, randomly initialised head.
+                (``max_seq_len=128``, ``prompts={...}``). ``pooling`` is resolved against the
+                folder's head (:func:`embforge.models.heads.resolve_pooling`): settings it
+                leaves out take the folder's values, and a trained head loads unless
+                ``new_head``; a request that conflicts with a trained head is a ``ConfigError``.
         """
         from embforge.models.saving import load_folder
 
         folder = resolve_model_path(name_or_path)
         meta = str(device) == "meta"  # shapes only: the backbone from the folder's config, no weights read
-        backbone, tokenizer, kwargs, pooler_state = load_folder(folder, weights=not meta)
-        same_head = "pooling" not in overrides or overrides["pooling"] == kwargs.get("pooling")
+        loaded = load_folder(folder, weights=not meta)
+        kwargs = dict(loaded.settings)
+        load_head = loaded.trained_head
+        if "pooling" in overrides or new_head:
+            overrides["pooling"], load_head = resolve_pooling(
+                overrides.get("pooling", kwargs.get("pooling", "mean")),
+                kwargs.get("pooling", "mean"),
+                int(loaded.backbone.config.hidden_size),
+                trained=loaded.trained_head,
+                new_head=new_head,
+                where=str(folder),
+            )
         kwargs.update(overrides)
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = cls(backbone, tokenizer, **kwargs)
-        if pooler_state and same_head:
-            model.pooler.load_state_dict(pooler_state)
+            model = cls(loaded.backbone, loaded.tokenizer, **kwargs)
+        if loaded.pooler_state and load_head:
+            model.pooler.load_state_dict(loaded.pooler_state)
         model.eval()
         return model.to(device or ("cuda" if torch.cuda.is_available() else "cpu"))
 
-    def save(self, path: str | Path, *, merge_lora: bool = True) -> Path:
+    def save(self, path: str | Path, *, merge_lora: bool = True, dtype: str = "float32") -> Path:
         """Write the model folder atomically (an existing folder is replaced as a whole).
 
         Encoders with a parameter-free pooling are written as a plain sentence-transformers
-        folder; anything else (decoders, trainable heads, instruction masking) as an embforge
-        folder that ``transformers`` (``trust_remote_code=True``) and sentence-transformers
-        also load. ``merge_lora=False`` keeps a LoRA adapter in ``adapter/`` instead of merging it.
+        folder; anything else (decoders, trainable heads, instruction masking, dynamic NTK) as
+        an embforge folder that ``transformers`` (``trust_remote_code=True``) and
+        sentence-transformers also load. ``merge_lora=False`` keeps a LoRA adapter in
+        ``adapter/`` instead of merging it. LoRA is merged in float32; then every weight is
+        cast to ``dtype`` (``float32`` or ``bfloat16``; a LoRA adapter kept apart stays float32).
         """
         from embforge.models.saving import save_folder
 
-        return save_folder(self, Path(path), merge_lora=merge_lora)
+        return save_folder(self, Path(path), merge_lora=merge_lora, dtype=dtype)
 
     def head_settings(self) -> dict:
         """Everything besides the weights that defines the embedding (constructor keywords)."""
@@ -211,7 +239,7 @@ class Embedder(nn.Module):
         Returns:
             (B, D) embeddings, L2-normalised if ``self.normalize``.
         """
-        return portable.embed(
+        return embed(
             self.backbone,
             self.pooler,
             input_ids,
@@ -236,10 +264,10 @@ class Embedder(nn.Module):
         Returns:
             ``input_ids``, ``attention_mask`` and ``pooling_mask``, each (B, T).
         """
-        ids, excluded = self._token_ids(texts, prompt_name, prompt)
+        rows = self._rows(texts, prompt_name, prompt)
         device = self.device
         device = "cpu" if device.type == "meta" else device  # a meta model (an FSDP rank > 0) still tokenises
-        return portable.pad_batch(self.tokenizer, ids, excluded, device=device)
+        return self.text_encoder.pad(rows).to_torch(device)
 
     # ------------------------------------------------------------------ inference
     def encode(
@@ -275,17 +303,16 @@ class Embedder(nn.Module):
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
             # tokenise everything once, then batch by exact token length: least padding
-            ids, excluded = self._token_ids(items, prompt_name, prompt)
-            batches = length_batches(ids, batch_size)
+            rows = self._rows(items, prompt_name, prompt)
+            batches = length_batches([r.ids for r in rows], batch_size)
+            encoder = self.text_encoder
             show = show_progress if show_progress is not None else len(batches) >= PROGRESS_MIN_BATCHES
             was_training = self.training
             self.eval()
             with torch.inference_mode(), self.inference_autocast(precision):
                 for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
-                    batch = portable.pad_batch(
-                        self.tokenizer, [ids[i] for i in idx], [excluded[i] for i in idx], device=self.device
-                    )
-                    pooled = portable.embed(
+                    batch = encoder.pad([rows[i] for i in idx]).to_torch(self.device)
+                    pooled = embed(
                         self.backbone,
                         self.pooler,
                         **batch,
@@ -326,10 +353,34 @@ class Embedder(nn.Module):
             return None
         return self.instruction_template.format(instruction=instruction)
 
-    # ------------------------------------------------------------------ helpers
-    def _token_ids(
-        self, texts: Sequence[str], prompt_name: str | None, prompt: str | Sequence[str] | None
-    ) -> tuple[list[list[int]], list[int]]:
+    # ------------------------------------------------------------------ tokenisation
+    def tokenizer_settings(self) -> TokenizerSettings:
+        """What decides this model's tokens besides the vocabulary (saved with the model, used by every path)."""
+        tok = self.tokenizer
+        try:
+            return TokenizerSettings(
+                max_len=self.max_seq_len,
+                pad_id=tok.pad_token_id or 0,
+                padding_side=tok.padding_side,
+                truncation_side=getattr(tok, "truncation_side", "right"),
+                add_eos=self.add_eos,
+                eos_id=tok.eos_token_id,
+                pool_prompt=self.pool_prompt,
+                lower_case=self.do_lower_case,
+            )
+        except ValueError as exc:
+            raise ConfigError(f"tokenisation settings: {exc}") from exc
+
+    @property
+    def text_encoder(self) -> TextEncoder:
+        """The :class:`~embforge.modeling.tokenization.TextEncoder` of the current settings (rebuilt when they change)."""
+        settings = self.tokenizer_settings()
+        enc = self._text_encoder
+        if enc is None or enc.settings != settings or enc.source is not self.tokenizer:
+            enc = self._text_encoder = TextEncoder(self.tokenizer, settings)
+        return enc
+
+    def _rows(self, texts: Sequence[str], prompt_name: str | None, prompt: str | Sequence[str] | None) -> list[Row]:
         if prompt is not None and prompt_name is not None:
             raise InputError("give prompt_name or prompt, not both")
         if prompt is None:
@@ -337,12 +388,4 @@ class Embedder(nn.Module):
         prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(texts):
             raise InputError(f"got {len(prompts)} prompts for {len(texts)} texts")
-        return portable.tokenize_texts(
-            self.tokenizer,
-            texts,
-            prompts,
-            max_len=self.max_seq_len,
-            add_eos=self.add_eos,
-            pool_prompt=self.pool_prompt,
-            lower_case=self.do_lower_case,
-        )
+        return self.text_encoder.encode(list(texts), prompts)

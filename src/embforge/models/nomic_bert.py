@@ -6,8 +6,9 @@ interleaved), a gated MLP ``down(act(gate(x)) * up(x))`` without biases (contras
 ``fc11`` = up, ``fc12`` = gate), q/k/v/o projections without biases, post-LayerNorm
 (eps 1e-12), token-type embeddings, no dropout. This module adds only what it lacks:
 
-- :class:`DynamicNTKRotaryEmbedding`: dynamic NTK scaling whose base depends on the
-  current input alone. transformers' ``rope_type: dynamic`` uses the same formula but
+- dynamic NTK scaling whose base depends on the current input alone
+  (:class:`embforge.modeling.rotary.DynamicNTKRotaryEmbedding`, in the modeling package
+  saved folders carry). transformers' ``rope_type: dynamic`` uses the same formula but
   keeps state across calls (after one long input, an input of exactly the trained
   length still gets the stretched base, and a long input reuses the base of the longest
   one seen before), which breaks "≤ trained length is unchanged".
@@ -23,19 +24,11 @@ from pathlib import Path
 
 import torch
 from torch import nn
+from transformers import NomicBertConfig, NomicBertModel  # native since the transformers floor in pyproject.toml
 
-from embforge.errors import MissingDependencyError
+from embforge.modeling.rotary import apply_dynamic_ntk
 from embforge.models.nomic_bert_config import NomicBertSpec
 from embforge.models.registry import resolve_model_path
-
-try:  # the native model (transformers 5.23 has it)
-    from transformers import NomicBertConfig, NomicBertModel
-    from transformers.models.nomic_bert.modeling_nomic_bert import NomicBertRotaryEmbedding
-except ImportError as exc:
-    raise MissingDependencyError(
-        "nomic-bert needs a transformers release with the native nomic_bert model (5.23 has it): "
-        "pip install -U transformers"
-    ) from exc
 
 
 def hf_config(spec: NomicBertSpec):
@@ -59,58 +52,6 @@ def hf_config(spec: NomicBertSpec):
         initializer_range=spec.initializer_range,
         rope_parameters=rope,
     )
-
-
-class DynamicNTKRotaryEmbedding(NomicBertRotaryEmbedding):
-    """Rotary cos/sin with dynamic NTK scaling computed from each sequence's own length.
-
-    For a sequence of length L (its largest position id + 1) and trained length L_max:
-    ``base' = base · (s·L/L_max − (s − 1)) ** (d / (d − 2))`` if L > L_max, else ``base``
-    — the formula of contrastors and of transformers' ``dynamic`` rope type, evaluated
-    in the same float32 arithmetic, but without state carried between calls. Sequences of
-    L ≤ L_max use the unscaled frequencies bit for bit.
-
-    A row of ``position_ids`` may hold several sequences: a new one starts wherever the
-    position does not increase (packed batches, whose positions restart at 0, and padded
-    rows whose pad positions are clamped to the last real one), so every text gets its
-    own L whatever it is batched with.
-    """
-
-    @torch.no_grad()
-    def forward(self, x: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        params = self.config.rope_parameters
-        s, max_len = params["factor"], self.original_max_seq_len
-        d = 2 * self.original_inv_freq.shape[-1]  # rotary dimension (the full head)
-        B, T = position_ids.shape
-        starts = torch.ones_like(position_ids, dtype=torch.bool)  # (B, T) first token of a sequence
-        starts[:, 1:] = position_ids[:, 1:] <= position_ids[:, :-1]
-        segment = starts.long().cumsum(-1)  # (B, T) sequence number within the row, from 1
-        last = position_ids.new_zeros(B, T + 1).scatter_reduce(1, segment, position_ids, "amax")  # (B, T+1)
-        length = last.gather(1, segment)[..., None] + 1  # (B, T, 1) int64: the token's sequence length
-        stretch = ((s * length / max_len) - (s - 1)).clamp(min=1.0) ** (d / (d - 2))  # (B, T, 1) float32
-        exponent = torch.arange(0, d, 2, dtype=torch.int64, device=x.device).float() / d  # (d/2,)
-        scaled = 1.0 / ((params["rope_theta"] * stretch) ** exponent)  # (B, T, d/2)
-        original = self.original_inv_freq.to(device=x.device, dtype=torch.float)  # (d/2,)
-        inv_freq = torch.where(length > max_len, scaled, original)  # (B, T, d/2)
-        freqs = position_ids[..., None].float() * inv_freq  # (B, T, d/2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (B, T, d): rotate-half layout
-        return emb.cos().to(dtype=x.dtype), emb.sin().to(dtype=x.dtype)
-
-
-def apply_dynamic_ntk(model: nn.Module) -> nn.Module:
-    """Swap the native rotary module of a ``NomicBertModel`` for :class:`DynamicNTKRotaryEmbedding`.
-
-    Only when its config asks for ``rope_type: dynamic``; otherwise (and if already
-    swapped) the model is returned unchanged. Call it after ``from_pretrained`` /
-    ``AutoModel`` on any nomic_bert folder.
-    """
-    rotary = getattr(model, "rotary_emb", None)
-    if rotary is None or model.config.rope_parameters.get("rope_type") != "dynamic":
-        return model
-    if not isinstance(rotary, DynamicNTKRotaryEmbedding):
-        with torch.device(rotary.original_inv_freq.device):
-            model.rotary_emb = DynamicNTKRotaryEmbedding(model.config)
-    return model
 
 
 def build_backbone(spec: NomicBertSpec, *, device: str | torch.device = "cpu"):

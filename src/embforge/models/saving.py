@@ -5,17 +5,20 @@ Two layouts, chosen by what the model needs:
 - **sentence-transformers** (encoders with a parameter-free pooling, e.g. the packaged
   MiniLM): ``config.json`` + ``model.safetensors`` of the backbone, ``modules.json``
   (Transformer -> Pooling [-> Normalize]), see :mod:`embforge.models.st_format`.
-- **embforge** (decoders, trainable heads, instruction masking, EOS): ::
+- **embforge** (decoders, trainable heads, instruction masking, EOS, dynamic NTK rotary): ::
 
-    config.json                 EmbforgeConfig: the backbone's config nested + the head's settings,
-                                with auto_map -> embforge_modeling.EmbforgeModel
+    config.json                 EmbforgeConfig: the backbone's config nested + the head's and the
+                                tokeniser's settings, with auto_map -> modeling_embforge.EmbforgeModel
     model.safetensors           backbone.* and pooler.* (LoRA merged unless kept as an adapter)
-    embforge_modeling.py        a copy of embforge/models/portable.py (the forward pass)
-    embforge.json               prompts, max length, padding side, instruction template, versions
-    modules.json                one sentence-transformers module: embforge_modeling.EmbforgeSTModule
+    modeling_embforge.py, ...   a copy of the package embforge/modeling/ (forward pass, tokeniser)
+    embforge.json               the Embedder's settings (prompts, max length, padding side, ...), versions
+    modules.json                one sentence-transformers module: modeling_embforge.EmbforgeSTModule
     config_sentence_transformers.json, tokenizer files
-    adapter/                    only with merge_lora=False: the peft adapter
+    adapter/                    only with merge_lora=False: the peft adapter (float32)
 
+Both carry a README.md whose snippet embeds with plain ``transformers``. LoRA deltas are
+merged in float32, then every weight is cast to the dtype asked for (``float32`` by
+default: a bf16 cast of a merged weight rounds away deltas below its bf16 resolution).
 Both are written into a temporary folder and renamed into place.
 """
 
@@ -24,18 +27,32 @@ from __future__ import annotations
 import contextlib
 import json
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+import embforge.modeling
 from embforge.atomic import atomic_folder, require_complete
 from embforge.errors import CheckpointError, ConfigError
-from embforge.models import portable
+from embforge.modeling.pooling import Pooling
+from embforge.models.model_card import write_model_card
 from embforge.models.st_format import StLayout, read_layout, write_json, write_layout
 
 EMBFORGE_FILE = "embforge.json"
-_BACKBONE_CONFIG_DROP = ("quantization_config", "_name_or_path", "transformers_version", "architectures", "auto_map")
+EMBFORGE_FORMAT = 2  # 2: the modeling package (several files) and tokenisation settings in config.json
+SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+_BACKBONE_CONFIG_DROP = (
+    "quantization_config",
+    "_name_or_path",
+    "transformers_version",
+    "architectures",
+    "auto_map",
+    "dtype",  # the weights' dtype is the file's business: a backbone is always built in float32
+    "torch_dtype",
+)
 
 
 # ---------------------------------------------------------------------------- weights
@@ -46,9 +63,9 @@ def is_peft(backbone: torch.nn.Module) -> bool:
 def backbone_state(backbone: torch.nn.Module, *, merge_lora: bool = True) -> tuple[torch.nn.Module, dict]:
     """The plain transformers model and its state dict under its own key names.
 
-    With a peft-wrapped backbone, LoRA deltas are added to the base weights
-    (``merge_lora``) or left out (the adapter is saved separately); the live model is
-    not modified either way.
+    With a peft-wrapped backbone, LoRA deltas are added to the base weights in float32
+    (``merge_lora``: merged weights come out float32, whatever the base's dtype) or left
+    out (the adapter is saved separately); the live model is not modified either way.
     """
     if not is_peft(backbone):
         return backbone, backbone.state_dict()
@@ -63,13 +80,25 @@ def backbone_state(backbone: torch.nn.Module, *, merge_lora: bool = True) -> tup
             if hasattr(module, "get_delta_weight") and hasattr(module, "base_layer"):
                 for adapter in module.active_adapters:
                     key = f"{name}.weight"
-                    state[key] = state[key] + module.get_delta_weight(adapter).to(state[key].dtype)
+                    state[key] = state[key].float() + module.get_delta_weight(adapter).float()
     return base, state
 
 
-def own_tensors(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    # safetensors refuses shared storage (tied embeddings): clone makes every tensor its own
-    return {k: v.detach().cpu().clone().contiguous() for k, v in state.items()}
+def own_tensors(state: dict[str, torch.Tensor], dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Detached CPU copies (safetensors refuses shared storage, e.g. tied embeddings); floats cast to ``dtype``."""
+    out = {}
+    for k, v in state.items():
+        v = v.detach().cpu()
+        if dtype is not None and v.is_floating_point():
+            v = v.to(dtype)
+        out[k] = v.clone().contiguous()
+    return out
+
+
+def save_dtype(name: str) -> torch.dtype:
+    if name not in SAVE_DTYPES:
+        raise ConfigError(f"save dtype must be one of {sorted(SAVE_DTYPES)}, got {name!r}")
+    return SAVE_DTYPES[name]
 
 
 def backbone_config_dict(config) -> dict:
@@ -80,28 +109,39 @@ def backbone_config_dict(config) -> dict:
 
 
 # ---------------------------------------------------------------------------- save
+def needs_own_code(backbone_config) -> bool:
+    """Whether the backbone computes differently under plain transformers (nomic-bert's dynamic NTK:
+    transformers' own rotary keeps state across calls, see :mod:`embforge.modeling.rotary`)."""
+    rope = getattr(backbone_config, "rope_parameters", None) or {}
+    return backbone_config.model_type == "nomic_bert" and rope.get("rope_type") == "dynamic"
+
+
 def _is_plain_st(embedder, merge_lora: bool) -> bool:
     return (
         not embedder.is_decoder
-        and isinstance(embedder.pooler, portable.Pooling)
+        and isinstance(embedder.pooler, Pooling)
         and embedder.pool_prompt
         and not embedder.add_eos
         and embedder.tokenizer.padding_side == "right"
+        and getattr(embedder.tokenizer, "truncation_side", "right") == "right"
         and embedder.instruction_template is None
+        and not needs_own_code(embedder.backbone.config)
         and (merge_lora or not is_peft(embedder.backbone))
     )
 
 
-def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
+def save_folder(embedder, path: Path, *, merge_lora: bool = True, dtype: str = "float32") -> Path:
     """Write ``embedder`` to ``path`` atomically (see the module docstring for the layouts)."""
     import embforge
 
     versions = {"embforge": embforge.__version__, "torch": torch.__version__}
+    cast = save_dtype(dtype)
     with atomic_folder(path) as tmp:
         base, state = backbone_state(embedder.backbone, merge_lora=merge_lora)
+        state = own_tensors(state, cast)
         embedder.tokenizer.save_pretrained(tmp)
         if _is_plain_st(embedder, merge_lora):
-            base.save_pretrained(tmp, state_dict=own_tensors(state))
+            base.save_pretrained(tmp, state_dict=state)
             layout = StLayout(
                 backbone_dir=tmp,
                 pooling=embedder.pooler.name,
@@ -113,37 +153,49 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True) -> Path:
                 matryoshka_rule=embedder.matryoshka_rule,
             )
             write_layout(tmp, hidden_size=embedder.hidden_size, layout=layout, versions=versions)
+            write_model_card(tmp, embedder, plain=True)
         else:
-            _write_embforge_folder(embedder, tmp, base.config, state, versions)
+            _write_embforge_folder(embedder, tmp, base.config, state, versions, cast)
             if not merge_lora and is_peft(embedder.backbone):
                 embedder.backbone.save_pretrained(tmp / "adapter")
+            write_model_card(tmp, embedder, plain=False)
     return path
 
 
-def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict, versions: dict) -> None:
-    config_cls, _ = portable._embforge_classes()
+def copy_modeling_package(folder: Path) -> None:
+    """Copy every file of :mod:`embforge.modeling` (flat: transformers follows their relative imports)."""
+    source = Path(embforge.modeling.__file__).parent
+    for name in embforge.modeling.MODELING_FILES:
+        shutil.copyfile(source / name, folder / name)
+
+
+def _write_embforge_folder(
+    embedder, folder: Path, backbone_config, state: dict, versions: dict, cast: torch.dtype
+) -> None:
+    from embforge.modeling.modeling_embforge import EmbforgeConfig
+
     settings = embedder.head_settings()
-    config = config_cls(
+    entry = embforge.modeling.ENTRY_MODULE
+    config = EmbforgeConfig(
         backbone=backbone_config_dict(backbone_config),
         pooling=settings["pooling"],
         bidirectional=embedder.attention == "bidirectional",
         normalize=embedder.normalize,
-        add_eos=embedder.add_eos,
-        pool_prompt=embedder.pool_prompt,
         matryoshka_rule=embedder.matryoshka_rule,
+        tokenization=embedder.tokenizer_settings().as_dict(),
+        prompts=embedder.prompts,
+        default_prompt_name=embedder.default_prompt_name,
+        instruction_template=embedder.instruction_template,
         architectures=["EmbforgeModel"],
-        auto_map={
-            "AutoConfig": f"{Path(portable.MODELING_FILE).stem}.EmbforgeConfig",
-            "AutoModel": f"{Path(portable.MODELING_FILE).stem}.EmbforgeModel",
-        },
+        auto_map={"AutoConfig": f"{entry}.EmbforgeConfig", "AutoModel": f"{entry}.EmbforgeModel"},
     )
     config.save_pretrained(folder)
     tensors = {f"backbone.{k}": v for k, v in state.items()}
-    tensors.update({f"pooler.{k}": v for k, v in embedder.pooler.state_dict().items()})
-    save_file(own_tensors(tensors), str(folder / "model.safetensors"), metadata={"format": "pt"})
-    shutil.copyfile(Path(portable.__file__), folder / portable.MODELING_FILE)
-    write_json(folder / EMBFORGE_FILE, {**settings, "format": 1, "versions": versions})
-    module = f"{Path(portable.MODELING_FILE).stem}.EmbforgeSTModule"
+    tensors.update({f"pooler.{k}": v for k, v in own_tensors(embedder.pooler.state_dict(), cast).items()})
+    save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    copy_modeling_package(folder)
+    write_json(folder / EMBFORGE_FILE, {**settings, "format": EMBFORGE_FORMAT, "versions": versions})
+    module = f"{entry}.EmbforgeSTModule"
     write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": module}])
     write_json(
         folder / "config_sentence_transformers.json",
@@ -157,8 +209,19 @@ def _write_embforge_folder(embedder, folder: Path, backbone_config, state: dict,
 
 
 # ---------------------------------------------------------------------------- load
-def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module, object, dict, dict]:
-    """Read a model folder -> (backbone, tokenizer, Embedder keyword arguments, pooler state).
+@dataclass
+class LoadedFolder:
+    """What a model folder holds: the backbone (float32), its tokenizer, the Embedder's settings, the head."""
+
+    backbone: torch.nn.Module
+    tokenizer: object
+    settings: dict  # Embedder keyword arguments
+    pooler_state: dict[str, torch.Tensor]  # the trained head's tensors ({} for none, and on meta)
+    trained_head: bool  # the folder holds head weights (also when built on meta, which reads none)
+
+
+def load_folder(folder: Path, *, weights: bool = True) -> LoadedFolder:
+    """Read a model folder (weights as float32, whatever dtype they were saved in).
 
     ``weights=False`` builds the backbone on the ``meta`` device from the folder's config and
     reads no weights (FSDP ranks that receive their shards from rank 0); the pooler state is
@@ -167,7 +230,7 @@ def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module,
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy: import on use
 
     from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone
-    from embforge.models.nomic_bert import apply_dynamic_ntk, nomic_tokenizer
+    from embforge.models.nomic_bert import nomic_tokenizer
 
     require_complete(folder, "model folder")  # a file missing or cut short: named here, not deep in transformers
     if (folder / EMBFORGE_FILE).is_file():
@@ -184,12 +247,11 @@ def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module,
     else:
         tokenizer = AutoTokenizer.from_pretrained(layout.backbone_dir, local_files_only=True)
         if weights:
-            backbone = AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True)
+            backbone = AutoModel.from_pretrained(layout.backbone_dir, local_files_only=True, dtype=torch.float32)
         else:
             with torch.device("meta"):
                 backbone = AutoModel.from_config(AutoConfig.from_pretrained(layout.backbone_dir, local_files_only=True))
-        backbone = apply_dynamic_ntk(backbone)
-    kwargs = dict(
+    settings = dict(
         pooling=layout.pooling,
         normalize=layout.normalize,
         max_seq_len=layout.max_seq_len,
@@ -198,44 +260,57 @@ def load_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module,
         do_lower_case=layout.do_lower_case,
         matryoshka_rule=layout.matryoshka_rule,
     )
-    return backbone, tokenizer, kwargs, {}
+    return LoadedFolder(backbone, tokenizer, settings, {}, trained_head=False)
 
 
-def _load_embforge_folder(folder: Path, *, weights: bool = True) -> tuple[torch.nn.Module, object, dict, dict]:
+def _load_embforge_folder(folder: Path, *, weights: bool = True) -> LoadedFolder:
     from transformers import AutoTokenizer
-
-    from embforge.models.nomic_bert import apply_dynamic_ntk
 
     try:
         settings = json.loads((folder / EMBFORGE_FILE).read_text(encoding="utf-8"))
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{folder}: unreadable embforge model folder: {exc}") from exc
+    if settings.get("format") != EMBFORGE_FORMAT:
+        raise ConfigError(
+            f"{folder / EMBFORGE_FILE}: format {settings.get('format')!r}, this embforge reads {EMBFORGE_FORMAT}; "
+            "load the folder with the embforge version that wrote it and save it again"
+        )
     file = folder / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"{folder}: model.safetensors is missing")
     if not weights:
-        if (folder / "adapter").is_dir():
-            raise ConfigError(
-                f"{folder}: a folder with a separate LoRA adapter cannot be built on meta; save it merged"
-            )
-        backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"], device="meta"))
+        backbone = backbone_from_config(config["backbone"], device="meta")
+        with safe_open(str(file), "pt") as f:  # the header only: which tensors, no data
+            trained_head = any(k.startswith("pooler.") for k in f.keys())
         tensors = {}
     else:
         tensors = load_file(str(file))
-        backbone = apply_dynamic_ntk(backbone_from_config(config["backbone"]))
+        backbone = backbone_from_config(config["backbone"])
         bb_state = {k.removeprefix("backbone."): v for k, v in tensors.items() if k.startswith("backbone.")}
         load_state_strict(backbone, bb_state, f"{file} (backbone)")
     if (folder / "adapter").is_dir():
-        from peft import PeftModel
-
-        backbone = PeftModel.from_pretrained(backbone, str(folder / "adapter"), is_trainable=True)
-    pooler_state = {k.removeprefix("pooler."): v for k, v in tensors.items() if k.startswith("pooler.")}
+        backbone = _with_adapter(backbone, folder / "adapter", weights=weights)
+    pooler_state = {k.removeprefix("pooler."): v.float() for k, v in tensors.items() if k.startswith("pooler.")}
+    if weights:
+        trained_head = bool(pooler_state)
     # trust_remote_code=False: the tokenizer needs none of the folder's code (and must never prompt)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
     kwargs = {k: v for k, v in settings.items() if k not in ("format", "versions")}
-    return backbone, tokenizer, kwargs, pooler_state
+    return LoadedFolder(backbone, tokenizer, kwargs, pooler_state, trained_head)
+
+
+def _with_adapter(backbone: torch.nn.Module, adapter: Path, *, weights: bool) -> torch.nn.Module:
+    """The backbone wrapped with the folder's LoRA adapter (trainable); on meta, its structure only."""
+    from peft import PeftConfig, PeftModel, get_peft_model
+
+    if weights:
+        return PeftModel.from_pretrained(backbone, str(adapter), is_trainable=True)
+    config = PeftConfig.from_pretrained(str(adapter))
+    config.inference_mode = False
+    with torch.device("meta"):  # the same modules as from_pretrained builds, no weights read
+        return get_peft_model(backbone, config)
 
 
 @contextlib.contextmanager

@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 PoolingName = Literal["mean", "cls", "last", "latent", "self_attention"]
+HeadInit = Literal["random", "mean"]
 
 # LoRA targets of the Llama/Mistral/Qwen families: every attention and MLP projection
 DECODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -17,22 +18,28 @@ DECODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up
 
 @dataclass
 class PoolingConfig:
-    """A pooling and its own sizes (only the attention poolings have sizes)."""
+    """A pooling and its own sizes (only the attention poolings have sizes).
+
+    A size left out (None) takes the loaded folder's trained head's value, or for a new head
+    the default in the comment (see :mod:`embforge.models.heads`).
+    """
 
     name: PoolingName = "mean"
-    num_latents: int = 512  # NV-Embed: 512 latents (arXiv 2405.17428 §3.2)
-    num_heads: int = 8  # NV-Embed: 8 heads
-    head_dim: int | None = None  # None: the hidden size (NV-Embed's released 8 x 4096); 64-128 for small backbones
-    mlp_ratio: int = 4  # GEGLU feed-forward width, x hidden size
+    num_latents: int | None = None  # default 512: NV-Embed's latents (arXiv 2405.17428 §3.2)
+    num_heads: int | None = None  # default 8: NV-Embed's heads
+    head_dim: int | None = None  # default: the hidden size (NV-Embed's released 8 x 4096); 64-128 for small backbones
+    mlp_ratio: int | None = None  # default 4: GEGLU feed-forward width, x hidden size
+    # a new head starts randomly initialised, or as exactly mean pooling (its output projections zero)
+    init: HeadInit | None = None
 
     def as_dict(self) -> dict:
-        """The pooler's constructor settings (see ``portable.build_pooler``)."""
+        """The pooler's settings that are set (see ``embforge.modeling.pooling.build_pooler``)."""
         if self.name in ("mean", "cls", "last"):
             return {"name": self.name}
-        sizes = {"num_heads": self.num_heads, "head_dim": self.head_dim, "mlp_ratio": self.mlp_ratio}
+        sizes = {"num_heads": self.num_heads, "head_dim": self.head_dim, "mlp_ratio": self.mlp_ratio, "init": self.init}
         if self.name == "latent":
             sizes["num_latents"] = self.num_latents
-        return {"name": self.name, **sizes}
+        return {"name": self.name, **{k: v for k, v in sizes.items() if v is not None}}
 
 
 @dataclass
@@ -63,8 +70,15 @@ class ModelConfig:
     # how embeddings shorten to fewer dimensions: "truncate" then L2, or "layer_norm" (Nomic Embed v1.5:
     # non-affine layer norm, truncate, L2); None: what the model folder says
     matryoshka_rule: Literal["truncate", "layer_norm"] | None = None
+    # start a new pooling head even where name_or_path holds a trained one (else a conflicting `pooling`
+    # is an error, and a matching or absent one loads the trained head)
+    new_head: bool = False
     lora: LoraConfig | None = None
-    dtype: Literal["float32", "bfloat16"] = "float32"  # weights' dtype (bf16 autocast is the stage's precision)
+    # dtype of the frozen weights (with LoRA: the base model). Every trained tensor (LoRA, the head, a
+    # fully trained backbone) keeps a float32 master and float32 optimizer state; the stage's
+    # `precision: bf16` is the autocast that runs the matrix products in bf16
+    dtype: Literal["float32", "bfloat16"] = "float32"
+    save_dtype: Literal["float32", "bfloat16"] = "float32"  # saved models' weights, after a float32 LoRA merge
     gradient_checkpointing: bool = False
 
     def pooling_dict(self) -> dict | None:

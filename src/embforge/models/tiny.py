@@ -48,17 +48,41 @@ def tiny_bert(seed: int = 0, **config_overrides):
 DECODER_FAMILIES = ("llama", "mistral", "qwen2", "qwen3")
 
 
-def tiny_decoder(family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", **config_overrides):
+def tiny_bpe(texts: list[str], vocab_size: int = 600):
+    """A byte-level BPE tokenizer trained on ``texts``, with a decoder's BOS (Llama/Qwen style), EOS and pad.
+
+    Deterministic for the same texts; its tokens carry the space before a word, as real
+    decoders' do (instruction spans then end inside a token's offsets).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    specials = ["<pad>", "<s>", "</s>"]
+    tok.train_from_iterator(
+        texts, trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=specials, show_progress=False)
+    )
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>")
+
+
+def tiny_decoder(
+    family: str = "llama", seed: int = 0, attn_implementation: str = "sdpa", tokenizer=None, **config_overrides
+):
     """(base decoder model, tokenizer): 2 layers, hidden 64, 4 heads / 2 KV heads, seeded random init.
 
     The tokenizer is the tiny WordPiece one with ``[CLS]`` playing BOS and ``[SEP]`` EOS, so
-    tests see a leading special token and an EOS-terminated input, as with real decoders.
+    tests see a leading special token and an EOS-terminated input, as with real decoders; or
+    ``tokenizer`` (e.g. :func:`tiny_bpe`), which needs BOS, EOS and pad tokens.
     """
     from transformers import AutoConfig, AutoModel, BertTokenizerFast
 
     if family not in DECODER_FAMILIES:
         raise ValueError(f"unknown decoder family {family!r}; choose one of {DECODER_FAMILIES}")
-    tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True, bos_token="[CLS]", eos_token="[SEP]")
+    if tokenizer is None:
+        tokenizer = BertTokenizerFast(vocab=tiny_vocab(), do_lower_case=True, bos_token="[CLS]", eos_token="[SEP]")
     cfg = dict(
         vocab_size=len(tokenizer),
         hidden_size=64,
@@ -67,8 +91,8 @@ def tiny_decoder(family: str = "llama", seed: int = 0, attn_implementation: str 
         num_key_value_heads=2,
         intermediate_size=128,
         max_position_embeddings=128,
-        bos_token_id=tokenizer.cls_token_id,
-        eos_token_id=tokenizer.sep_token_id,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
     if family == "qwen3":

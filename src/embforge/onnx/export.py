@@ -1,8 +1,14 @@
-"""Export an :class:`Embedder` to ONNX, whole: ``forward(input_ids, attention_mask) -> (B, D)``.
+"""Export an :class:`Embedder` to ONNX, whole: ``forward(input_ids, attention_mask, pooling_mask) -> (B, D)``.
 
 The exported graph is the Embedder module itself (backbone, pooling, normalisation and
-whatever trainable head the model has), traced with dynamic batch and sequence axes; the
-export is checked against the PyTorch model before it is kept. ``quantize=True`` adds
+whatever trainable head the model has), traced with dynamic batch and sequence axes. It
+takes the pooling mask, so instruction prompts that are attended to but not pooled
+(NV-Embed) stay out of the pooled tokens, and the folder saves the tokeniser's settings, so
+:class:`~embforge.onnx.runtime.OnnxEmbedder` tokenises exactly as the model does. Before the
+folder is kept, the export is checked end to end: texts of several lengths, with every
+prompt the model has (and an instruction where it takes them), encoded by the ONNX folder
+and by ``Embedder.encode`` at fp32; an export that does not reproduce the model's embeddings
+is refused with an error saying which prompt and by how much. ``quantize=True`` adds
 ``model_int8.onnx`` (ONNX Runtime dynamic quantisation: int8 weights, activations
 quantised per batch at run time). The graph is the padded forward (ONNX Runtime has no
 variable-length attention; batches of similar length carry little padding).
@@ -24,7 +30,15 @@ from embforge.optional import require
 
 # inputs of different lengths, so padding (a mask with zeros) is part of the traced graph
 _EXAMPLE_TEXTS = ["embforge export", "a second, somewhat longer example sentence for tracing the graph"]
-_MAX_ABS_DIFF = 1e-4  # fp32 ONNX vs PyTorch on the example inputs
+# the end-to-end check: short and long texts (one past any model's window), batched together
+_CHECK_TEXTS = [
+    "a",
+    "how do I sort a list of dictionaries by a value?",
+    "ONNX Runtime runs the exported graph on the CPU without torch.",
+    "the quick brown fox jumps over the lazy dog " * 80,
+]
+_CHECK_INSTRUCTION = "Given a question, retrieve passages that answer the question"
+_MAX_ABS_DIFF = 1e-4  # fp32 ONNX vs PyTorch fp32, any component of any checked embedding
 
 
 class _PaddedForward(torch.nn.Module):
@@ -38,8 +52,8 @@ class _PaddedForward(torch.nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return self.model(input_ids, attention_mask, unpad=False)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, pooling_mask: torch.Tensor):
+        return self.model(input_ids, attention_mask, pooling_mask, unpad=False)
 
 
 def export_onnx(
@@ -67,28 +81,29 @@ def export_onnx(
         ``out_dir`` as a Path.
 
     Raises:
-        CheckpointError: the exported graph does not reproduce the PyTorch embeddings.
+        CheckpointError: the exported folder does not reproduce the model's embeddings (see
+            the module docstring), or the model has no fast tokenizer.
     """
     require("onnx")  # the exporter writes through it
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
         model = model.eval().to("cpu")
         batch = model.tokenize(_EXAMPLE_TEXTS)
-        args = (batch["input_ids"], batch["attention_mask"])
-        axes = {"input_ids": {0: "batch", 1: "tokens"}, "attention_mask": {0: "batch", 1: "tokens"}}
+        names = ["input_ids", "attention_mask", "pooling_mask"]
+        args = tuple(batch[n] for n in names)
+        axes = {n: {0: "batch", 1: "tokens"} for n in names}
         with torch.inference_mode(False), torch.no_grad(), warnings.catch_warnings():
             warnings.simplefilter("ignore")  # tracer warnings about Python-side shape checks
             torch.onnx.export(
                 _PaddedForward(model).eval(),  # export restores the wrapper's mode, recursively
                 args,
                 str(tmp / "raw.onnx"),
-                input_names=["input_ids", "attention_mask"],
+                input_names=names,
                 output_names=["embeddings"],
                 dynamic_axes={**axes, "embeddings": {0: "batch"}},
                 opset_version=opset,
                 dynamo=False,  # the TorchScript exporter: needs no onnxscript
             )
-            expected = model(*args).float().numpy()
         model.tokenizer.save_pretrained(tmp)  # writes tokenizer.json, exactly the tokenizer the model uses
         if not (tmp / "tokenizer.json").is_file():
             raise CheckpointError("ONNX export needs a fast tokenizer (tokenizer.json); this model has none")
@@ -98,12 +113,11 @@ def export_onnx(
             "format_version": FORMAT_VERSION,
             "source": source,
             "hidden_size": model.hidden_size,
-            "max_seq_len": model.max_seq_len,
             "normalize": bool(model.normalize),
-            "do_lower_case": bool(getattr(model, "do_lower_case", False)),
+            "tokenization": model.tokenizer_settings().as_dict(),
             "prompts": dict(model.prompts),
             "default_prompt_name": model.default_prompt_name,
-            "pad_token_id": model.tokenizer.pad_token_id or 0,
+            "instruction_template": model.instruction_template,
             "versions": {"embforge": embforge.__version__, "torch": torch.__version__},
         }
         (tmp / ONNX_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -113,11 +127,29 @@ def export_onnx(
             (tmp / "raw_int8.onnx").unlink()
         optimize_graph(tmp / "raw.onnx", tmp / ONNX_FILES["fp32"])
         (tmp / "raw.onnx").unlink()
-        got = OnnxEmbedder(tmp).forward(*(a.numpy() for a in args))
+        check_export(model, OnnxEmbedder(tmp))
+    return out_dir
+
+
+def check_export(model, exported) -> None:
+    """Refuse an export whose embeddings differ from ``model``'s (fp32), for every prompt the model has.
+
+    Raises:
+        CheckpointError: naming the prompt and the largest difference.
+    """
+    prompts = {"no prompt": {}} | {f"prompt {name!r}": {"prompt_name": name} for name in model.prompts}
+    instruction = model.instruction_prompt(_CHECK_INSTRUCTION)
+    if instruction is not None:
+        prompts["an instruction"] = {"prompt": instruction}
+    for what, kwargs in prompts.items():
+        expected = model.encode(_CHECK_TEXTS, batch_size=len(_CHECK_TEXTS), precision="fp32", **kwargs)
+        got = exported.encode(_CHECK_TEXTS, batch_size=len(_CHECK_TEXTS), **kwargs)
         diff = float(np.abs(got - expected).max())
         if not diff <= _MAX_ABS_DIFF:
-            raise CheckpointError(f"ONNX export differs from the PyTorch model by {diff:.2e} (> {_MAX_ABS_DIFF:g})")
-    return out_dir
+            raise CheckpointError(
+                f"the ONNX export does not reproduce the model's embeddings with {what}: they differ by {diff:.2e} "
+                f"(> {_MAX_ABS_DIFF:g}); the folder was not written"
+            )
 
 
 def optimize_graph(src: Path, dst: Path) -> Path:

@@ -1,10 +1,13 @@
 """Inference on an exported ONNX model with ONNX Runtime: no torch, no transformers.
 
 An exported folder (``embforge export onnx MODEL OUT``) holds ``model.onnx`` (the whole
-:meth:`Embedder.forward`: backbone, pooling, normalisation), optionally ``model_int8.onnx``
-(dynamic int8 quantisation), the tokenizer as ``tokenizer.json`` and ``embforge_onnx.json``
-(prompts, maximum length, normalisation). :class:`OnnxEmbedder` mirrors the inference API
-of :class:`~embforge.models.embedder.Embedder`::
+:meth:`Embedder.forward`: backbone, pooling, normalisation; inputs ``input_ids``,
+``attention_mask`` and ``pooling_mask``), optionally ``model_int8.onnx`` (dynamic int8
+quantisation), the tokenizer as ``tokenizer.json`` and ``embforge_onnx.json`` (the
+tokeniser's settings, prompts, instruction template, normalisation). Texts are tokenised by
+the same :class:`~embforge.modeling.tokenization.TextEncoder` as everywhere else, so
+instruction prompts are masked out of pooling exactly as in PyTorch. :class:`OnnxEmbedder`
+mirrors the inference API of :class:`~embforge.models.embedder.Embedder`::
 
     emb = OnnxEmbedder.load("runs/minilm-onnx", quantized=True)
     vecs = emb.encode(["how do I sort a list?"], dimensions=128)
@@ -22,7 +25,8 @@ from pathlib import Path
 
 import numpy as np
 
-from embforge.errors import ConfigError
+from embforge.errors import ConfigError, InputError
+from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.matryoshka import check_dimensions, truncate_dimensions
 from embforge.models.prompts import resolve_prompt
@@ -30,8 +34,7 @@ from embforge.optional import require
 
 ONNX_CONFIG = "embforge_onnx.json"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
-FORMAT_VERSION = 1
-# a progress bar appears past this many batches
+FORMAT_VERSION = 2  # 2: the graph takes the pooling mask; the tokeniser's settings are saved
 
 
 def is_onnx_folder(path: str | Path) -> bool:
@@ -58,7 +61,8 @@ class OnnxEmbedder:
             raise ConfigError(f"{folder / ONNX_CONFIG}: invalid JSON at line {exc.lineno}: {exc.msg}") from exc
         if cfg.get("format_version") != FORMAT_VERSION:
             raise ConfigError(
-                f"{folder / ONNX_CONFIG}: format_version {cfg.get('format_version')!r}, expected {FORMAT_VERSION}"
+                f"{folder / ONNX_CONFIG}: format_version {cfg.get('format_version')!r}, expected {FORMAT_VERSION}; "
+                "export the model again with this embforge (`embforge export onnx`)"
             )
         model_file = folder / ONNX_FILES["int8" if quantized else "fp32"]
         if not model_file.is_file():
@@ -70,22 +74,15 @@ class OnnxEmbedder:
         self.folder = folder
         self.quantized = quantized
         self.hidden_size = int(cfg["hidden_size"])
-        self.max_seq_len = int(cfg["max_seq_len"])
         self.normalize = bool(cfg["normalize"])
-        self.do_lower_case = bool(cfg.get("do_lower_case", False))
         self.prompts: dict[str, str] = dict(cfg.get("prompts") or {})
         self.default_prompt_name: str | None = cfg.get("default_prompt_name")
-        self.pad_token_id = int(cfg.get("pad_token_id") or 0)
+        self.instruction_template: str | None = cfg.get("instruction_template")
         self.source = cfg.get("source")
-
-        # two copies: one truncates exactly like the model's tokenizer, one counts full lengths
-        self.tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.tokenizer.no_padding()  # padding is done per batch, below
-        self.tokenizer.enable_truncation(self.max_seq_len)
-        self._counter = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self._counter.no_padding()
-        self._counter.no_truncation()
-        self.vocab_size = int(self.tokenizer.get_vocab_size(with_added_tokens=True))
+        tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
+        self.text_encoder = TextEncoder(tokenizer, TokenizerSettings(**cfg["tokenization"]))
+        self.max_seq_len = self.text_encoder.settings.max_len
+        self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
         options = ort.SessionOptions()
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
@@ -100,29 +97,39 @@ class OnnxEmbedder:
         return cls(name_or_path, **kwargs)
 
     # ------------------------------------------------------------------ tokenisation
-    def _prompted(self, texts: Sequence[str], prompt_name: str | None) -> list[str]:
-        prefix = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
-        texts = [prefix + t for t in texts]
-        return [t.lower() for t in texts] if self.do_lower_case else texts
+    def _rows(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None) -> list[Row]:
+        if prompt is not None and prompt_name is not None:
+            raise InputError("give prompt_name or prompt, not both")
+        if prompt is None:
+            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
+        return self.text_encoder.encode(list(texts), [prompt] * len(texts))
 
-    def token_ids(
-        self, texts: Sequence[str], *, prompt_name: str | None = None, truncate: bool = True
-    ) -> list[list[int]]:
-        """Prompted token ids of each text, special tokens included; truncated to ``max_seq_len`` unless told not to."""
-        tokenizer = self.tokenizer if truncate else self._counter
-        return [e.ids for e in tokenizer.encode_batch(self._prompted(texts, prompt_name))]
+    def tokenize(
+        self, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None
+    ) -> dict[str, np.ndarray]:
+        """Prompted, truncated, padded batch: ``input_ids``, ``attention_mask``, ``pooling_mask``, (B, T) int64."""
+        batch = self.text_encoder.pad(self._rows(texts, prompt_name, prompt))
+        return {k: np.asarray(v) for k, v in batch.items()}
 
-    def tokenize(self, texts: Sequence[str], *, prompt_name: str | None = None) -> dict[str, np.ndarray]:
-        """Prompted, truncated, right-padded batch: ``input_ids`` and ``attention_mask``, (B, T) int64."""
-        return pad_batch(self.token_ids(texts, prompt_name=prompt_name), self.pad_token_id)
+    def instruction_prompt(self, instruction: str) -> str | None:
+        """The query prompt for a task instruction, or None if this model takes no instructions."""
+        if self.instruction_template is None:
+            return None
+        return self.instruction_template.format(instruction=instruction)
 
     # ------------------------------------------------------------------ inference
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
-        """(B, T) ids and mask -> (B, D) float32 embeddings (normalised if the model normalises)."""
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, pooling_mask: np.ndarray | None = None
+    ) -> np.ndarray:
+        """(B, T) ids and masks -> (B, D) float32 embeddings (normalised if the model normalises).
+
+        ``pooling_mask`` None pools every real token (no instruction masking).
+        """
         feeds = {
             "input_ids": np.asarray(input_ids, dtype=np.int64),
             "attention_mask": np.asarray(attention_mask, dtype=np.int64),
         }
+        feeds["pooling_mask"] = feeds["attention_mask"] if pooling_mask is None else np.asarray(pooling_mask, np.int64)
         return self.session.run(None, {k: feeds[k] for k in self._input_names})[0]
 
     def encode(
@@ -131,6 +138,7 @@ class OnnxEmbedder:
         *,
         batch_size: int = 32,
         prompt_name: str | None = None,
+        prompt: str | None = None,
         dimensions: int | None = None,
         show_progress: bool | None = None,
     ) -> np.ndarray:
@@ -139,13 +147,15 @@ class OnnxEmbedder:
         dim = check_dimensions(dimensions, self.hidden_size)
         out = np.empty((len(items), dim), dtype=np.float32)
         if items:
-            ids = self.token_ids(items, prompt_name=prompt_name)
-            batches = length_batches(ids, batch_size)
+            rows = self._rows(items, prompt_name, prompt)
+            batches = length_batches([r.ids for r in rows], batch_size)
             show = show_progress if show_progress is not None else len(batches) >= PROGRESS_MIN_BATCHES
             bar = _progress(len(batches), show)
             for idx in batches:
-                batch = pad_batch([ids[i] for i in idx], self.pad_token_id)
-                out[idx] = truncate_dimensions(self.forward(**batch), dim, self.normalize)
+                batch = self.text_encoder.pad([rows[i] for i in idx])
+                out[idx] = truncate_dimensions(
+                    self.forward(**{k: np.asarray(v) for k, v in batch.items()}), dim, self.normalize
+                )
                 if bar is not None:
                     bar.update(1)
             if bar is not None:
@@ -154,24 +164,15 @@ class OnnxEmbedder:
 
     def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``query`` prompt when the model defines one."""
-        kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+        if "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
         return self.encode(texts, **kwargs)
 
     def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``document`` prompt when the model defines one."""
-        kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
+        if "prompt" not in kwargs:
+            kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
         return self.encode(texts, **kwargs)
-
-
-def pad_batch(rows: Sequence[Sequence[int]], pad_id: int) -> dict[str, np.ndarray]:
-    """Right-pad token id lists -> ``input_ids`` (B, T) and ``attention_mask`` (B, T), int64."""
-    T = max(len(r) for r in rows)
-    input_ids = np.full((len(rows), T), pad_id, dtype=np.int64)
-    mask = np.zeros((len(rows), T), dtype=np.int64)
-    for i, r in enumerate(rows):
-        input_ids[i, : len(r)] = r
-        mask[i, : len(r)] = 1
-    return {"input_ids": input_ids, "attention_mask": mask}
 
 
 def _progress(total: int, show: bool):

@@ -1,18 +1,23 @@
 """What the server needs from a model, and adapters for the PyTorch and ONNX Runtime embedders.
 
-The server never looks inside a model: it tokenises through the model's own ``tokenize``
-(so prompts, truncation and any extra per-token inputs stay the model's business), runs
-its ``forward`` on padded batches, and truncates dimensions with the Matryoshka rule of
-:mod:`embforge.models.matryoshka`. Tests plug in any object with the :class:`Backend` shape.
+Both adapters tokenise with the model's own :class:`~embforge.modeling.tokenization.TextEncoder`
+(the one tokeniser of every path: prompts, instruction masking, EOS, truncation, padding
+side) and embed padded batches of its rows with the model's forward pass, so a text gets
+the same vector from the server as from ``Embedder.encode`` whatever it is batched with.
+Dimensions are truncated with the Matryoshka rule of :mod:`embforge.models.matryoshka`.
+Tests plug in any object with the :class:`Backend` shape.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
+
+from embforge.modeling.tokenization import Row
+from embforge.models.prompts import resolve_prompt
 
 
 @dataclass
@@ -20,13 +25,13 @@ class Encoded:
     """One input after tokenisation.
 
     Attributes:
-        features: per-token model inputs, each a 1-D int64 array of the same length
-            (``input_ids``, ``attention_mask`` and whatever else the model's tokenizer gives).
+        features: what the backend's ``embed`` takes per item (the model backends: a
+            tokenisation :class:`~embforge.modeling.tokenization.Row`).
         num_tokens: tokens the model sees (after truncation).
         input_tokens: tokens of the whole input before truncation (>= ``num_tokens``).
     """
 
-    features: dict[str, np.ndarray]
+    features: Any
     num_tokens: int
     input_tokens: int
 
@@ -43,7 +48,7 @@ class Backend(Protocol):
 
     def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]: ...
 
-    def embed(self, batch: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    def embed(self, batch: Sequence[Any]) -> np.ndarray:
         """Per-item features -> (B, hidden_size) float32 embeddings."""
         ...
 
@@ -51,30 +56,13 @@ class Backend(Protocol):
 
 
 def from_token_ids(ids: Sequence[int]) -> Encoded:
-    """A token-id input (the model's own ids, special tokens included) as the model's features."""
-    arr = np.asarray(ids, dtype=np.int64)
-    return Encoded({"input_ids": arr, "attention_mask": np.ones_like(arr)}, len(arr), len(arr))
-
-
-def pad_features(rows: Sequence[dict[str, np.ndarray]], pad_id: int, side: str = "right") -> dict[str, np.ndarray]:
-    """Per-item 1-D features -> padded (B, T) int64 arrays (``input_ids`` padded with ``pad_id``, others 0)."""
-    T = max(len(r["input_ids"]) for r in rows)
-    out = {}
-    for key in rows[0]:
-        fill = pad_id if key == "input_ids" else 0
-        arr = np.full((len(rows), T), fill, dtype=np.int64)  # (B, T)
-        for i, r in enumerate(rows):
-            n = len(r[key])
-            if side == "left":
-                arr[i, T - n :] = r[key]
-            else:
-                arr[i, :n] = r[key]
-        out[key] = arr
-    return out
+    """A token-id input (the model's own ids, special tokens included), pooled whole."""
+    row = Row([int(i) for i in ids], 0)
+    return Encoded(row, len(row.ids), len(row.ids))
 
 
 class _ModelBackend:
-    """Shared by both adapters: prompts, the split of a padded batch into items, the description."""
+    """Shared by both adapters: tokenisation with the model's TextEncoder, padding, the description."""
 
     def __init__(self, model, name: str):
         self.model = model
@@ -84,21 +72,22 @@ class _ModelBackend:
         self.normalize = bool(model.normalize)
         self.prompts = dict(model.prompts)
         self.default_prompt_name = model.default_prompt_name
+        self.encoder = model.text_encoder
 
-    def _split(self, batch: dict[str, np.ndarray], texts: Sequence[str], prompt_name: str | None) -> list[Encoded]:
-        mask = batch["attention_mask"].astype(bool)  # (B, T)
-        per_token = {k: v for k, v in batch.items() if v.shape == mask.shape}
-        items = []
-        for i in range(len(mask)):
-            feats = {k: v[i][mask[i]] for k, v in per_token.items()}
-            n = int(mask[i].sum())
-            items.append(Encoded(feats, n, n))
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]:
+        prompts = [resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)] * len(texts)
+        rows = self.encoder.encode(list(texts), prompts)
+        items = [Encoded(row, len(row.ids), len(row.ids)) for row in rows]
         # an input that filled the window may have been truncated: count its full length
         full = [i for i, e in enumerate(items) if e.num_tokens >= self.max_seq_len]
         if full:
-            for i, count in zip(full, self._full_counts([texts[i] for i in full], prompt_name)):
+            counts = self.encoder.count_tokens([texts[i] for i in full], [prompts[i] for i in full])
+            for i, count in zip(full, counts):
                 items[i].input_tokens = max(count, items[i].num_tokens)
         return items
+
+    def embed(self, batch: Sequence[Row]) -> np.ndarray:
+        return self._forward(self.encoder.pad(batch))
 
     def describe(self) -> dict:
         return {
@@ -120,27 +109,13 @@ class TorchBackend(_ModelBackend):
 
     def __init__(self, embedder, name: str):
         super().__init__(embedder, name)
-        tok = embedder.tokenizer
-        self.vocab_size = len(tok)
-        self.pad_id = tok.pad_token_id or 0
-        self.padding_side = getattr(tok, "padding_side", "right")
+        self.vocab_size = len(embedder.tokenizer)
 
-    def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]:
-        batch = self.model.tokenize(list(texts), prompt_name=prompt_name)
-        return self._split({k: v.cpu().numpy() for k, v in batch.items()}, texts, prompt_name)
-
-    def _full_counts(self, texts: Sequence[str], prompt_name: str | None) -> list[int]:
-        name = prompt_name if prompt_name is not None else self.default_prompt_name
-        prefix = self.prompts.get(name, "") if name else ""
-        return [len(ids) for ids in self.model.tokenizer([prefix + t for t in texts])["input_ids"]]
-
-    def embed(self, batch: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    def _forward(self, batch) -> np.ndarray:
         import torch
 
-        padded = pad_features(batch, self.pad_id, self.padding_side)
-        device = self.model.device
         with torch.inference_mode(), self.model.inference_autocast():
-            out = self.model(**{k: torch.from_numpy(v).to(device) for k, v in padded.items()})  # (B, D)
+            out = self.model(**batch.to_torch(self.model.device))  # (B, D)
         return out.float().cpu().numpy()
 
     def describe(self) -> dict:
@@ -155,17 +130,9 @@ class OnnxBackend(_ModelBackend):
     def __init__(self, embedder, name: str):
         super().__init__(embedder, name)
         self.vocab_size = embedder.vocab_size
-        self.pad_id = embedder.pad_token_id
 
-    def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]:
-        return self._split(self.model.tokenize(list(texts), prompt_name=prompt_name), texts, prompt_name)
-
-    def _full_counts(self, texts: Sequence[str], prompt_name: str | None) -> list[int]:
-        return [len(ids) for ids in self.model.token_ids(texts, prompt_name=prompt_name, truncate=False)]
-
-    def embed(self, batch: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
-        padded = pad_features(batch, self.pad_id)
-        return self.model.forward(padded["input_ids"], padded["attention_mask"])
+    def _forward(self, batch) -> np.ndarray:
+        return self.model.forward(**{k: np.asarray(v) for k, v in batch.items()})
 
     def describe(self) -> dict:
         return {**super().describe(), "quantized": self.model.quantized}

@@ -24,7 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from embforge.data.examples import classification_records, sts_records
+from embforge.data.examples import classification_records, read_sts, sts_records
 from embforge.data.pairs import (
     BatchSampler,
     Example,
@@ -35,9 +35,16 @@ from embforge.data.pairs import (
     text_key,
 )
 from embforge.data.records import DataReport
-from embforge.errors import CheckpointError, DataError, EmbforgeError
-from embforge.losses import contrastive_layout, gather_no_grad, gather_with_grad, info_nce, matryoshka
-from embforge.models.portable import use_fast_dropout
+from embforge.errors import CheckpointError, ConfigError, DataError, EmbforgeError
+from embforge.losses import (
+    contrastive_layout,
+    document_slots,
+    gather_no_grad,
+    gather_with_grad,
+    info_nce,
+    matryoshka,
+    pad_documents,
+)
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
 from embforge.train.checkpoint import (
@@ -53,6 +60,7 @@ from embforge.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from embforge.train.dropout import use_fast_dropout
 from embforge.train.grad_cache import grad_cache_step, split_features
 from embforge.train.host_memory import keep_freed_memory
 from embforge.train.parallel import (
@@ -69,8 +77,16 @@ from embforge.train.parallel import (
     wrap_model,
 )
 from embforge.train.prefetch import Prefetcher
-from embforge.train.recipe import DEFAULT_SHUFFLE_BUFFER, DataConfig, LossConfig, OptimConfig, StageConfig
-from embforge.train.schedule import build_scheduler
+from embforge.train.recipe import (
+    DEFAULT_SHUFFLE_BUFFER,
+    DataConfig,
+    DatasetConfig,
+    LossConfig,
+    OptimConfig,
+    StageConfig,
+)
+from embforge.train.schedule import HEAD_GROUP, build_scheduler
+from embforge.train.sts_mining import StsMiner
 
 
 class TrainingError(EmbforgeError):
@@ -79,9 +95,19 @@ class TrainingError(EmbforgeError):
 
 # ---------------------------------------------------------------------------- data
 def build_sampler(
-    data: DataConfig, data_root: Path, seed: int, world: int, *, in_batch_negatives: bool = True, rank: int = 0
+    data: DataConfig,
+    data_root: Path,
+    seed: int,
+    world: int,
+    *,
+    in_batch_negatives: bool = True,
+    rank: int = 0,
+    mine_sts=None,
 ) -> tuple[BatchSampler, DataReport]:
     """Sources for every dataset of the stage, combined by the configured sampler.
+
+    ``mine_sts``: ``(dataset config, StsPairs, report, num_negatives) -> records`` for STS datasets
+    with ``negatives: mined`` (:class:`~embforge.train.sts_mining.StsMiner`); such a dataset without it is an error.
 
     ``rank_reading: global``: the sampler draws global batches (``batch_size · world``), the
     same on every rank. ``own_share`` (world > 1): rank ``rank`` reads only its share of each
@@ -103,20 +129,22 @@ def build_sampler(
     def memory(records, i, shared=False):  # shared: ``records`` is already this rank's share
         if share is not None and not shared:
             records = records[rank::world]
-        return MemorySource(records, seed + i, data.datasets[i].name, data.num_negatives, data.negative_sampling)
+        ds = data.datasets[i]
+        return MemorySource(records, seed + i, ds.name, data.negatives_of(ds), data.negative_sampling)
 
     for i, ds in enumerate(data.datasets):
         path = data_root / ds.path
         fields = ds.fields or {}
+        num_negatives = data.negatives_of(ds)
         if ds.format == "beir":
-            if data.num_negatives:
+            if num_negatives:
                 raise DataError(f"dataset {ds.name!r}: BEIR pairs carry no hard negatives; mine them first")
             sources.append(memory(load_beir_pairs(path, ds.split, ds.name, whole_file_report), i))
         elif ds.format in ("classification", "clustering"):
             records = classification_records(
                 path,
                 ds.name,
-                num_negatives=data.num_negatives,
+                num_negatives=num_negatives,
                 seed=seed + i,
                 report=whole_file_report,
                 text_field=fields.get("text", "text"),
@@ -124,12 +152,18 @@ def build_sampler(
                 label_texts=ds.label_texts,
             )
             sources.append(memory(records, i))
+        elif ds.format == "sts" and ds.negatives == "mined":
+            if mine_sts is None:
+                raise DataError(f"dataset {ds.name!r}: negatives: mined needs a teacher (train_stage gives one)")
+            keys = tuple(fields.get(k, k) for k in ("sentence1", "sentence2", "score"))
+            sts = read_sts(path, ds.name, report=whole_file_report, min_score=ds.min_score, fields=keys)
+            sources.append(memory(mine_sts(ds, sts, whole_file_report, num_negatives), i))
         elif ds.format == "sts":
             keys = tuple(fields.get(k, k) for k in ("sentence1", "sentence2", "score"))
             records = sts_records(
                 path,
                 ds.name,
-                num_negatives=data.num_negatives,
+                num_negatives=num_negatives,
                 seed=seed + i,
                 report=whole_file_report,
                 min_score=ds.min_score,
@@ -143,7 +177,7 @@ def build_sampler(
                 StreamSource(
                     str(path),
                     ds.name,
-                    data.num_negatives,
+                    num_negatives,
                     report,
                     seed + i,
                     data.on_bad_record,
@@ -155,7 +189,7 @@ def build_sampler(
         else:
             if not path.is_file():
                 raise DataError(f"dataset {ds.name!r}: file not found: {path}")
-            records = load_jsonl_records(path, ds.name, data.num_negatives, report, fields, data.on_bad_record, share)
+            records = load_jsonl_records(path, ds.name, num_negatives, report, fields, data.on_bad_record, share)
             sources.append(memory(records, i, shared=True))
     sampler = BatchSampler(
         sources,
@@ -171,19 +205,19 @@ def build_sampler(
 @dataclass
 class ContrastiveBatch:
     queries: dict[str, torch.Tensor]  # tokenised (B, Tq)
-    docs: dict[str, torch.Tensor]  # tokenised (B·(1+N), Td): positives (this epoch's), then negatives row-major
+    # tokenised (B + ΣN_i, Td): positives (this epoch's), then each query's negatives in turn
+    # (row-major (B·(1+N), Td) when every query has N)
+    docs: dict[str, torch.Tensor]
     query_keys: torch.Tensor  # (B,) text ids
-    doc_keys: torch.Tensor  # (B·(1+N),) text ids
+    doc_keys: torch.Tensor  # (B + ΣN_i,) text ids
     in_batch: torch.Tensor  # (B,) per-query in-batch-negatives flag
-    num_negatives: int
+    num_negatives: int  # N: every query's negatives, or the stage's most when its datasets differ
+    # (B,) each query's negatives where the stage's datasets differ in num_negatives (the same on every
+    # rank: it decides whether the loss pads, see embforge.losses); None: every query has N
+    negative_counts: torch.Tensor | None = None
 
 
-def query_prompt(example: Example, data: DataConfig, instruction_prompt=None) -> str:
-    """The example's query prompt: its record's instruction, else its dataset's, through the model's
-    template (``instruction_prompt``, i.e. :meth:`Embedder.instruction_prompt`); else the dataset's
-    ``query_prompt``."""
-    ds = data.datasets[example.dataset]
-    instruction = example.record.instruction if example.record.instruction is not None else ds.instruction
+def _prompt(ds: DatasetConfig, instruction: str | None, instruction_prompt) -> str:
     if instruction is None:
         return ds.query_prompt
     prompt = instruction_prompt(instruction) if instruction_prompt is not None else None
@@ -193,6 +227,22 @@ def query_prompt(example: Example, data: DataConfig, instruction_prompt=None) ->
             "instruction_template; set model.instruction_template or use query_prompt"
         )
     return prompt
+
+
+def query_prompt(example: Example, data: DataConfig, instruction_prompt=None) -> str:
+    """The example's query prompt: its record's instruction, else its dataset's, through the model's
+    template (``instruction_prompt``, i.e. :meth:`Embedder.instruction_prompt`); else the dataset's
+    ``query_prompt``."""
+    ds = data.datasets[example.dataset]
+    instruction = example.record.instruction if example.record.instruction is not None else ds.instruction
+    return _prompt(ds, instruction, instruction_prompt)
+
+
+def document_prompt(example: Example, data: DataConfig, instruction_prompt=None) -> str:
+    """The prompt of the example's positive and negatives: its query's with ``instruction_on_documents``
+    (symmetric tasks: the same templated instruction on both sides), else the dataset's ``document_prompt``."""
+    ds = data.datasets[example.dataset]
+    return query_prompt(example, data, instruction_prompt) if ds.instruction_on_documents else ds.document_prompt
 
 
 def collate(
@@ -208,28 +258,38 @@ def collate(
     queries = [e.record.query for e in examples]
     q_prompts = [query_prompt(e, data, instruction_prompt) for e in examples]
     docs = [e.positive for e in examples] + [n for e in examples for n in e.negatives]
-    doc_prompts = [c.document_prompt for c in cfgs] + [
-        c.document_prompt for c, e in zip(cfgs, examples) for _ in e.negatives
-    ]
+    d_prompts = [document_prompt(e, data, instruction_prompt) for e in examples]
+    doc_prompts = d_prompts + [p for p, e in zip(d_prompts, examples) for _ in e.negatives]
+    counts = [len(e.negatives) for e in examples]
     return ContrastiveBatch(
         queries={k: v.to(device) for k, v in tokenize(queries, q_prompts).items()},
         docs={k: v.to(device) for k, v in tokenize(docs, doc_prompts).items()},
         query_keys=torch.tensor([text_key(q) for q in queries], device=device),
         doc_keys=torch.tensor([text_key(t) for t in docs], device=device),
         in_batch=torch.tensor([c.in_batch_negatives for c in cfgs], device=device),
-        num_negatives=data.num_negatives,
+        num_negatives=data.max_negatives,
+        negative_counts=torch.tensor(counts, device=device) if data.mixed_negatives else None,
     )
 
 
 # ---------------------------------------------------------------------------- loss
 def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
-    """``(queries (B, D), docs (B·(1+N), D)) -> loss`` with gather, masking and Matryoshka."""
-    B = batch.query_keys.shape[0]
-    layout = contrastive_layout(B, batch.num_negatives, info.rank, info.world)
-    doc_keys = gather_no_grad(batch.doc_keys) if cfg.mask_duplicates else None
+    """``(queries (B, D), docs (B + ΣN_i, D)) -> loss`` with padding, gather, masking and Matryoshka."""
+    B, N = batch.query_keys.shape[0], batch.num_negatives
+    keys = batch.doc_keys
+    if batch.negative_counts is None:
+        layout, slots = contrastive_layout(B, N, info.rank, info.world), None
+    else:  # queries differ in N: each rank's documents are padded to N slots a query (see embforge.losses)
+        counts = gather_no_grad(batch.negative_counts)  # (R·B,)
+        layout = contrastive_layout(B, N, info.rank, info.world, negative_counts=counts)
+        slots = document_slots(batch.negative_counts, N)  # (B + ΣN_i,)
+        keys = pad_documents(keys, slots, B * (1 + N), fill=-1)  # text ids are >= 0: a pad matches none
+    doc_keys = gather_no_grad(keys) if cfg.mask_duplicates else None
     in_batch = batch.in_batch & cfg.in_batch_negatives
 
     def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
+        if slots is not None:
+            d = pad_documents(d, slots, B * (1 + N))  # (B·(1+N), D), zero rows at the padding slots
         docs = gather_with_grad(d)  # (R·B·(1+N), D)
         all_q = gather_with_grad(q) if cfg.symmetric else None  # (R·B, D)
 
@@ -295,21 +355,51 @@ def contrastive_step(
 
 
 # ---------------------------------------------------------------------------- optimizer
+def head_parameters(model: torch.nn.Module) -> set[int]:
+    """``id`` of every parameter of the Embedder's pooling head (``pooler``), found through a DDP
+    wrapper (``.module``); FSDP shards a copy of the Embedder, whose ``pooler`` holds its shards.
+    Empty for a model without one (e.g. an MLM model)."""
+    pooler = getattr(getattr(model, "module", model), "pooler", None)
+    return {id(p) for p in pooler.parameters()} if isinstance(pooler, torch.nn.Module) else set()
+
+
 def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
     """AdamW; biases and normalisation weights get no weight decay.
+
+    With ``head_lr`` or ``head_warmup_steps`` the pooling head's parameters (see
+    :func:`head_parameters`) form groups of their own, named ``HEAD_GROUP``, at ``head_lr``;
+    :func:`~embforge.train.schedule.build_scheduler` gives them their warm-up.
 
     The fused kernel (one pass over all parameters, same update rule) where every parameter
     is a floating-point CPU or CUDA tensor: measured several times faster than the default
     per-tensor loop on CPU for MiniLM's 22.7 M parameters (the transformers Trainer also
     defaults to it).
     """
-    decay, no_decay = [], []
+    head = head_parameters(model) if cfg.separate_head else set()
+    decay, no_decay, head_decay, head_no_decay = [], [], [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        (no_decay if p.ndim < 2 or "norm" in name.lower() else decay).append(p)
+        no_wd = p.ndim < 2 or "norm" in name.lower()
+        if id(p) in head:
+            (head_no_decay if no_wd else head_decay).append(p)
+        else:
+            (no_decay if no_wd else decay).append(p)
+    if cfg.separate_head and not head_decay + head_no_decay:
+        raise ConfigError(
+            "optim.head_lr / head_warmup_steps: the model has no trainable pooling-head parameters "
+            "(a parameter-free pooling such as mean, or no Embedder)"
+        )
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in decay + no_decay)
+    if cfg.separate_head:
+        head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
+        groups += [
+            {"params": ps, "weight_decay": wd, "lr": head_lr, "name": HEAD_GROUP}
+            for ps, wd in ((head_decay, cfg.weight_decay), (head_no_decay, 0.0))
+            if ps
+        ]
+    params = decay + no_decay + head_decay + head_no_decay
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in params)
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused or None)
 
 
@@ -380,11 +470,28 @@ def train_stage(
     """
     torch.manual_seed(seed)
     use_fast_dropout(embedder)
-    sampler, report = build_sampler(
-        stage.data, data_root, seed, info.world, in_batch_negatives=stage.loss.in_batch_negatives, rank=info.rank
-    )
-    own_share = stage.data.reads_own_share(info.world)  # each rank its own sampler
     ckpt_dir = stage_dir / "checkpoints"
+    # mined STS negatives come from the weights the stage starts from (not yet the checkpoint's)
+    miner = StsMiner(
+        embedder,
+        info,
+        stage_dir / "mined",
+        resuming=resume and latest_checkpoint(ckpt_dir) is not None,
+        timeout_s=stage.eval_timeout_s,
+    )
+    try:
+        sampler, report = build_sampler(
+            stage.data,
+            data_root,
+            seed,
+            info.world,
+            in_batch_negatives=stage.loss.in_batch_negatives,
+            rank=info.rank,
+            mine_sts=miner,
+        )
+    finally:
+        miner.close()
+    own_share = stage.data.reads_own_share(info.world)  # each rank its own sampler
     if info.is_main:
         ready_checkpoint_dir(ckpt_dir)
     barrier()
@@ -427,6 +534,10 @@ def train_stage(
     window_tokens = torch.zeros((), dtype=torch.long, device=info.device)  # real (non-pad) tokens, no host sync
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
+
+    def head_lr() -> dict:  # the pooling head's own rate, where it has one (optim.head_lr / head_warmup_steps)
+        rates = [lr for g, lr in zip(optimizer.param_groups, scheduler.get_last_lr()) if g.get("name") == HEAD_GROUP]
+        return {"lr_head": rates[0]} if rates else {}
 
     sampler_state = sampler.state_dict()  # the data position of the last batch trained on (not read ahead)
 
@@ -521,6 +632,7 @@ def train_stage(
                     "loss": sum(window_losses) / len(window_losses) if window_losses else float("nan"),
                     "loss_last": loss,
                     "lr": scheduler.get_last_lr()[0],
+                    **head_lr(),
                     "grad_norm": float(grad_norm),
                     "examples_per_s": window_examples / max(elapsed, 1e-9),
                     "tokens_per_s": _sum_over_ranks(window_tokens, info)

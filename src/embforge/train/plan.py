@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from embforge.models.portable import AttentionPooling, num_parameters
+from embforge.modeling.pooling import AttentionPooling, num_parameters
 
 _BYTES = {"float32": 4, "bfloat16": 2}
 GB = 1024**3
@@ -94,8 +94,13 @@ def head_bytes_per_token(pooler, hidden: int, act_bytes: int) -> int:
 def plan_stage(
     embedder, stage, *, gpus: int, parallel: str, dtype: str, lora_rank: int | None, lora_targets
 ) -> StagePlan:
-    """Per-GPU memory of ``stage`` for ``embedder`` (built on meta), ``gpus`` ranks, DDP or FSDP."""
+    """Per-GPU memory of ``stage`` for ``embedder`` (built on meta), ``gpus`` ranks, DDP or FSDP.
+
+    ``dtype`` is the frozen weights' (and the activations'); every trained tensor is a float32
+    master with float32 gradients and AdamW state (``models.build.cast_frozen``).
+    """
     w = _BYTES[dtype]
+    master = _BYTES["float32"]
     config = embedder.backbone.config
     trainable = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
     frozen = num_parameters(embedder) - trainable
@@ -112,9 +117,9 @@ def plan_stage(
         stage=stage.name,
         tokens_per_pass=tokens,
         frozen_weights=frozen * w // shard,
-        trainable_weights=trainable * w // shard,
-        gradients=trainable * w // shard,
-        optimizer=2 * trainable * w // shard,  # AdamW exp_avg + exp_avg_sq, in the weights' dtype
+        trainable_weights=trainable * master // shard,
+        gradients=trainable * master // shard,
+        optimizer=2 * trainable * master // shard,  # AdamW exp_avg + exp_avg_sq, float32 like the masters
         activations=tokens * (layers * layer + head),
         activations_checkpointed=tokens * (layers * residual + layer + head),
     )

@@ -34,7 +34,17 @@ class DatasetConfig:
     query_prompt: str = ""  # text prepended to queries, e.g. "search_query: "
     instruction: str | None = None  # task instruction -> query prompt through the model's instruction_template
     document_prompt: str = ""  # text prepended to positives and negatives
+    # true: positives and negatives get the query's prompt too (its instruction through the model's
+    # instruction_template, attended to and left out of pooling like the query's): symmetric tasks (STS)
+    instruction_on_documents: bool = False
     in_batch_negatives: bool = True  # false: this dataset's queries see only their own documents
+    num_negatives: int | None = None  # hard negatives per query for this dataset; None: the stage's
+    # sts: "random": other sentences of the file, drawn seeded; "mined": the teacher's top-ranked other
+    # sentences, positive-aware (NV-Embed-v2's TopK-PercPos: none scoring above max_score_ratio x the
+    # positive's score), mined once when the stage builds its data
+    negatives: Literal["random", "mined"] = "random"
+    mining_model: str | None = None  # negatives: mined: the teacher (name or folder); None: the stage's starting model
+    max_score_ratio: float = 0.95  # negatives: mined: drop candidates above this x the positive's score
     stream: bool = False  # read shards sequentially (memory independent of size) instead of loading
     shuffle_buffer: int | None = None  # stream: records shuffled in a seeded buffer of this size (0: file order;
     # default DEFAULT_SHUFFLE_BUFFER); streams only
@@ -59,6 +69,20 @@ class DataConfig:
     # the negatives): stop naming file:line, or skip it and count it by reason in the stage's data summary
     on_bad_record: Literal["error", "skip"] = "error"
 
+    def negatives_of(self, dataset: DatasetConfig) -> int:
+        """Hard negatives per query of ``dataset``: its own ``num_negatives``, else the stage's."""
+        return self.num_negatives if dataset.num_negatives is None else dataset.num_negatives
+
+    @property
+    def max_negatives(self) -> int:
+        """The most hard negatives a query of this stage has (every query's slots in the loss's layout)."""
+        return max(self.negatives_of(d) for d in self.datasets)
+
+    @property
+    def mixed_negatives(self) -> bool:
+        """Whether the stage's datasets differ in their number of hard negatives per query."""
+        return len({self.negatives_of(d) for d in self.datasets}) > 1
+
     def reads_own_share(self, world: int) -> bool:
         """Whether each of ``world`` ranks reads its own share and draws its own batches."""
         return self.rank_reading == "own_share" and world > 1
@@ -74,6 +98,20 @@ class DataConfig:
         if any(d.weight <= 0 for d in self.datasets):
             raise ConfigError(f"{path}.datasets: weights must be > 0")
         for i, d in enumerate(self.datasets):
+            where = f"{path}.datasets.{i}"
+            if d.num_negatives is not None and d.num_negatives < 0:
+                raise ConfigError(f"{where}.num_negatives must be >= 0 (or null: the stage's {self.num_negatives})")
+            if d.instruction_on_documents and (d.instruction is None or d.document_prompt):
+                raise ConfigError(
+                    f"{where}.instruction_on_documents: puts the dataset's instruction on the documents too; "
+                    "it needs an instruction and no document_prompt"
+                )
+            if d.negatives == "mined" and d.format != "sts":
+                raise ConfigError(f"{where}.negatives: mined applies to format: sts, not {d.format!r}")
+            if d.negatives != "mined" and d.mining_model is not None:
+                raise ConfigError(f"{where}.mining_model: applies to negatives: mined")
+            if not 0 < d.max_score_ratio <= 1:
+                raise ConfigError(f"{where}.max_score_ratio must be in (0, 1], got {d.max_score_ratio}")
             if d.shuffle_buffer is not None and (not d.stream or d.shuffle_buffer < 0):
                 raise ConfigError(
                     f"{path}.datasets.{i}.shuffle_buffer: applies to streamed datasets (stream: true), "
@@ -106,6 +144,21 @@ class OptimConfig:
     warmup_steps: int = 0
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0  # 0 disables clipping
+    # the pooling head's parameters (e.g. NV-Embed's latent attention, trained fully beside LoRA) in
+    # their own AdamW groups: their peak LR and warm-up steps; None: the same as the rest
+    head_lr: float | None = None
+    head_warmup_steps: int | None = None
+
+    @property
+    def separate_head(self) -> bool:
+        """Whether the pooling head has its own optimizer groups (head_lr or head_warmup_steps set)."""
+        return self.head_lr is not None or self.head_warmup_steps is not None
+
+    def validate(self, path: str) -> None:
+        if self.warmup_steps < 0 or (self.head_warmup_steps is not None and self.head_warmup_steps < 0):
+            raise ConfigError(f"{path}: warmup_steps and head_warmup_steps must be >= 0")
+        if self.head_lr is not None and self.head_lr <= 0:
+            raise ConfigError(f"{path}.head_lr must be > 0 (or null: the same as lr)")
 
 
 @dataclass

@@ -31,11 +31,20 @@ def _evaluator(stage, data_root: Path):
     return lambda model: main_scores(run_suite(model, suite, root, batch_size=64, only=stage.eval_only))
 
 
+def save_model(embedder: Embedder, recipe: RecipeConfig, folder: Path) -> Path:
+    """Save as the recipe says: LoRA merged (in float32) or kept as an adapter, weights in ``model.save_dtype``."""
+    lora = recipe.model.lora
+    return embedder.save(folder, merge_lora=lora.merge_on_save if lora else True, dtype=recipe.model.save_dtype)
+
+
 def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, info: DistInfo | None = None) -> Embedder:
     """Train every stage in order and save ``<output_dir>/final`` (a sentence-transformers folder).
 
     With ``resume``, finished stages are skipped (their final checkpoint is loaded) and an
-    unfinished stage continues from its newest checkpoint.
+    unfinished stage continues from its newest checkpoint. Each stage continues from the
+    previous one's weights in memory (trained tensors in float32), so stage 2 starts exactly
+    where stage 1 ended; a recipe that starts from another recipe's saved folder gets the same
+    handoff when that folder kept its LoRA adapter (``lora.merge_on_save: false``).
     """
     info = info or init_distributed()
     if info.is_main:
@@ -65,10 +74,10 @@ def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, in
             evaluator=_evaluator(stage, data_root),
         )
         if info.is_main:
-            embedder.save(folder / "model")
+            save_model(embedder, recipe, folder / "model")
         barrier()
     if info.is_main:
-        embedder.save(Path(recipe.output_dir) / "final")
+        save_model(embedder, recipe, Path(recipe.output_dir) / "final")
         if any(histories.values()):
             from embforge.train.plots import plot_history
 

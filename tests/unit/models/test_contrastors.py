@@ -8,8 +8,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
 from embforge.errors import CheckpointError, ConfigError
+from embforge.modeling.rotary import DynamicNTKRotaryEmbedding
 from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone, save_contrastors
-from embforge.models.nomic_bert import DynamicNTKRotaryEmbedding, build_backbone
+from embforge.models.nomic_bert import build_backbone
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.tiny import tiny_bert
 

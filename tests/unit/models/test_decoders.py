@@ -3,8 +3,9 @@
 import pytest
 import torch
 
+from embforge.modeling.embedding import backbone_forward
+from embforge.modeling.tokenization import TextEncoder, TokenizerSettings
 from embforge.models.embedder import Embedder
-from embforge.models.portable import backbone_forward, pad_batch, tokenize_texts
 from embforge.models.tiny import DECODER_FAMILIES, tiny_decoder
 
 LATENT = {"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}
@@ -60,7 +61,15 @@ def test_left_right_padding_and_pad_amount_do_not_change_embeddings(family):
 def test_instruction_span_matches_a_hand_computation_for_both_padding_sides():
     _, tokenizer = tiny_decoder("llama")
     texts = ["sort a list", "cat"]
-    ids, excluded = tokenize_texts(tokenizer, texts, [INSTRUCT, ""], max_len=64, add_eos=True, pool_prompt=False)
+
+    def encoder(side):
+        settings = TokenizerSettings(
+            max_len=64, pad_id=0, padding_side=side, add_eos=True, eos_id=tokenizer.sep_token_id, pool_prompt=False
+        )
+        return TextEncoder(tokenizer, settings)
+
+    rows = encoder("right").encode(texts, [INSTRUCT, ""])
+    ids, excluded = [r.ids for r in rows], [r.excluded for r in rows]
     # by hand: [CLS] + the WordPiece tokens of the instruction; the document has no instruction
     instruction_tokens = tokenizer.tokenize(INSTRUCT)  # "instruct", ":", "find", "a", "file", "query", ":"
     assert excluded == [1 + len(instruction_tokens), 0]
@@ -68,8 +77,7 @@ def test_instruction_span_matches_a_hand_computation_for_both_padding_sides():
         tokenizer.sep_token_id
     ]
     for side in ("right", "left"):
-        tokenizer.padding_side = side
-        batch = pad_batch(tokenizer, ids, excluded)
+        batch = encoder(side).pad(rows).to_torch()
         pooled = [
             batch["input_ids"][i][batch["pooling_mask"][i].bool()].tolist() for i in range(len(texts))
         ]  # the tokens that are pooled, wherever the padding went
@@ -79,14 +87,14 @@ def test_instruction_span_matches_a_hand_computation_for_both_padding_sides():
 
 
 def test_a_token_straddling_the_prompt_boundary_is_content():
-    class Offsets:  # a byte-level BPE where the text's first word eats the prompt's trailing space
-        eos_token_id = 9
+    from tokenizers import Regex, Tokenizer, models, pre_tokenizers
 
-        def __call__(self, texts, **kw):
-            return {"input_ids": [[1, 2, 3]], "offset_mapping": [[(0, 6), (6, 12), (12, 16)]]}
-
-    _, excluded = tokenize_texts(Offsets(), ["how"], ["Query: x "], max_len=8, pool_prompt=False)
-    assert excluded == [1]  # (6, 12) ends past len("Query: x ") == 9: it carries text
+    # like a byte-level BPE, a word's token carries the space before it: "Query: x how" -> "Query:", " x", " how"
+    tokenizer = Tokenizer(models.WordLevel({"[UNK]": 0, "Query:": 1, " x": 2, " how": 3}, unk_token="[UNK]"))
+    tokenizer.pre_tokenizer = pre_tokenizers.Split(Regex(" "), behavior="merged_with_next")
+    (row,) = TextEncoder(tokenizer, TokenizerSettings(max_len=8, pool_prompt=False)).encode(["how"], ["Query: x "])
+    assert row.ids == [1, 2, 3]
+    assert row.excluded == 2  # " how" (8, 12) ends past len("Query: x ") == 9: it carries text
 
 
 def test_latent_pooling_ignores_pad_and_instruction_positions():

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
+from embforge.modeling.pooling import AttentionPooling, num_parameters
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
-from embforge.models.portable import AttentionPooling, num_parameters
 from embforge.models.spec import LoraConfig, ModelConfig, PoolingConfig
 from embforge.models.tiny import tiny_decoder
 

@@ -9,15 +9,15 @@ from transformers import NomicBertForMaskedLM
 from transformers.models.nomic_bert.modeling_nomic_bert import apply_rotary_pos_emb
 
 from embforge.errors import ConfigError
+from embforge.modeling.pooling import num_parameters
+from embforge.modeling.rotary import DynamicNTKRotaryEmbedding
 from embforge.models.nomic_bert import (
-    DynamicNTKRotaryEmbedding,
     NomicBertForMLM,
     build_backbone,
     hf_config,
     nomic_tokenizer,
 )
 from embforge.models.nomic_bert_config import from_name, pad_vocab_size
-from embforge.models.portable import num_parameters
 
 TINY = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=192)
 

@@ -5,7 +5,9 @@ import json
 import pytest
 import torch
 
-from embforge.models import portable
+from embforge.modeling import packing
+from embforge.modeling.embedding import backbone_forward, embed
+from embforge.models.build import enable_gradient_checkpointing
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
@@ -29,10 +31,10 @@ def tiny_nomic(seed: int = 0):
 def outputs_and_grads(model: Embedder, batch: dict, unpad: bool):
     """(embeddings (B, D), hidden states on real tokens (N, D), d(sum of embeddings·w)/d(params))."""
     params = [p for p in model.parameters() if p.requires_grad]
-    hidden = portable.backbone_forward(
+    hidden = backbone_forward(
         model.backbone, batch["input_ids"], batch["attention_mask"], bidirectional=True, unpad=unpad
     )
-    emb = portable.embed(model.backbone, model.pooler, **batch, unpad=unpad)
+    emb = embed(model.backbone, model.pooler, **batch, unpad=unpad)
     weights = torch.linspace(-1, 1, emb.shape[-1])
     grads = torch.autograd.grad((emb * weights).sum(), params)  # leaves no .grad on shared fixtures
     return emb.detach(), hidden[batch["attention_mask"].bool()].detach(), grads
@@ -68,14 +70,13 @@ def test_packaged_minilm_unpadded_equals_padded(minilm, real_sentences):
 
 def test_token_type_ids_are_packed_too():
     backbone, tokenizer = tiny_bert()
+    packing.enable_packed_attention(backbone)
     batch = tokenizer(["the cat", "sort a list of files"], ["a dog", "b"], padding=True, return_tensors="pt")
     assert batch["token_type_ids"].any()
     kwargs = dict(bidirectional=True, token_type_ids=batch["token_type_ids"])
     with torch.no_grad():
-        padded = portable.backbone_forward(backbone, batch["input_ids"], batch["attention_mask"], unpad=False, **kwargs)
-        unpadded = portable.backbone_forward(
-            backbone, batch["input_ids"], batch["attention_mask"], unpad=True, **kwargs
-        )
+        padded = backbone_forward(backbone, batch["input_ids"], batch["attention_mask"], unpad=False, **kwargs)
+        unpadded = backbone_forward(backbone, batch["input_ids"], batch["attention_mask"], unpad=True, **kwargs)
     keep = batch["attention_mask"].bool()
     torch.testing.assert_close(unpadded[keep], padded[keep], atol=1e-5, rtol=1e-5)
     assert torch.count_nonzero(unpadded[~keep]) == 0  # nothing computed at pad positions
@@ -85,7 +86,7 @@ def test_gradient_checkpointing_recomputes_the_unpadded_forward():
     backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     plain = Embedder(backbone, tokenizer, max_seq_len=32).train()
     backbone2, _ = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    backbone2.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    enable_gradient_checkpointing(backbone2)
     ckpt = Embedder(backbone2, tokenizer, max_seq_len=32).train()
     batch = plain.tokenize(TEXTS)
     _, _, grads = outputs_and_grads(plain, batch, unpad=False)
@@ -96,15 +97,18 @@ def test_gradient_checkpointing_recomputes_the_unpadded_forward():
 
 def test_auto_choice_and_unsupported_backbones():
     backbone, tokenizer = tiny_bert()
-    assert portable.supports_unpadding(backbone)
+    assert not packing.supports_unpadding(backbone)  # SDPA until switched, when a model is built on it
+    packing.enable_packed_attention(backbone)
+    assert packing.supports_unpadding(backbone)
     decoder, _ = tiny_decoder("llama")
-    assert portable.supports_unpadding(decoder)
-    assert not portable.supports_unpadding(tiny_decoder("llama", attn_implementation="eager")[0])
-    eager, _ = tiny_bert(attn_implementation="eager")
-    assert not portable.supports_unpadding(eager)
+    packing.enable_packed_attention(decoder)
+    assert packing.supports_unpadding(decoder)
+    for eager in (tiny_decoder("llama", attn_implementation="eager")[0], tiny_bert(attn_implementation="eager")[0]):
+        packing.enable_packed_attention(eager)  # eager attention stays eager: padded only
+        assert not packing.supports_unpadding(eager)
     ids = torch.ones(1, 4, dtype=torch.long)
     with pytest.raises(ValueError, match="unpadded attention supports"):
-        portable.unpadded_forward(eager, ids, torch.tensor([[1, 1, 0, 0]]))
+        packing.unpadded_forward(eager, ids, torch.tensor([[1, 1, 0, 0]]))
     # encoders of other families keep the padded path, whatever the switch says
     model = Embedder(eager, tokenizer, max_seq_len=32)
     assert model.encode(["the cat", "a"]).shape == (2, 64)
@@ -113,10 +117,10 @@ def test_auto_choice_and_unsupported_backbones():
 def test_saved_config_does_not_name_the_packed_attention(tmp_path):
     backbone, tokenizer = tiny_bert()
     model = Embedder(backbone, tokenizer, max_seq_len=32)
-    before = model.encode(TEXTS)  # runs unpadded: the backbone now attends through embforge_varlen
-    assert backbone.config._attn_implementation == portable.VARLEN_ATTENTION
+    assert backbone.config._attn_implementation == packing.VARLEN_ATTENTION  # switched when the model was built
+    before = model.encode(TEXTS)
     folder = model.save(tmp_path / "m")
-    assert portable.VARLEN_ATTENTION not in (folder / "config.json").read_text()
+    assert packing.VARLEN_ATTENTION not in (folder / "config.json").read_text()
     assert json.loads((folder / "config.json").read_text())["model_type"] == "bert"
     again = Embedder.load(folder, device="cpu")
     torch.testing.assert_close(torch.from_numpy(again.encode(TEXTS)), torch.from_numpy(before), atol=1e-6, rtol=0)
@@ -141,26 +145,26 @@ def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(mi
     for batch_texts in (texts, [" ".join(TEXTS * 4), " ".join(TEXTS * 6), TEXTS[2]]):
         batch = model.tokenize(batch_texts)
         for unpad in (False, True):
-            together = portable.embed(model.backbone, model.pooler, **batch, unpad=unpad).detach()
+            together = embed(model.backbone, model.pooler, **batch, unpad=unpad).detach()
             for i, text in enumerate(batch_texts):  # no text's embedding depends on what it is batched with
-                alone = portable.embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=unpad).detach()
+                alone = embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=unpad).detach()
                 torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
 def test_packed_length_is_rounded_up_with_pad_rows_that_unpack_real_drops():
     mask = torch.tensor([[1] * 30 + [0] * 20, [1] * 45 + [0] * 5, [1] * 10 + [0] * 40])  # 85 real of 150
-    packed = portable.PackedBatch(mask, multiple=64)
+    packed = packing.PackedBatch(mask, multiple=64)
     assert packed.num_real == 85 and len(packed.indices) == 128  # rounded up with 43 pad positions
     assert mask.flatten()[packed.indices[:85]].all() and not mask.flatten()[packed.indices[85:]].any()
     x = torch.arange(150.0).view(3, 50, 1)
     assert torch.equal(packed.unpack_real(packed.pack(x)), x * mask[..., None])  # real rows back, zeros at pads
-    assert len(portable.PackedBatch(mask, multiple=1).indices) == 85
-    assert len(portable.PackedBatch(mask[:, :42], multiple=64).indices) == 126  # 82 real: every pad used, short of 128
+    assert len(packing.PackedBatch(mask, multiple=1).indices) == 85
+    assert len(packing.PackedBatch(mask[:, :42], multiple=64).indices) == 126  # 82 real: every pad used, short of 128
 
 
 def test_length_buckets_cover_every_row_once_and_shrink_the_attention_area():
     lengths = [128] * 10 + [100, 97, 90, 64, 60, 33, 20, 12, 11, 10, 0]
-    groups = portable.length_buckets(lengths, max_buckets=4)
+    groups = packing.length_buckets(lengths, max_buckets=4)
     assert 1 < len(groups) <= 4
     rows = [r for g, _ in groups for r in g]
     assert sorted(rows) == [i for i, n in enumerate(lengths) if n > 0]  # every non-empty row exactly once
@@ -168,16 +172,16 @@ def test_length_buckets_cover_every_row_once_and_shrink_the_attention_area():
     area = sum(len(g) * t * t for g, t in groups)
     assert area < 0.8 * 20 * 128**2  # one padded block: 20 rows x 128^2
     # two lengths, two buckets: exactly the lengths (rounded up to the grid of 8)
-    assert portable.length_buckets([50, 9, 50, 9], max_buckets=2) == [([0, 2], 50), ([1, 3], 16)]
-    assert portable.length_buckets([5, 5, 5], max_buckets=4) == [([0, 1, 2], 5)]  # capped at the longest
-    assert portable.length_buckets([0, 0]) == []
+    assert packing.length_buckets([50, 9, 50, 9], max_buckets=2) == [([0, 2], 50), ([1, 3], 16)]
+    assert packing.length_buckets([5, 5, 5], max_buckets=4) == [([0, 1, 2], 5)]  # capped at the longest
+    assert packing.length_buckets([0, 0]) == []
 
 
 def test_unpadded_equals_padded_when_every_row_has_its_own_length():
     backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     model = Embedder(backbone, tokenizer, max_seq_len=64).train()
     texts = [" ".join(["word"] * n) for n in (1, 3, 5, 8, 13, 21, 34, 55)]  # more lengths than buckets
-    assert len(portable.PackedBatch(model.tokenize(texts)["attention_mask"]).buckets) == portable.ATTENTION_BUCKETS
+    assert len(packing.PackedBatch(model.tokenize(texts)["attention_mask"]).buckets) == packing.ATTENTION_BUCKETS
     assert_paths_agree(model, texts)
 
 
@@ -192,11 +196,11 @@ def test_decoder_unpadded_equals_padded(family, attention, padding_side):
     ).train()
     texts = TEXTS + [" ".join(["word"] * n) for n in (8, 13, 21)]
     batch = model.tokenize(texts)
-    assert len(portable.PackedBatch(batch["attention_mask"]).buckets) > 1
+    assert len(packing.PackedBatch(batch["attention_mask"]).buckets) > 1
     bidirectional = attention == "bidirectional"
     hidden = {}
     for unpad in (False, True):
-        states = portable.backbone_forward(
+        states = backbone_forward(
             model.backbone, batch["input_ids"], batch["attention_mask"], bidirectional=bidirectional, unpad=unpad
         )
         hidden[unpad] = states[batch["attention_mask"].bool()]
@@ -210,14 +214,14 @@ def test_decoder_unpadded_equals_padded(family, attention, padding_side):
 @pytest.mark.parametrize("family", DECODER_FAMILIES)
 @pytest.mark.parametrize("attention", ["bidirectional", "causal"])
 def test_decoder_batch_without_padding_after_a_packed_one(family, attention):
-    """A padded batch runs packed and switches the backbone's attention for good; a later batch
-    without padding takes the padded path on that backbone, with the same result as a fresh one."""
+    """The backbone attends through packed attention from the start; a padded batch runs packed, and a
+    later batch without padding takes the padded path on that backbone, with the same result as a fresh one."""
     backbone, tokenizer = tiny_decoder(family)
     model = Embedder(backbone, tokenizer, max_seq_len=64, attention=attention, pooling={"name": "mean"}).eval()
     text = ["find the matching file path"]
     with torch.no_grad():
         fresh = model.encode(text, precision="fp32")
-        model.encode(TEXTS, precision="fp32")  # padded -> packed: the backbone now attends through varlen
-        assert backbone.config._attn_implementation == portable.VARLEN_ATTENTION
+        assert backbone.config._attn_implementation == packing.VARLEN_ATTENTION
+        model.encode(TEXTS, precision="fp32")  # padded -> packed
         again = model.encode(text, precision="fp32")  # one text, no padding: the padded path
     torch.testing.assert_close(torch.as_tensor(again), torch.as_tensor(fresh), atol=1e-6, rtol=1e-6)

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from embforge.modeling.tokenization import Row
 from embforge.serve.app import ServeSettings, create_app
 from embforge.serve.backend import Encoded
 
@@ -42,8 +43,8 @@ class DummyBackend:
         out = []
         for t in texts:
             full = self.ids(t, prompt_name)
-            ids = np.asarray(full[: self.max_seq_len - 1] + full[-1:] if len(full) > self.max_seq_len else full)
-            out.append(Encoded({"input_ids": ids, "attention_mask": np.ones_like(ids)}, len(ids), len(full)))
+            ids = full[: self.max_seq_len - 1] + full[-1:] if len(full) > self.max_seq_len else full
+            out.append(Encoded(Row(ids), len(ids), len(full)))
         return out
 
     def embed(self, batch):
@@ -56,7 +57,7 @@ class DummyBackend:
             if self.fail_with is not None:
                 raise self.fail_with
             self.batches.append(len(batch))
-            return np.stack([vector(f["input_ids"]) for f in batch])
+            return np.stack([vector(np.asarray(f.ids)) for f in batch])
         finally:
             with self._lock:
                 self._inside -= 1

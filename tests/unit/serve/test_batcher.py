@@ -8,7 +8,7 @@ import threading
 import numpy as np
 
 from embforge.precision import resolve_precision
-from embforge.serve.backend import Encoded, TorchBackend, from_token_ids, pad_features
+from embforge.serve.backend import Encoded, TorchBackend
 from embforge.serve.batcher import MicroBatcher
 
 
@@ -84,15 +84,6 @@ def test_stop_finishes_every_accepted_item():
     results = asyncio.run(main())
     assert [r[:, 0].tolist() for r in results] == [[i, i] for i in range(5)]
     assert sum(len(b) for b in log) == 10
-
-
-def test_pad_features_right_and_left():
-    rows = [from_token_ids([5, 6, 7]).features, from_token_ids([8]).features]
-    right = pad_features(rows, pad_id=0)
-    np.testing.assert_array_equal(right["input_ids"], [[5, 6, 7], [8, 0, 0]])
-    np.testing.assert_array_equal(right["attention_mask"], [[1, 1, 1], [1, 0, 0]])
-    left = pad_features(rows, pad_id=9, side="left")
-    np.testing.assert_array_equal(left["input_ids"], [[5, 6, 7], [9, 9, 8]])
 
 
 def test_torch_backend_matches_embedder_encode(tiny_embedder):

@@ -112,18 +112,26 @@ def crash_in_step(step: int):
 
 
 def make_batch(
-    model: Embedder, recs: list[TrainingRecord], num_negatives: int, in_batch: list[bool] | None = None
+    model: Embedder,
+    recs: list[TrainingRecord],
+    num_negatives: int,
+    in_batch: list[bool] | None = None,
+    b_negatives: int | None = None,
 ) -> ContrastiveBatch:
-    """A ContrastiveBatch of ``recs``; ``in_batch`` picks dataset 0 (True) or 1 (False) per record."""
+    """A ContrastiveBatch of ``recs``; ``in_batch`` picks dataset 0 (True) or 1 (False) per record;
+    ``b_negatives``: dataset 1's own num_negatives (None: ``num_negatives``, as dataset 0's)."""
     data = DataConfig(
         datasets=[
             DatasetConfig(name="a", path="-", query_prompt="q: "),
-            DatasetConfig(name="b", path="-", in_batch_negatives=False),
+            DatasetConfig(name="b", path="-", in_batch_negatives=False, num_negatives=b_negatives),
         ],
         num_negatives=num_negatives,
     )
     flags = in_batch or [True] * len(recs)
-    examples = [Example(0 if f else 1, r, r.positive, r.negatives[:num_negatives]) for r, f in zip(recs, flags)]
+    examples = [
+        Example(0 if f else 1, r, r.positive, r.negatives[: data.negatives_of(data.datasets[0 if f else 1])])
+        for r, f in zip(recs, flags)
+    ]
 
     def tokenize(texts, prompts):
         return model.tokenize(texts, prompt=prompts)

@@ -54,23 +54,29 @@ CASES = {
 }
 
 
-def _single(cfg, chunk):
+# queries of dataset b (FLAGS false) with 1 negative beside a's 2: rank 0 holds [2, 2, 1], rank 1 [2, 2, 2]
+MIXED = {
+    "mixed negatives+symmetric+gradcache+matryoshka": (LossConfig(0.05, symmetric=True, matryoshka_dims=[64, 16]), 4)
+}
+
+
+def _single(cfg, chunk, b_negatives=None):
     model = tiny_embedder()
     model.train()
-    batch = make_batch(model, records(GLOBAL_B, N), N, FLAGS)
+    batch = make_batch(model, records(GLOBAL_B, N), N, FLAGS, b_negatives=b_negatives)
     loss = contrastive_step(model, batch, cfg, DistInfo(), grad_cache_chunk=chunk)
     return loss.item(), grads(model)
 
 
-def _worker(rank, world, port, out_file, case):
+def _worker(rank, world, port, out_file, case, b_negatives=None):
     rank_env(rank, world, port)
     with distributed_session() as info:  # the commands' own init and teardown
-        cfg, chunk = CASES[case]
+        cfg, chunk = {**CASES, **MIXED}[case]
         model = tiny_embedder()
         model.train()
         per = GLOBAL_B // world
         recs = records(GLOBAL_B, N)[rank * per : (rank + 1) * per]
-        batch = make_batch(model, recs, N, FLAGS[rank * per : (rank + 1) * per])
+        batch = make_batch(model, recs, N, FLAGS[rank * per : (rank + 1) * per], b_negatives=b_negatives)
         ddp = wrap_model(model, info, "ddp")
         loss = contrastive_step(ddp, batch, cfg, info, grad_cache_chunk=chunk)
         dist.all_reduce(loss)
@@ -84,6 +90,19 @@ def test_two_ranks_equal_one_rank(case, tmp_path):
     loss, expected = _single(cfg, chunk)
     out = tmp_path / "rank0.pt"
     mp.spawn(_worker, args=(2, free_port(), str(out), case), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["loss"] == pytest.approx(loss, abs=1e-6)
+    assert got["grads"].keys() == expected.keys()
+    for name, g in expected.items():
+        assert torch.allclose(got["grads"][name], g, atol=1e-5), name
+
+
+@pytest.mark.parametrize("case", list(MIXED))
+def test_two_ranks_equal_one_rank_with_different_numbers_of_negatives(case, tmp_path):
+    cfg, chunk = MIXED[case]
+    loss, expected = _single(cfg, chunk, b_negatives=1)
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_worker, args=(2, free_port(), str(out), case, 1), nprocs=2, join=True)
     got = torch.load(out)
     assert got["loss"] == pytest.approx(loss, abs=1e-6)
     assert got["grads"].keys() == expected.keys()

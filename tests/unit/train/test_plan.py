@@ -54,6 +54,16 @@ def test_plan_matches_a_hand_computation(parallel, gpus):
     assert plan.trainable_weights == (lora + head) * 4 // shard
     assert plan.frozen_weights == base * 4 // shard
     assert plan.gradients == plan.trainable_weights and plan.optimizer == 2 * plan.trainable_weights
+    # bf16: the frozen base halves; what trains keeps float32 masters, gradients and AdamW state
+    bf16 = plan_stage(
+        model, stage, gpus=gpus, parallel=parallel, dtype="bfloat16", lora_rank=4, lora_targets=["q_proj", "v_proj"]
+    )
+    assert bf16.frozen_weights == base * 2 // shard
+    assert (bf16.trainable_weights, bf16.gradients, bf16.optimizer) == (
+        plan.trainable_weights,
+        plan.gradients,
+        plan.optimizer,
+    )
     # activations: 4 queries x (query + positive + 1 negative) x 32 tokens
     tokens = 4 * 3 * 32
     layer = (2 * 64 + 2 * 64 + (64 + 2 * 32) + 64 + 3 * 128) * 4  # norms in/out, q k v, attn out, gate up product

@@ -91,3 +91,104 @@ def test_a_checkpoint_from_the_lambda_lr_schedules_resumes_with_the_same_values(
         sched.step()
     expected = [0.1 * _factor(schedule, warmup, total, step) for step in range(cut, total + 1)]
     assert resumed == pytest.approx(expected, rel=0, abs=1e-13)
+
+
+# ---------------------------------------------------------------------------- the pooling head's own LR
+def _head_optimizer(wrap: bool = False, **optim):
+    from embforge.train.loop import build_optimizer
+
+    from .helpers import tiny_lora_embedder
+
+    model = tiny_lora_embedder()
+
+    class Wrapped(torch.nn.Module):  # like DDP: the Embedder under .module, its names prefixed "module."
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+    cfg = OptimConfig(lr=1e-3, schedule="linear", **optim)
+    return model, build_optimizer(Wrapped(model) if wrap else model, cfg), cfg
+
+
+@pytest.mark.parametrize("wrap", [False, True])
+def test_the_head_follows_its_own_peak_and_warm_up(wrap):
+    total = 12
+    model, opt, cfg = _head_optimizer(wrap, warmup_steps=4, head_lr=1e-2, head_warmup_steps=2)
+    head = [g for g in opt.param_groups if g.get("name") == "head"]
+    rest = [g for g in opt.param_groups if g.get("name") != "head"]
+    assert {id(p) for g in head for p in g["params"]} == {id(p) for p in model.pooler.parameters()}
+    assert not {id(p) for g in rest for p in g["params"]} & {id(p) for p in model.pooler.parameters()}
+    sched = build_scheduler(opt, cfg, total)
+    for step in range(total + 1):
+        for g in head:
+            assert g["lr"] == pytest.approx(1e-2 * _factor("linear", 2, total, step), rel=0, abs=1e-15), step
+        for g in rest:
+            assert g["lr"] == pytest.approx(1e-3 * _factor("linear", 4, total, step), rel=0, abs=1e-15), step
+        opt.step()
+        sched.step()
+
+
+def test_head_lr_alone_keeps_the_common_warm_up():
+    total = 10
+    _, opt, cfg = _head_optimizer(warmup_steps=3, head_lr=5e-3)
+    sched = build_scheduler(opt, cfg, total)
+    for step in range(total + 1):
+        for g in opt.param_groups:
+            peak = 5e-3 if g.get("name") == "head" else 1e-3
+            assert g["lr"] == pytest.approx(peak * _factor("linear", 3, total, step), rel=0, abs=1e-13)
+        opt.step()
+        sched.step()
+
+
+def test_a_head_schedule_resumes_exactly_from_its_json_state():
+    total, cut = 12, 5
+    _, opt, cfg = _head_optimizer(warmup_steps=4, head_lr=1e-2, head_warmup_steps=1)
+    sched = build_scheduler(opt, cfg, total)
+    reference = []
+    for step in range(total):
+        reference.append([g["lr"] for g in opt.param_groups])
+        opt.step()
+        sched.step()
+        if step == cut - 1:
+            opt_state, sched_state = opt.state_dict(), json.loads(json.dumps(sched.state_dict()))
+    _, opt2, _ = _head_optimizer(warmup_steps=4, head_lr=1e-2, head_warmup_steps=1)
+    sched2 = build_scheduler(opt2, cfg, total)
+    opt2.load_state_dict(opt_state)
+    restore_scheduler(sched2, sched_state)
+    resumed = []
+    for _ in range(cut, total):
+        resumed.append([g["lr"] for g in opt2.param_groups])
+        opt2.step()
+        sched2.step()
+    assert resumed == reference[cut:]
+
+
+def test_head_options_need_a_trainable_head():
+    from embforge.config import from_dict
+    from embforge.errors import ConfigError
+    from embforge.train.loop import build_optimizer
+
+    from .helpers import tiny_embedder
+
+    with pytest.raises(ConfigError, match="no trainable pooling-head parameters"):
+        build_optimizer(tiny_embedder(), OptimConfig(head_lr=1e-3))  # mean pooling: no parameters
+    with pytest.raises(ConfigError, match="head_lr must be > 0"):
+        from_dict(OptimConfig, {"head_lr": 0})
+
+
+def test_a_stage_with_its_own_head_schedule_resumes_exactly(data_dir, tmp_path):
+    from .helpers import crash_in_step, stage_config, tiny_lora_embedder, train_on
+
+    optim = {"lr": 1e-3, "warmup_steps": 4, "head_lr": 3e-3, "head_warmup_steps": 1, "schedule": "cosine"}
+    stage = stage_config(steps=6, save_every=3, log_every=1, optim=optim)
+    straight = tiny_lora_embedder(seed=1)
+    rows = train_on(data_dir, tmp_path / "a", straight, stage)
+    assert [r["lr_head"] for r in rows] == pytest.approx([3e-3 * _factor("cosine", 1, 6, s) for s in range(1, 7)])
+    assert [r["lr"] for r in rows] == pytest.approx([1e-3 * _factor("cosine", 4, 6, s) for s in range(1, 7)])
+    with crash_in_step(5), pytest.raises(KeyboardInterrupt):
+        train_on(data_dir, tmp_path / "b", tiny_lora_embedder(seed=1), stage)
+    resumed = tiny_lora_embedder(seed=2)
+    again = train_on(data_dir, tmp_path / "b", resumed, stage, resume=True)
+    assert [r["lr_head"] for r in again] == [r["lr_head"] for r in rows]
+    for (n, a), b in zip(straight.state_dict().items(), resumed.state_dict().values()):
+        assert torch.allclose(a, b, atol=1e-6), n
