@@ -15,6 +15,11 @@ matters here).
   model FLOPs, not hardware FLOPs), per real token, times tokens/s, over the GPU's dense bf16
   peak (989 TFLOP/s for H100/H200 SXM; ``--peak-tflops`` elsewhere).
 - peak memory: ``torch.cuda.max_memory_allocated`` of the training process.
+- head_changed: per tensor of the latent-attention head, the fraction of its entries that the
+  run changed (the initial head rebuilt with the run's seed, against the last checkpoint); with
+  bf16 weights and no float32 master most stayed unchanged at LR 2e-5.
+- gpu_cpu_cos: the saved model encoded on the GPU (bf16 autocast) against the same folder on the
+  CPU at fp32 (min and mean cosine over 32 real queries and passages).
 
     python bench/nv_embed_gpu.py --tokenizer DIR --pairs nq.jsonl [--layers 8] [--steps 30]
 """
@@ -120,6 +125,39 @@ def flops_per_token(recipe_path: Path, data: Path, batch: int, negatives: int, c
     return counter.get_total_flops() / real, real / padded
 
 
+def head_changed(recipe_path: Path) -> dict[str, float]:
+    """Fraction of each trainable head tensor's entries that the run of ``recipe_path`` changed."""
+    from embforge.models.build import build_embedder
+    from embforge.train.checkpoint import latest_checkpoint, load_model_weights
+    from embforge.train.recipe import load_recipe
+    from embforge.train.stages import stage_dirs
+
+    recipe, _ = load_recipe(recipe_path)
+    start, end = [], None
+    for _ in range(2):
+        torch.manual_seed(recipe.seed)  # run_recipe seeds before building: the same initial head
+        start.append(build_embedder(recipe.model, device="cpu"))
+    start, end = start
+    load_model_weights(latest_checkpoint(stage_dirs(recipe)[0] / "checkpoints"), end)  # sharded or not
+    trained = dict(end.pooler.named_parameters())
+    return {
+        name: float((trained[name].detach() != p.detach()).float().mean())
+        for name, p in start.pooler.named_parameters()
+    }
+
+
+def gpu_cpu_cosine(folder: Path, data: Path, n: int = 32) -> dict[str, float]:
+    """Min and mean cosine between the saved model on the GPU (bf16 autocast) and on the CPU (fp32)."""
+    from embforge.models.embedder import Embedder
+
+    rows = [json.loads(line) for line in data.open(encoding="utf-8")][: n // 2]
+    texts = [r["query"] for r in rows] + [r["positive"] for r in rows]
+    gpu = Embedder.load(folder, device="cuda").encode(texts, precision="bf16")
+    cpu = Embedder.load(folder, device="cpu").encode(texts, precision="fp32")
+    cos = (gpu * cpu).sum(1)
+    return {"min": float(cos.min()), "mean": float(cos.mean())}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tokenizer", required=True, help="a tokenizer folder (e.g. SmolLM2's)")
@@ -167,6 +205,11 @@ def main() -> None:
             "peak_gib": max(r["cuda_peak_gib"] for r in rows),
             "wall_s": wall,
         }
+    first = write_recipe(work, backbone, data, args.steps, args.batch, True)
+    if "tokens_per_s" in results["runs"].get("checkpointing=True", {}):
+        results["head_changed"] = head_changed(first)
+        results["head_changed_min"] = min(results["head_changed"].values())
+        results["gpu_cpu_cos"] = gpu_cpu_cosine(Path(yaml.safe_load(first.read_text())["output_dir"]) / "final", data)
     fpt, real_fraction = flops_per_token(recipe, data, args.batch, negatives)
     results["model_flops_per_token"] = fpt
     results["real_token_fraction"] = real_fraction  # of the padded positions the model computes
@@ -182,6 +225,9 @@ def main() -> None:
             f"{key}: {run['tokens_per_s']:,.0f} tokens/s, {run['examples_per_s']:.1f} queries/s, "
             f"MFU {100 * run['mfu']:.1f} %, peak {run['peak_gib']:.1f} GiB"
         )
+    if "head_changed_min" in results:
+        print(f"head entries changed: at least {100 * results['head_changed_min']:.1f} % of every tensor's")
+        print(f"saved model, GPU bf16 vs CPU fp32: cosine min {results['gpu_cpu_cos']['min']:.5f}")
     print(json.dumps({"bench": "nv_embed_gpu", **results}))
 
 

@@ -1,6 +1,7 @@
 """One embedding everywhere: every way out of a model gives ``Embedder.encode``'s vector, whatever the batch.
 
-Models (each saved with ``Embedder.save``, then loaded back as the reference):
+Models (each built in memory, the reference, and saved with ``Embedder.save``; every path
+starts from the saved folder, so what saving loses fails every cell):
 
 - ``minilm``: the packaged all-MiniLM-L6-v2 (mean pooling), with a ``query`` prompt;
 - ``minilm-instruction``: the same with an instruction prompt that is attended to but not
@@ -11,7 +12,9 @@ Models (each saved with ``Embedder.save``, then loaded back as the reference):
 - ``nv-decoder``: an NV-Embed-style decoder (bidirectional, latent-attention head, an
   instruction prompt attended to but not pooled, EOS, right padding), byte-level BPE;
 - ``last-token``: a Qwen3-Embedding-style decoder (causal, last token = EOS, left padding,
-  instruction prompt pooled).
+  instruction prompt pooled);
+- ``nv-adapter``: the NV-style decoder with trained-looking LoRA adapters, saved with the
+  adapter kept apart (``merge_on_save: false``, how stage1.yaml hands over to stage 2).
 
 Paths: ``Embedder.encode`` itself (batch invariance); sentence-transformers loading the folder
 (``prompt_name``); plain ``transformers`` running the snippet of the folder's README.md in a
@@ -47,7 +50,7 @@ from pathlib import Path
 import numpy as np
 
 MIN_COS, ONNX_MIN_COS, INT8_MEAN_COS, INT8_TOP10, INVARIANCE = 0.99999, 0.9999, 0.99, 0.90, 1e-5
-MODELS = ("minilm", "minilm-instruction", "nomic-ntk", "nv-decoder", "last-token")
+MODELS = ("minilm", "minilm-instruction", "nomic-ntk", "nv-decoder", "last-token", "nv-adapter")
 PATHS = ("embedder", "sentence-transformers", "transformers", "onnx-fp32", "onnx-int8", "serve-float", "serve-base64")
 INSTRUCTION = "Instruct: Given a question, retrieve passages that answer the question\nQuery: "
 
@@ -58,7 +61,8 @@ class Case:
 
     name: str
     folder: Path
-    reference: object  # Embedder loaded from ``folder``
+    reference: object  # the Embedder as built in memory, before saving
+    loaded: object  # the Embedder loaded from ``folder`` (the "embedder" path, and what ONNX exports)
     prompts: list[str | None]
     texts: list[str]
     expected: dict = field(default_factory=dict)  # prompt -> (N, D) reference embeddings at fp32
@@ -81,9 +85,11 @@ def real_texts(n: int, long: int = 0, long_words: int = 0) -> list[str]:
 def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
     import torch
 
+    from embforge.models.build import apply_lora
     from embforge.models.embedder import Embedder
     from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
     from embforge.models.nomic_bert_config import from_name
+    from embforge.models.spec import LoraConfig
     from embforge.models.tiny import tiny_bpe, tiny_decoder
 
     n = 40 if quick else 200
@@ -114,7 +120,7 @@ def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
             prompts = ["query", "document"]
         else:
             bpe = tiny_bpe(texts)
-            decoder = name == "nv-decoder"
+            decoder = name in ("nv-decoder", "nv-adapter")
             backbone, tokenizer = tiny_decoder("mistral" if decoder else "qwen3", tokenizer=bpe)
             model = Embedder(
                 backbone,
@@ -129,11 +135,20 @@ def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
                 max_seq_len=128,
             )
             prompts, case_texts = [None, "query"], texts
-        folder = model.save(work / name)
-        reference = Embedder.load(folder, device="cpu", precision="fp32")
-        case = Case(name, folder, reference, prompts, case_texts)
+            if name == "nv-adapter":
+                apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+                with torch.no_grad():  # a fresh adapter (B = 0) changes nothing: make it count
+                    for key, p in model.backbone.named_parameters():
+                        if "lora_B" in key:
+                            p.normal_(0, 0.05)
+        folder = model.save(work / name, merge_lora=name != "nv-adapter")
+        model.eval()
+        loaded = Embedder.load(folder, device="cpu", precision="fp32")
+        case = Case(name, folder, model, loaded, prompts, case_texts)
         for prompt in prompts:
-            case.expected[prompt] = reference.encode(case_texts, prompt_name=prompt, batch_size=16)
+            case.expected[prompt] = model.encode(
+                case_texts, prompt_name=prompt, batch_size=16, precision="fp32", show_progress=False
+            )
         cases.append(case)
     return cases
 
@@ -186,7 +201,9 @@ def cell(case: Case, path: str, results: dict) -> dict:
 # ---------------------------------------------------------------------------- the paths
 def path_embedder(case: Case) -> dict:
     return {
-        p: two_batchings(case.texts, lambda t, b, p=p: case.reference.encode(t, prompt_name=p, batch_size=b), 1)
+        p: two_batchings(
+            case.texts, lambda t, b, p=p: case.loaded.encode(t, prompt_name=p, batch_size=b, show_progress=False), 1
+        )
         for p in case.prompts
     }
 
@@ -259,17 +276,19 @@ def path_onnx(case: Case, work: Path, quantized: bool) -> dict:
 
     folder = work / f"{case.name}-onnx"
     if not folder.is_dir():
-        export_onnx(case.reference, folder, quantize=True)
+        export_onnx(case.loaded, folder, quantize=True)
     model = OnnxEmbedder(folder, quantized=quantized)
     return {
-        p: two_batchings(case.texts, lambda t, b, p=p: model.encode(t, prompt_name=p, batch_size=b), 4)
+        p: two_batchings(
+            case.texts, lambda t, b, p=p: model.encode(t, prompt_name=p, batch_size=b, show_progress=False), 4
+        )
         for p in case.prompts
     }
 
 
-def path_serve(case: Case, clients: int = 8, rounds: int = 3) -> dict[str, dict]:
-    """8 concurrent clients, each sending every (text, prompt) ``rounds`` times in shuffled batches of 1-12
-    mixed-length texts, half as float and half as base64. -> {"serve-float": results, "serve-base64": results}"""
+def path_serve(case: Case, clients: int = 8, copies_each: int = 2) -> dict[str, dict]:
+    """8 concurrent clients; every (text, prompt, format) is sent ``copies_each`` times, by different clients,
+    in shuffled batches of 1-12 mixed-length texts. -> {"serve-float": results, "serve-base64": results}"""
     import httpx
 
     from embforge.serve.launch import start_server, stop_server
@@ -279,10 +298,16 @@ def path_serve(case: Case, clients: int = 8, rounds: int = 3) -> dict[str, dict]
     copies: dict[tuple, list[np.ndarray]] = {}
     lock = threading.Lock()
 
+    items = [(i, p, fmt) for i in range(len(case.texts)) for p in case.prompts for fmt in ("float", "base64")]
+    random.Random(0).shuffle(items)
+    shares: list[list] = [[] for _ in range(clients)]
+    for k in range(copies_each):  # copy k of item j goes to client j + k * clients / copies (another one)
+        for j, item in enumerate(items):
+            shares[(j + k * clients // copies_each) % clients].append(item)
+
     def client(c: int) -> None:
         rng = random.Random(c)
-        work = [(i, p, fmt) for i in range(len(case.texts)) for p in case.prompts for fmt in ("float", "base64")]
-        work = [w for w in work if rng.random() < rounds / clients]  # every item about `rounds` times over all clients
+        work = shares[c]
         rng.shuffle(work)
         with httpx.Client(timeout=120) as http:
             while work:
@@ -316,12 +341,12 @@ def path_serve(case: Case, clients: int = 8, rounds: int = 3) -> dict[str, dict]
         results = {}
         for p in case.prompts:
             # per text: its first copy, and its copy furthest from the first (batch invariance)
-            first, furthest = case.expected[p].copy(), case.expected[p].copy()  # texts no client drew: the reference
+            first, furthest = np.empty_like(case.expected[p]), np.empty_like(case.expected[p])
             for i in range(len(case.texts)):
-                got = copies.get((fmt, p, i))
-                if got:
-                    first[i] = got[0]
-                    furthest[i] = max(got, key=lambda v, f=got[0]: float(np.abs(v - f).max()))
+                got = copies[(fmt, p, i)]
+                assert len(got) == copies_each, f"text {i} came back {len(got)} times"
+                first[i] = got[0]
+                furthest[i] = max(got, key=lambda v, f=got[0]: float(np.abs(v - f).max()))
             results[p] = (first, furthest)
         out[f"serve-{fmt}"] = results
     return out

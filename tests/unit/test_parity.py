@@ -12,7 +12,9 @@ pytest.importorskip("onnxruntime")
 pytest.importorskip("fastapi")
 
 
-@pytest.mark.parametrize("model", ["minilm", "minilm-instruction", "nomic-ntk", "nv-decoder", "last-token"])
+@pytest.mark.parametrize(
+    "model", ["minilm", "minilm-instruction", "nomic-ntk", "nv-decoder", "last-token", "nv-adapter"]
+)
 def test_every_path_gives_the_embedder_s_embedding(load_bench, model, minilm_dir, tmp_path):
     parity = load_bench("parity")
     (case,) = parity.build_cases(tmp_path, quick=True, only=[model])

@@ -10,7 +10,8 @@ sentence-transformers through it) follows their relative imports:
 - ``packing.py``: unpadded (packed) batches and their variable-length attention;
 - ``pooling.py``: mean / cls / last, NV-Embed's latent attention, self-attention;
 - ``rotary.py``: nomic-bert's stateless dynamic-NTK rotary embedding;
-- ``tokenization.py``: the one tokeniser and padder (standard library only).
+- ``tokenization.py``: the one tokeniser and padder (standard library only);
+- ``lora.py``: a LoRA adapter kept apart in the folder, merged when it loads.
 
 This file is not copied, and imports nothing: ``embforge.modeling.tokenization`` loads
 without torch (the ONNX Runtime path).
@@ -24,5 +25,6 @@ MODELING_FILES = (
     "pooling.py",
     "rotary.py",
     "tokenization.py",
+    "lora.py",
 )
 ENTRY_MODULE = "modeling_embforge"  # auto_map / modules.json name the classes in this file

@@ -22,6 +22,7 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.utils import ModelOutput
 
 from .embedding import embed, prepare_backbone
+from .lora import load_and_merge
 from .pooling import build_pooler
 from .tokenization import TextEncoder, TokenizerSettings
 
@@ -104,6 +105,14 @@ class EmbforgeModel(PreTrainedModel):
         self.backbone = prepare_backbone(AutoModel.from_config(bb_cfg))
         self.pooler = build_pooler(config.pooling, bb_cfg.hidden_size)
         self.post_init()
+
+    @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *model_args, **kwargs):
+        """transformers' loading, then the folder's LoRA adapter (``adapter/``, if any) merged in float32."""
+        model = super().from_pretrained(pretrained_model_name_or_path, *model_args, **kwargs)
+        hub = ("cache_dir", "revision", "token", "local_files_only", "force_download")
+        load_and_merge(model.backbone, str(pretrained_model_name_or_path), **{k: kwargs[k] for k in hub if k in kwargs})
+        return model
 
     def _init_weights(self, module):
         # the backbone (re)builds its own modules, e.g. rotary frequencies after a meta-device

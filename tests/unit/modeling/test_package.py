@@ -13,9 +13,11 @@ import pytest
 import torch
 
 import embforge.modeling
+from embforge.models.build import apply_lora
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
+from embforge.models.spec import LoraConfig
 from embforge.models.tiny import tiny_decoder
 
 PACKAGE = Path(embforge.modeling.__file__).parent
@@ -114,11 +116,27 @@ def nomic_with_ntk(minilm_dir) -> Embedder:
     )
 
 
-@pytest.mark.parametrize("kind", ["nv-style", "nomic-ntk"])
+def nv_with_adapter() -> Embedder:
+    """nv_style with a LoRA adapter whose B is not zero, so that leaving it out would show."""
+    model = nv_style()
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0))
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for key, p in model.backbone.named_parameters():
+            if "lora_B" in key:
+                p.normal_(0, 0.05)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["nv-style", "nomic-ntk", "nv-adapter"])
 def test_a_saved_folder_embeds_with_sentence_transformers_and_automodel_without_embforge(kind, minilm_dir, tmp_path):
     pytest.importorskip("sentence_transformers")
-    model = nv_style() if kind == "nv-style" else nomic_with_ntk(minilm_dir)
-    folder = model.save(tmp_path / kind)
+    if kind == "nv-adapter":
+        pytest.importorskip("peft")
+    builders = {"nv-style": nv_style, "nomic-ntk": lambda: nomic_with_ntk(minilm_dir), "nv-adapter": nv_with_adapter}
+    model = builders[kind]()
+    folder = model.save(tmp_path / kind, merge_lora=kind != "nv-adapter")
+    assert (folder / "adapter").is_dir() == (kind == "nv-adapter")  # kept apart: the folder merges it on load
     assert all((folder / name).read_bytes() == (PACKAGE / name).read_bytes() for name in FILES)  # copied whole
     out = tmp_path / "out.npy"
     subprocess.run(
