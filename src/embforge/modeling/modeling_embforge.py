@@ -147,11 +147,30 @@ class EmbforgeModel(PreTrainedModel):
         return ModelOutput(embeddings=emb)
 
 
+def _version(distribution: str) -> tuple[int, ...] | None:
+    """The (major, minor) of an installed distribution, None when it is not installed."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return tuple(int(part) for part in version(distribution).split(".")[:2] if part.isdigit())
+    except PackageNotFoundError:
+        return None
+
+
 class EmbforgeSTModule(nn.Module):
     """The whole embforge pipeline as one sentence-transformers module (prompt-aware tokenisation)."""
 
+    MIN_SENTENCE_TRANSFORMERS = (6, 3)  # passes the prompt to preprocess(); older releases prepend it to the text
+
     def __init__(self, folder: str):
         super().__init__()
+        found = _version("sentence-transformers")
+        if found is not None and found < self.MIN_SENTENCE_TRANSFORMERS:
+            raise ImportError(
+                f"this embforge model needs sentence-transformers>={'.'.join(map(str, self.MIN_SENTENCE_TRANSFORMERS))}"
+                f" (found {'.'.join(map(str, found))}): older releases put prompts into the text, where an "
+                "instruction left out of pooling cannot be told apart; upgrade, or use AutoModel (README.md)"
+            )
         self.model = AutoModel.from_pretrained(folder, trust_remote_code=True)
         tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)  # needs no code
         self.encoder = self.model.text_encoder(tokenizer)

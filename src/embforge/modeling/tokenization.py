@@ -59,10 +59,11 @@ class TokenizerSettings:
 
 @dataclass
 class Row:
-    """One tokenised text: its ids and how many leading tokens are left out of pooling."""
+    """One tokenised text: its ids, how many leading tokens are left out of pooling, whether it was cut."""
 
     ids: list[int]
     excluded: int = 0
+    truncated: bool = False  # the text had more tokens than the window: some were cut
 
 
 class TokenBatch:
@@ -157,7 +158,7 @@ class TextEncoder:
                 offsets = enc.offsets
                 while excluded < len(offsets) and offsets[excluded][1] <= len(prompt):
                     excluded += 1
-            rows.append(Row(ids, excluded))
+            rows.append(Row(ids, excluded, bool(enc.overflowing)))
         return rows
 
     def count_tokens(self, texts: Sequence[str], prompts: Sequence[str]) -> list[int]:

@@ -72,6 +72,8 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
             embedder.pooler.requires_grad_(True)
         else:
             apply_lora(embedder, spec.lora)
+    elif is_peft(embedder.backbone):  # no LoRA in the recipe: every weight trains, the adapter merged in first
+        merge_adapter_in(embedder)
     cast_frozen(embedder, _DTYPES[spec.dtype])
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(embedder.backbone)
@@ -98,8 +100,21 @@ def cast_frozen(module: torch.nn.Module, dtype: torch.dtype) -> None:
             p.data = p.data.to(target)
 
 
+def merge_adapter_in(embedder: Embedder) -> None:
+    """Replace a peft backbone by the plain model with its LoRA deltas added (float32), every weight trainable."""
+    backbone = embedder.backbone
+    if any(p.is_floating_point() and p.dtype != torch.float32 for p in backbone.parameters()):
+        raise ConfigError("a LoRA adapter merges into float32 weights only; load the folder at fp32")
+    embedder.backbone = backbone.merge_and_unload()
+    embedder.backbone.requires_grad_(True)
+
+
 def check_adapter(backbone, lora: LoraConfig, where: str) -> None:
-    """The folder's LoRA adapter must be the one ``lora`` describes (it trains on from where it stopped)."""
+    """The folder's LoRA adapter must be the one ``lora`` describes (it trains on from where it stopped).
+
+    Its shape (rank, alpha, target modules) must match; dropout, which no weight depends on,
+    becomes the recipe's.
+    """
     saved = backbone.peft_config[backbone.active_adapter]
     have = {"r": saved.r, "alpha": saved.lora_alpha, "target_modules": sorted(saved.target_modules)}
     want = {"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
@@ -109,6 +124,11 @@ def check_adapter(backbone, lora: LoraConfig, where: str) -> None:
             f"model.lora: {where} holds a LoRA adapter that the recipe's lora does not match ({'; '.join(differing)}); "
             "make them match to train the adapter on, or save the folder merged (merge_on_save: true) to start a new one"
         )
+    saved.lora_dropout = lora.dropout
+    for module in backbone.modules():
+        dropouts = getattr(module, "lora_dropout", None)
+        if isinstance(dropouts, torch.nn.ModuleDict) and backbone.active_adapter in dropouts:
+            dropouts[backbone.active_adapter] = torch.nn.Dropout(lora.dropout) if lora.dropout else torch.nn.Identity()
 
 
 def apply_lora(embedder: Embedder, lora: LoraConfig) -> None:

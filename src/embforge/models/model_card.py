@@ -100,6 +100,7 @@ def write_model_card(folder: Path, embedder, *, plain: bool) -> None:
         "",
         "## sentence-transformers",
         "",
+        *([] if plain else ["sentence-transformers 6.3 or newer (older releases put prompts into the text).", ""]),
         "```python",
         "from sentence_transformers import SentenceTransformer",
         "",

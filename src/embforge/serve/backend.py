@@ -78,8 +78,8 @@ class _ModelBackend:
         prompts = [resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)] * len(texts)
         rows = self.encoder.encode(list(texts), prompts)
         items = [Encoded(row, len(row.ids), len(row.ids)) for row in rows]
-        # an input that filled the window may have been truncated: count its full length
-        full = [i for i, e in enumerate(items) if e.num_tokens >= self.max_seq_len]
+        # a truncated input: count its full length (the usage, and the 413 without --truncate)
+        full = [i for i, row in enumerate(rows) if row.truncated]
         if full:
             counts = self.encoder.count_tokens([texts[i] for i in full], [prompts[i] for i in full])
             for i, count in zip(full, counts):

@@ -106,7 +106,7 @@ def plan_stage(
     frozen = num_parameters(embedder) - trainable
     shard = gpus if parallel == "fsdp" else 1
     per_rank = stage.data.batch_size
-    texts = per_rank * (2 + stage.data.num_negatives)  # query + positive + negatives
+    texts = per_rank * (2 + stage.data.max_negatives)  # query + positive + negatives (the padded batch)
     texts_per_pass = min(texts, stage.grad_cache_chunk) if stage.grad_cache_chunk else texts
     tokens = texts_per_pass * embedder.max_seq_len
     layer = decoder_layer_bytes_per_token(config, lora_rank, list(lora_targets or []), w)

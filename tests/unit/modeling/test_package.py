@@ -148,3 +148,11 @@ def test_a_saved_folder_embeds_with_sentence_transformers_and_automodel_without_
     for got in np.load(out):  # transformers, then sentence-transformers
         assert (got * expected).sum(1).min() >= 0.99999
         np.testing.assert_allclose(got, expected, atol=1e-5)
+
+
+def test_sentence_transformers_too_old_to_pass_prompts_apart_is_refused(monkeypatch):
+    from embforge.modeling import modeling_embforge
+
+    monkeypatch.setattr(modeling_embforge, "_version", lambda name: (5, 1))
+    with pytest.raises(ImportError, match=r"sentence-transformers>=6\.3 \(found 5\.1\)"):
+        modeling_embforge.EmbforgeSTModule("never-read")

@@ -29,8 +29,11 @@ def test_tokens_equal_the_transformers_tokenizer_call_truncation_included(tokeni
     for max_len in (16, 128):
         enc = TextEncoder(tok, TokenizerSettings(max_len=max_len))
         expected = tok(texts, truncation=True, max_length=max_len)["input_ids"]
-        assert [r.ids for r in enc.encode(texts, [""] * len(texts))] == expected
-        assert enc.count_tokens(texts, [""] * len(texts)) == [len(x) for x in tok(texts)["input_ids"]]
+        rows = enc.encode(texts, [""] * len(texts))
+        assert [r.ids for r in rows] == expected
+        whole = [len(x) for x in tok(texts)["input_ids"]]
+        assert enc.count_tokens(texts, [""] * len(texts)) == whole
+        assert [r.truncated for r in rows] == [n > max_len for n in whole]
 
 
 @pytest.mark.parametrize("name", ["tiny-wordpiece", "byte-level-bpe"])
@@ -42,6 +45,8 @@ def test_eos_survives_truncation_and_is_not_doubled(tokenizers_under_test, name)
     # the WordPiece template ends with [SEP] (= EOS here) itself: truncated to 7 with it, nothing appended
     assert len(long_row.ids) == (7 if name == "tiny-wordpiece" else 8) and long_row.ids[-1] == eos
     assert long_row.ids.count(eos) == 1
+    # shorter than the window, yet cut: the server counts (and refuses) it by this flag, not by its length
+    assert long_row.truncated and not short_row.truncated
     assert short_row.ids[-1] == eos and short_row.ids.count(eos) == 1
     with pytest.raises(ValueError, match="no EOS"):
         TokenizerSettings(max_len=8, add_eos=True)

@@ -76,6 +76,26 @@ def test_save_load_round_trip_merged_and_kept_adapter(nv_style, tmp_path):
         assert np.allclose(loaded.encode(TEXTS, prompt_name="query", precision="fp32"), expected, atol=1e-5), merge
 
 
+def test_an_adapter_folder_trains_on_with_a_matching_lora_and_merges_in_without_one(nv_style, tmp_path):
+    from embforge.errors import ConfigError
+
+    folder = str(nv_style.save(tmp_path / "kept", merge_lora=False))
+    expected = nv_style.encode(TEXTS, prompt_name="query", precision="fp32")
+
+    # the recipe's dropout (no weight depends on it) replaces the folder's; rank, alpha, targets must match
+    on = build_embedder(ModelConfig(name_or_path=folder, lora=LoraConfig(r=4, alpha=8, dropout=0.25)))
+    dropouts = [m.lora_dropout["default"] for m in on.backbone.modules() if hasattr(m, "lora_dropout")]
+    assert dropouts and all(isinstance(d, torch.nn.Dropout) and d.p == 0.25 for d in dropouts)
+    with pytest.raises(ConfigError, match="r: the folder's 4, the recipe's 8"):
+        build_embedder(ModelConfig(name_or_path=folder, lora=LoraConfig(r=8, alpha=8)))
+
+    # no lora: in the recipe: the adapter is merged into the weights (float32) and every weight trains
+    full = build_embedder(ModelConfig(name_or_path=folder))
+    assert not any("lora_" in n for n, _ in full.named_parameters())
+    assert all(p.requires_grad for p in full.parameters())
+    assert np.allclose(full.encode(TEXTS, prompt_name="query", precision="fp32"), expected, atol=1e-5)
+
+
 def test_exported_folder_loads_in_transformers_and_sentence_transformers(nv_style, tmp_path):
     st = pytest.importorskip("sentence_transformers")
     from transformers import AutoModel
