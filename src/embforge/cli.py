@@ -308,6 +308,28 @@ def cmd_nomic_cpu(args: argparse.Namespace) -> int:
     return 0
 
 
+MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # models.merging.METHODS
+
+
+def cmd_merge(args: argparse.Namespace) -> int:
+    from embforge.models.merging import merge
+
+    out = merge(
+        args.models,
+        args.output,
+        method=args.method,
+        weights=args.weights,
+        t=args.t,
+        base=args.base,
+        density=args.density,
+        scale=args.scale,
+        seed=args.seed,
+        dtype=args.dtype,
+    )
+    print(f"merged {len(args.models)} models ({args.method}) into {out}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="embforge", description="Train, evaluate and serve text-embedding models.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -442,6 +464,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "merge", help="merge saved models: linear soup, slerp, task arithmetic, TIES, DARE (tensor by tensor)"
+    )
+    p.add_argument("models", nargs="+", help="model folders (or packaged names) of one architecture and tokenizer")
+    p.add_argument("--output", required=True, help="the merged model folder")
+    p.add_argument("--method", default="linear", choices=MERGE_METHODS)
+    p.add_argument("--weights", type=float, nargs="+", default=None, help="one per model (linear: normalised)")
+    p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = the first model, 1 = the second")
+    p.add_argument("--base", default=None, help="task methods: the model the task vectors are taken from")
+    p.add_argument("--density", type=float, default=1.0, help="ties / dare: fraction of each task vector kept")
+    p.add_argument("--scale", type=float, default=1.0, help="task methods: factor on the merged task vector")
+    p.add_argument("--seed", type=int, default=0, help="dare's drop mask")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the merged weights")
+    p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(
         "pretrain-mlm", help="MLM pre-training of a nomic-bert from scratch (an `objective: mlm` recipe)"

@@ -21,15 +21,17 @@ _PLAIN = {"use_dora": False, "bias": "none", "modules_to_save": None, "rank_patt
 _PREFIX = "base_model.model."
 
 
-def merge_adapter(backbone: nn.Module, config: dict, state: dict[str, torch.Tensor]) -> int:
-    """Add every ``B @ A · scaling`` of the adapter ``state`` to its weight in ``backbone``; return how many.
+def lora_pairs(
+    config: dict, state: dict[str, torch.Tensor]
+) -> tuple[float, dict[str, tuple[torch.Tensor, torch.Tensor]]]:
+    """The adapter's scaling and its ``{module name: (A, B)}`` (A: (r, in), B: (out, r)).
 
     Args:
         config: the adapter's ``adapter_config.json``.
         state: its tensors, named as peft saves them (``base_model.model.<module>.lora_A.weight``).
 
     Raises:
-        ValueError: an adapter this merge does not reproduce, or a tensor naming no module.
+        ValueError: an adapter that W + B @ A · scaling does not reproduce, or a B without its A.
     """
     unsupported = {
         k: config.get(k) for k, plain in _PLAIN.items() if config.get(k, plain) not in (plain, None, {}, False)
@@ -38,20 +40,36 @@ def merge_adapter(backbone: nn.Module, config: dict, state: dict[str, torch.Tens
         raise ValueError(f"only plain LoRA adapters merge here; this one has {unsupported or config.get('peft_type')}")
     r, alpha = config["r"], config["lora_alpha"]
     scaling = alpha / math.sqrt(r) if config.get("use_rslora") else alpha / r
-    merged = 0
+    pairs = {}
     for key, a in state.items():
-        if not key.endswith(".lora_A.weight"):
-            continue
-        name = key.removesuffix(".lora_A.weight").removeprefix(_PREFIX)
-        b = state[key.replace(".lora_A.", ".lora_B.")]
+        if key.endswith(".lora_A.weight"):
+            b = state.get(key.replace(".lora_A.", ".lora_B."))
+            if b is None:
+                raise ValueError(f"adapter tensor {key!r} has no lora_B beside it")
+            pairs[key.removesuffix(".lora_A.weight").removeprefix(_PREFIX)] = (a, b)
+    return scaling, pairs
+
+
+def lora_delta(a: torch.Tensor, b: torch.Tensor, scaling: float) -> torch.Tensor:
+    """B @ A · scaling in float32: (out, r) @ (r, in) -> (out, in)."""
+    return (b.float() @ a.float()) * scaling
+
+
+def merge_adapter(backbone: nn.Module, config: dict, state: dict[str, torch.Tensor]) -> int:
+    """Add every ``B @ A · scaling`` of the adapter ``state`` to its weight in ``backbone``; return how many.
+
+    Raises:
+        ValueError: see :func:`lora_pairs`; also a tensor naming no module of the backbone.
+    """
+    scaling, pairs = lora_pairs(config, state)
+    for name, (a, b) in pairs.items():
         try:
             weight = backbone.get_submodule(name).weight
         except AttributeError as exc:
-            raise ValueError(f"adapter tensor {key!r} names no module of the backbone") from exc
-        with torch.no_grad():  # (out, in) += (out, r) @ (r, in) · scaling, in float32
-            weight.copy_((weight.float() + (b.float() @ a.float()) * scaling).to(weight.dtype))
-        merged += 1
-    return merged
+            raise ValueError(f"adapter module {name!r} is no module of the backbone") from exc
+        with torch.no_grad():  # the sum in float32, one cast to the weight's dtype
+            weight.copy_((weight.float() + lora_delta(a, b, scaling)).to(weight.dtype))
+    return len(pairs)
 
 
 def load_and_merge(backbone: nn.Module, folder: str, **hub_kwargs) -> bool:

@@ -104,3 +104,16 @@ def tiny_decoder(
     model = AutoModel.from_config(config)
     model.eval()
     return model, tokenizer
+
+
+TINY_LATENT_HEAD = {"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}
+
+
+def tiny_nv_embedder(family: str = "qwen2", seed: int = 0, **embedder_kwargs):
+    """A tiny NV-Embed-style Embedder: :func:`tiny_decoder` (bidirectional), a latent head, and
+    instructions attended to but left out of pooling; ``embedder_kwargs`` add or replace settings."""
+    from embforge.models.embedder import Embedder
+
+    backbone, tokenizer = tiny_decoder(family, seed=seed)
+    settings = {"pooling": dict(TINY_LATENT_HEAD), "pool_prompt": False, **embedder_kwargs}
+    return Embedder(backbone, tokenizer, **settings)

@@ -18,7 +18,7 @@ from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.spec import LoraConfig
-from embforge.models.tiny import tiny_decoder
+from embforge.models.tiny import tiny_nv_embedder
 
 PACKAGE = Path(embforge.modeling.__file__).parent
 FILES = embforge.modeling.MODELING_FILES
@@ -94,15 +94,7 @@ np.save(out, np.stack([hf, st_emb]))
 
 
 def nv_style() -> Embedder:
-    backbone, tokenizer = tiny_decoder("qwen2")
-    return Embedder(
-        backbone,
-        tokenizer,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
-        pool_prompt=False,
-        prompts={"query": "instruct: find a file\nquery: "},
-        max_seq_len=48,
-    )
+    return tiny_nv_embedder(prompts={"query": "instruct: find a file\nquery: "}, max_seq_len=48)
 
 
 def nomic_with_ntk(minilm_dir) -> Embedder:

@@ -8,7 +8,7 @@ from embforge.modeling.pooling import AttentionPooling, num_parameters
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.models.spec import LoraConfig, ModelConfig, PoolingConfig
-from embforge.models.tiny import tiny_decoder
+from embforge.models.tiny import tiny_decoder, tiny_nv_embedder
 
 TEXTS = ["sort a list", "open the file and read data", "the cat runs fast"]
 INSTRUCT = "instruct: find a file\nquery: "
@@ -48,15 +48,9 @@ def test_lora_trains_only_adapters_and_the_head(tmp_path):
 @pytest.fixture(scope="module")
 def nv_style(tmp_path_factory):
     """A tiny NV-Embed-style model with trained-looking LoRA (non-zero B) and a latent head."""
-    backbone, tokenizer = tiny_decoder("qwen2")
-    start = Embedder(
-        backbone,
-        tokenizer,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
-        pool_prompt=False,
-        prompts={"query": INSTRUCT},
-        instruction_template="instruct: {instruction}\nquery: ",
-    ).save(tmp_path_factory.mktemp("nv") / "start")
+    start = tiny_nv_embedder(prompts={"query": INSTRUCT}, instruction_template="instruct: {instruction}\nquery: ").save(
+        tmp_path_factory.mktemp("nv") / "start"
+    )
     model = build_embedder(ModelConfig(name_or_path=str(start), lora=LoraConfig(r=4, alpha=8, dropout=0.0)))
     torch.manual_seed(1)
     with torch.no_grad():

@@ -19,7 +19,7 @@ from safetensors.torch import load_file
 from embforge.cli import main
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
-from embforge.models.tiny import tiny_decoder
+from embforge.models.tiny import tiny_nv_embedder
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights
 from embforge.train.recipe import load_recipe
 
@@ -33,15 +33,7 @@ LORA = {"r": 4, "alpha": 8, "dropout": 0.1}
 @pytest.fixture(scope="module")
 def start(tmp_path_factory):
     """A tiny NV-style decoder with a latent head (randomly initialised, saved as a trained one)."""
-    backbone, tokenizer = tiny_decoder("qwen2")
-    model = Embedder(
-        backbone,
-        tokenizer,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
-        pool_prompt=False,
-        instruction_template="instruct: {instruction}\nquery: ",
-        max_seq_len=32,
-    )
+    model = tiny_nv_embedder(instruction_template="instruct: {instruction}\nquery: ", max_seq_len=32)
     return model.save(tmp_path_factory.mktemp("bf16") / "start")
 
 
