@@ -150,6 +150,72 @@ def pad_documents(docs: torch.Tensor, slots: torch.Tensor, size: int, fill: floa
 # ---------------------------------------------------------------------------- InfoNCE
 
 
+def document_candidates(
+    batch_size: int,
+    num_documents: int,
+    layout: Layout,
+    in_batch: torch.Tensor,
+    doc_keys: torch.Tensor | None,
+    device: torch.device,
+) -> torch.Tensor:
+    """(B, M) bool: the documents each query is scored against, its positive included.
+
+    A query's own positive and hard negatives, every real document of the (gathered) batch where its
+    ``in_batch`` flag is set, never a padding slot, and never a copy of its positive's text (a false
+    negative) other than the positive itself.
+    """
+    allowed = torch.zeros(batch_size, num_documents, dtype=torch.bool, device=device)
+    allowed.scatter_(1, layout.own.to(device), True)
+    allowed |= in_batch.unsqueeze(1)
+    if layout.valid is not None:  # padding slots are no candidate of any query
+        allowed &= layout.valid.to(device).unsqueeze(0)
+    if doc_keys is not None:
+        positive = layout.positive.to(device)
+        duplicate = doc_keys.unsqueeze(0) == doc_keys[positive].unsqueeze(1)  # (B, M)
+        duplicate[torch.arange(batch_size, device=device), positive] = False
+        allowed &= ~duplicate
+    return allowed
+
+
+def _nce_rows(
+    scores: torch.Tensor,
+    target: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float,
+    false_negative_margin: float | None,
+    hardness: float,
+) -> torch.Tensor:
+    """Mean over rows of -log softmax(scores / τ)[target] over the allowed candidates.
+
+    Args:
+        scores: (B, C) similarities (cosine for normalised embeddings).
+        target: (B,) the positive's column; ``allowed`` is true there.
+        allowed: (B, C) the row's candidates.
+        false_negative_margin: a candidate scoring above the positive + this margin is taken for
+            an unlabelled positive and left out (decided on detached scores; None: none is).
+        hardness: β of hardness weighting: negative c of a row weighs ``n · softmax_c(β·s)`` over
+            the row's n negatives (detached), so harder negatives count more and the weights
+            average 1; 0 weighs every negative 1.
+    """
+    B = scores.shape[0]
+    rows = torch.arange(B, device=scores.device)
+    detached = scores.detach()
+    negative = allowed.clone()
+    negative[rows, target] = False
+    if false_negative_margin is not None:
+        negative &= ~(detached > detached[rows, target].unsqueeze(1) + false_negative_margin)
+    logits = scores / temperature
+    if hardness:
+        weighted = (hardness * detached).masked_fill(~negative, float("-inf"))
+        count = negative.sum(1, keepdim=True).clamp(min=1)
+        log_w = count.log() + weighted - torch.logsumexp(weighted, 1, keepdim=True).clamp(min=-1e30)
+        logits = logits + torch.where(negative, log_w, torch.zeros_like(log_w))
+    keep = negative
+    keep[rows, target] = True
+    logits = logits.masked_fill(~keep, torch.finfo(logits.dtype).min)
+    return F.cross_entropy(logits, target)
+
+
 def info_nce(
     queries: torch.Tensor,
     docs: torch.Tensor,
@@ -161,8 +227,16 @@ def info_nce(
     query_keys: torch.Tensor | None = None,
     all_queries: torch.Tensor | None = None,
     query_offset: int = 0,
+    symmetric: bool = False,
+    same_tower: bool = False,
+    false_negative_margin: float | None = None,
+    hardness: float = 0.0,
 ) -> torch.Tensor:
     """InfoNCE of each query's positive against its candidates, mean over queries.
+
+    The denominator of query i: its positive and own hard negatives, plus (where in-batch
+    negatives are on) every other document of the batch and, with ``same_tower``, every other
+    query. Hard negatives only = ``in_batch_negatives=False``.
 
     Args:
         queries: (B, D) this rank's query embeddings (L2-normalised for cosine).
@@ -176,44 +250,77 @@ def info_nce(
             and in the symmetric term its positive sees no other query (that row adds 0).
         doc_keys: (M,) int64 text ids; a candidate whose text equals the query's positive
             (a false negative) is masked out. Also used for the symmetric term.
-        query_keys: (B,) int64 text ids of the queries (symmetric term: other queries with
-            the same text are masked).
-        all_queries: (Q, D) every query (gathered). When given, adds the symmetric
-            document→query term: each positive scores its query against all queries.
+        query_keys: (B,) int64 text ids of the queries: a query with the same text is never
+            a negative (symmetric and same-tower terms).
+        all_queries: (Q, D) every query (gathered); needed by ``symmetric`` and ``same_tower``.
         query_offset: index of this rank's first query inside ``all_queries``.
+        symmetric: add the document -> query direction and average the two: each positive
+            picks its query among all queries (and, with ``same_tower``, against every other
+            document).
+        same_tower: in-batch negatives from the same side too (GTE's improved contrastive loss):
+            the other queries for a query, the other documents for a positive.
+        false_negative_margin: leave out candidates scoring above the positive + margin.
+        hardness: β of hardness weighting of the negatives (see :func:`_nce_rows`).
 
     Returns:
         Scalar loss.
     """
-    B, M = queries.shape[0], docs.shape[0]
-    logits = queries @ docs.T / temperature  # (B, M)
-    allowed = torch.zeros(B, M, dtype=torch.bool, device=logits.device)
-    allowed.scatter_(1, layout.own.to(logits.device), True)
-    in_batch = torch.as_tensor(in_batch_negatives, device=logits.device).expand(B)
-    allowed |= in_batch.unsqueeze(1)
-    if layout.valid is not None:  # padding slots are no candidate of any query
-        allowed &= layout.valid.to(logits.device).unsqueeze(0)
-    positive = layout.positive.to(logits.device)
-    if doc_keys is not None:
-        pos_keys = doc_keys[positive]  # (B,)
-        duplicate = doc_keys.unsqueeze(0) == pos_keys.unsqueeze(1)  # (B, M)
-        duplicate[torch.arange(B), positive] = False
-        allowed &= ~duplicate
-    logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
-    loss = F.cross_entropy(logits, positive)
-    if all_queries is not None:
-        # document -> query: each query's positive picks that query among all queries; the other
-        # queries are in-batch negatives, so without them the row keeps only its own query (loss 0)
-        back = docs[positive] @ all_queries.T / temperature  # (B, Q)
-        target = query_offset + torch.arange(B, device=back.device)
-        keep = in_batch.unsqueeze(1).expand_as(back).clone()  # (B, Q)
+    if (symmetric or same_tower) and all_queries is None:
+        raise ValueError("info_nce: symmetric and same_tower need all_queries (every query of the batch)")
+    B, M, device = queries.shape[0], docs.shape[0], queries.device
+    rows = torch.arange(B, device=device)
+    in_batch = torch.as_tensor(in_batch_negatives, device=device).expand(B)
+    positive = layout.positive.to(device)
+    allowed_docs = document_candidates(B, M, layout, in_batch, doc_keys, device)
+    other_queries = None
+    if all_queries is not None:  # (B, Q): queries of other texts, where in-batch negatives are on
+        other_queries = in_batch.unsqueeze(1).expand(B, all_queries.shape[0]).clone()
+        other_queries[rows, query_offset + rows] = False
         if query_keys is not None:
-            all_keys = gather_no_grad(query_keys)
-            keep &= all_keys.unsqueeze(0) != query_keys.unsqueeze(1)  # a copy of the query is no negative
-        keep[torch.arange(B), target] = True
-        back = back.masked_fill(~keep, torch.finfo(back.dtype).min)
-        loss = (loss + F.cross_entropy(back, target)) / 2
-    return loss
+            other_queries &= gather_no_grad(query_keys).unsqueeze(0) != query_keys.unsqueeze(1)
+
+    scores, allowed = [queries @ docs.T], [allowed_docs]  # query -> documents
+    if same_tower:
+        scores.append(queries @ all_queries.T)
+        allowed.append(other_queries)
+    options = dict(temperature=temperature, false_negative_margin=false_negative_margin, hardness=hardness)
+    loss = _nce_rows(torch.cat(scores, 1), positive, torch.cat(allowed, 1), **options)
+    if not symmetric:
+        return loss
+    # document -> query: each query's positive picks that query among all queries; without in-batch
+    # negatives the row keeps only its own query (loss 0)
+    pos_docs = docs[positive]  # (B, D)
+    target = query_offset + rows
+    back_ok = other_queries.clone()
+    back_ok[rows, target] = True
+    scores, allowed = [pos_docs @ all_queries.T], [back_ok]
+    if same_tower:  # every other document (not the positive, not a copy of its text)
+        others = allowed_docs & in_batch.unsqueeze(1)
+        others[rows, positive] = False
+        scores.append(pos_docs @ docs.T)
+        allowed.append(others)
+    return (loss + _nce_rows(torch.cat(scores, 1), target, torch.cat(allowed, 1), **options)) / 2
+
+
+def spread_out(queries: torch.Tensor, docs: torch.Tensor, pairs: torch.Tensor) -> torch.Tensor:
+    """The global orthogonal regulariser (GOR, Zhang et al. 2017) over non-matching pairs.
+
+    Pushes the similarities of unrelated texts towards the statistics of uniformly spread
+    points on the sphere (mean 0, second moment 1/D), which keeps binary and int8 codes
+    discriminative: ``mean(s)² + max(0, mean(s²) - 1/D)`` over the pairs.
+
+    Under torch.distributed the moments are over the pairs of every rank (sums gathered with
+    gradient), so R ranks give a 1-process run's value and gradients.
+
+    Args:
+        queries: (B, D) this rank's queries, docs: (M, D) every candidate document, L2-normalised.
+        pairs: (B, M) bool, the non-matching (query, document) pairs.
+    """
+    s = (queries @ docs.T)[pairs]
+    sums = torch.stack([s.sum(), (s**2).sum(), s.new_tensor(float(s.numel()))]).unsqueeze(0)  # (1, 3)
+    total = gather_with_grad(sums).sum(0)  # over ranks
+    count = total[2].detach().clamp(min=1)
+    return (total[0] / count) ** 2 + F.relu(total[1] / count - 1.0 / queries.shape[-1])
 
 
 # ---------------------------------------------------------------------------- Matryoshka

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from embforge.losses import contrastive_layout, info_nce, matryoshka
+from embforge.losses import contrastive_layout, document_candidates, info_nce, matryoshka, spread_out
 
 
 def naive_info_nce(q, docs, B, N, tau, in_batch, doc_keys=None):
@@ -65,7 +65,7 @@ def test_symmetric_term_is_the_mean_of_both_directions():
     layout = contrastive_layout(B, 0)
     forward = F.cross_entropy(q @ d.T / 0.05, torch.arange(B))
     backward = F.cross_entropy(d @ q.T / 0.05, torch.arange(B))
-    got = info_nce(q, d, layout, temperature=0.05, all_queries=q)
+    got = info_nce(q, d, layout, temperature=0.05, all_queries=q, symmetric=True)
     assert got.item() == pytest.approx(((forward + backward) / 2).item(), rel=1e-6)
 
 
@@ -88,7 +88,9 @@ def test_symmetric_term_honours_in_batch_negatives(in_batch):
     keys = torch.tensor([1, 2, 1, 3])  # queries 0 and 2 share a text: never each other's negative
     flags = torch.tensor(in_batch)
     layout = contrastive_layout(B, N)
-    got = info_nce(q, docs, layout, temperature=0.05, in_batch_negatives=flags, query_keys=keys, all_queries=q)
+    got = info_nce(
+        q, docs, layout, temperature=0.05, in_batch_negatives=flags, query_keys=keys, all_queries=q, symmetric=True
+    )
     forward = naive_info_nce(q, docs, B, N, 0.05, in_batch)
     backward = naive_symmetric_term(q, docs, B, 0.05, in_batch, keys.tolist())
     assert got.item() == pytest.approx(((forward + backward) / 2).item(), rel=1e-5)
@@ -178,3 +180,155 @@ def test_padding_slots_of_other_ranks_are_never_candidates():
     lay = contrastive_layout(2, 2, rank=0, world=2, negative_counts=counts)
     # rank blocks of 2·(1+2) = 6: [p0 p1 | n00 n01 | pad pad] [p2 p3 | n20 pad | n30 n31]
     assert lay.valid.tolist() == [1, 1, 1, 1, 0, 0] + [1, 1, 1, 0, 1, 1]
+
+
+# ---------------------------------------------------------------------------- loss options
+def naive_row(s_target, negatives, tau, margin, beta):
+    """-log of the target's share; ``negatives`` scalar scores, filtered by the margin, weighted by hardness."""
+    if margin is not None:
+        negatives = [s for s in negatives if s.item() <= s_target.item() + margin]
+    n = len(negatives)
+    weights = [1.0] * n
+    if beta and n:
+        z = sum(math.exp(beta * s.item()) for s in negatives)
+        weights = [n * math.exp(beta * s.item()) / z for s in negatives]
+    denominator = torch.exp(s_target / tau) + sum(w * torch.exp(s / tau) for w, s in zip(weights, negatives))
+    return -(s_target / tau - torch.log(denominator))
+
+
+def naive_options(q, docs, N, tau, in_batch, doc_keys, query_keys, symmetric, same_tower, margin, beta):
+    """Every option spelled out per query: which candidates enter each row's denominator, and how."""
+    B, M = q.shape[0], docs.shape[0]
+    own = [{i} | {B + i * N + j for j in range(N)} for i in range(B)]
+    forward = 0.0
+    for i in range(B):
+        negatives = [
+            q[i] @ docs[m] for m in range(M) if m != i and (m in own[i] or in_batch[i]) and doc_keys[m] != doc_keys[i]
+        ]
+        if same_tower and in_batch[i]:
+            negatives += [q[i] @ q[j] for j in range(B) if j != i and query_keys[j] != query_keys[i]]
+        forward += naive_row(q[i] @ docs[i], negatives, tau, margin, beta)
+    forward = forward / B
+    if not symmetric:
+        return forward
+    backward = 0.0
+    for i in range(B):
+        negatives = []
+        if in_batch[i]:
+            negatives = [docs[i] @ q[j] for j in range(B) if j != i and query_keys[j] != query_keys[i]]
+            if same_tower:
+                negatives += [docs[i] @ docs[m] for m in range(M) if m != i and doc_keys[m] != doc_keys[i]]
+        backward += naive_row(docs[i] @ q[i], negatives, tau, margin, beta)
+    return (forward + backward / B) / 2
+
+
+OPTIONS = [  # (symmetric, same_tower, false_negative_margin, hardness)
+    (False, False, None, 0.0),
+    (False, True, None, 0.0),  # same-tower: other queries in the denominator
+    (True, False, None, 0.0),  # both directions
+    (True, True, None, 0.0),
+    (False, False, 0.05, 0.0),  # false-negative masking above the positive + margin
+    (True, True, 0.0, 0.0),
+    (False, False, None, 4.0),  # hardness weighting
+    (True, True, 0.1, 2.0),  # all at once
+]
+
+
+@pytest.mark.parametrize("in_batch", [[True] * 5, [False] * 5, [True, False, True, True, False]])
+@pytest.mark.parametrize("symmetric,same_tower,margin,beta", OPTIONS)
+def test_loss_options_match_the_naive_loop(in_batch, symmetric, same_tower, margin, beta):
+    torch.manual_seed(7)
+    B, N, D = 5, 2, 6  # few dimensions: some negatives score above their positive, so the margin masks some
+    q = F.normalize(torch.randn(B, D), dim=-1).requires_grad_()
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1).requires_grad_()
+    doc_keys = torch.arange(100, 100 + B * (1 + N))
+    doc_keys[B + 1] = doc_keys[0]  # query 0's second negative repeats its positive: masked
+    query_keys = torch.tensor([1, 2, 1, 3, 4])  # queries 0 and 2 share a text: never each other's negative
+    got = info_nce(
+        q,
+        docs,
+        contrastive_layout(B, N),
+        temperature=0.1,
+        in_batch_negatives=torch.tensor(in_batch),
+        doc_keys=doc_keys,
+        query_keys=query_keys,
+        all_queries=q,
+        symmetric=symmetric,
+        same_tower=same_tower,
+        false_negative_margin=margin,
+        hardness=beta,
+    )
+    expected = naive_options(
+        q, docs, N, 0.1, in_batch, doc_keys.tolist(), query_keys.tolist(), symmetric, same_tower, margin, beta
+    )
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    for g, e in zip(torch.autograd.grad(got, (q, docs)), torch.autograd.grad(expected, (q, docs))):
+        torch.testing.assert_close(g, e, atol=1e-5, rtol=1e-4)
+
+
+def test_each_option_changes_the_loss():
+    """The grid above would pass for an option that is ignored by both sides; here each one must matter."""
+    torch.manual_seed(7)
+    B, N, D = 5, 2, 6
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    layout = contrastive_layout(B, N)
+    plain = info_nce(q, docs, layout, temperature=0.1, all_queries=q).item()
+    for option in [dict(symmetric=True), dict(same_tower=True), dict(false_negative_margin=0.05), dict(hardness=4.0)]:
+        assert info_nce(q, docs, layout, temperature=0.1, all_queries=q, **option).item() != pytest.approx(plain), (
+            option
+        )
+    with pytest.raises(ValueError, match="need all_queries"):
+        info_nce(q, docs, layout, same_tower=True)
+
+
+def test_spread_out_matches_its_definition():
+    torch.manual_seed(8)
+    B, N, D = 4, 1, 8
+    q = F.normalize(torch.randn(B, D), dim=-1)
+    docs = F.normalize(torch.randn(B * (1 + N), D), dim=-1)
+    layout = contrastive_layout(B, N)
+    pairs = document_candidates(B, docs.shape[0], layout, torch.tensor([True, True, False, True]), None, q.device)
+    pairs[torch.arange(B), layout.positive] = False
+    sims = [
+        (q[i] @ docs[m]).item()
+        for i in range(B)
+        for m in range(docs.shape[0])
+        if m != i and (i != 2 or m == B + i)  # query 2 has no in-batch negatives: only its own negative
+    ]
+    m1 = sum(sims) / len(sims)
+    m2 = sum(s * s for s in sims) / len(sims)
+    assert int(pairs.sum()) == len(sims)
+    assert spread_out(q, docs, pairs).item() == pytest.approx(m1**2 + max(0.0, m2 - 1 / D), rel=1e-5)
+    # points spread like a uniform sphere's score about 0; one direction for all scores high
+    same = F.normalize(torch.ones(B * (1 + N), D), dim=-1)
+    assert spread_out(same[:B], same, pairs).item() > 0.9
+
+
+def test_the_recipe_switches_reach_the_loss():
+    """LossConfig's options, through the training step's loss function, equal the naive loop (+ GOR by hand)."""
+    from tests.unit.train.helpers import make_batch, records, tiny_embedder
+
+    from embforge.train import loop
+    from embforge.train.parallel import DistInfo
+    from embforge.train.recipe import LossConfig
+
+    model = tiny_embedder()
+    batch = make_batch(model, records(4, 2, seed=3), 2)
+    with torch.no_grad():
+        q = F.normalize(model(**batch.queries), dim=-1)
+        d = F.normalize(model(**batch.docs), dim=-1)
+    cfg = LossConfig(
+        temperature=0.05,
+        symmetric=True,
+        same_tower=True,
+        false_negative_margin=0.05,
+        hardness_weighting=3.0,
+        spread_out_weight=0.7,
+    )
+    got = loop.make_loss_fn(batch, cfg, DistInfo())(q, d).item()
+    flags, doc_keys, query_keys = [True] * 4, batch.doc_keys.tolist(), batch.query_keys.tolist()
+    nce = naive_options(q, d, 2, 0.05, flags, doc_keys, query_keys, True, True, 0.05, 3.0).item()
+    sims = [(q[i] @ d[m]).item() for i in range(4) for m in range(d.shape[0]) if m != i and doc_keys[m] != doc_keys[i]]
+    gor = (sum(sims) / len(sims)) ** 2 + max(0.0, sum(s * s for s in sims) / len(sims) - 1 / q.shape[1])
+    assert got == pytest.approx(nce + 0.7 * gor, rel=1e-5)

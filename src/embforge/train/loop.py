@@ -38,12 +38,14 @@ from embforge.data.records import DataReport
 from embforge.errors import CheckpointError, ConfigError, DataError, EmbforgeError
 from embforge.losses import (
     contrastive_layout,
+    document_candidates,
     document_slots,
     gather_no_grad,
     gather_with_grad,
     info_nce,
     matryoshka,
     pad_documents,
+    spread_out,
 )
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
@@ -291,20 +293,29 @@ def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
         if slots is not None:
             d = pad_documents(d, slots, B * (1 + N))  # (B·(1+N), D), zero rows at the padding slots
         docs = gather_with_grad(d)  # (R·B·(1+N), D)
-        all_q = gather_with_grad(q) if cfg.symmetric else None  # (R·B, D)
+        all_q = gather_with_grad(q) if cfg.symmetric or cfg.same_tower else None  # (R·B, D)
 
         def nce(qq, dd, aq):
-            return info_nce(
+            loss = info_nce(
                 qq,
                 dd,
                 layout,
                 temperature=cfg.temperature,
                 in_batch_negatives=in_batch,
                 doc_keys=doc_keys,
-                query_keys=batch.query_keys if aq is not None else None,
+                query_keys=batch.query_keys,
                 all_queries=aq,
                 query_offset=info.rank * B,
+                symmetric=cfg.symmetric,
+                same_tower=cfg.same_tower,
+                false_negative_margin=cfg.false_negative_margin,
+                hardness=cfg.hardness_weighting,
             )
+            if cfg.spread_out_weight:
+                pairs = document_candidates(B, dd.shape[0], layout, in_batch, doc_keys, dd.device)
+                pairs[torch.arange(B), layout.positive.to(dd.device)] = False
+                loss = loss + cfg.spread_out_weight * spread_out(qq, dd, pairs)
+            return loss
 
         dims = cfg.matryoshka_dims or [q.shape[-1]]
         return matryoshka(nce, (q, docs, all_q), dims, cfg.matryoshka_weights)

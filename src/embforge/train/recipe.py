@@ -123,14 +123,26 @@ class DataConfig:
 class LossConfig:
     temperature: float = 0.02  # NV-Embed does not publish τ; 0.02 is this family's usual value (Nomic: 0.02)
     in_batch_negatives: bool = True  # the stage switch (NV-Embed stage 2: false)
-    symmetric: bool = False  # add the document -> query term
+    symmetric: bool = False  # both directions: add the document -> query term
+    same_tower: bool = (
+        False  # in-batch negatives from the same side too: other queries (and, symmetric, other documents)
+    )
     mask_duplicates: bool = True  # mask candidates whose text equals the positive
+    # a candidate scoring above the positive + this margin is taken for an unlabelled positive and masked
+    # (Qwen3-Embedding: 0.1); null: none is
+    false_negative_margin: float | None = None
+    hardness_weighting: float = 0.0  # β: a negative weighs n·softmax(β·s) among its query's n negatives; 0: all 1
+    spread_out_weight: float = 0.0  # weight of the GOR spread-out regulariser over non-matching pairs; 0: off
     matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [768, 512, 256, 128, 64]
     matryoshka_weights: list[float] | None = None
 
     def validate(self, path: str) -> None:
         if self.temperature <= 0:
             raise ConfigError(f"{path}.temperature must be > 0")
+        if self.false_negative_margin is not None and self.false_negative_margin < 0:
+            raise ConfigError(f"{path}.false_negative_margin must be >= 0 (or null: no masking)")
+        if self.hardness_weighting < 0 or self.spread_out_weight < 0:
+            raise ConfigError(f"{path}: hardness_weighting and spread_out_weight must be >= 0")
         if self.matryoshka_weights is not None and len(self.matryoshka_weights) != len(self.matryoshka_dims):
             raise ConfigError(f"{path}: matryoshka_weights needs one weight per dim")
 

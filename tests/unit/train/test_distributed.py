@@ -51,6 +51,17 @@ CASES = {
     "plain": (LossConfig(temperature=0.05), 0),
     "symmetric": (LossConfig(temperature=0.05, symmetric=True), 0),
     "gradcache+matryoshka": (LossConfig(temperature=0.05, matryoshka_dims=[64, 16]), 4),
+    "same-tower+margin+hardness+spread-out": (
+        LossConfig(
+            0.05,
+            symmetric=True,
+            same_tower=True,
+            false_negative_margin=0.02,
+            hardness_weighting=2.0,
+            spread_out_weight=0.5,
+        ),
+        0,
+    ),
 }
 
 
