@@ -314,6 +314,16 @@ MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "d
 def cmd_merge(args: argparse.Namespace) -> int:
     from embforge.models.merging import merge
 
+    if args.checkpoints is not None:
+        from embforge.train.averaging import average_checkpoints
+
+        if args.models or args.method != "linear":
+            raise SystemExit("merge --checkpoints averages a stage's checkpoints (linear); give no model folders")
+        out = average_checkpoints(args.checkpoints, args.output, last=args.last, weights=args.weights, dtype=args.dtype)
+        print(f"averaged the last {args.last} checkpoints of {args.checkpoints} into {out}")
+        return 0
+    if not args.models:
+        raise SystemExit("merge: give model folders, or --checkpoints STAGE_DIR")
     out = merge(
         args.models,
         args.output,
@@ -324,7 +334,7 @@ def cmd_merge(args: argparse.Namespace) -> int:
         density=args.density,
         scale=args.scale,
         seed=args.seed,
-        dtype=args.dtype,
+        dtype=args.dtype or "float32",
     )
     print(f"merged {len(args.models)} models ({args.method}) into {out}")
     return 0
@@ -468,8 +478,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "merge", help="merge saved models: linear soup, slerp, task arithmetic, TIES, DARE (tensor by tensor)"
     )
-    p.add_argument("models", nargs="+", help="model folders (or packaged names) of one architecture and tokenizer")
+    p.add_argument("models", nargs="*", help="model folders (or packaged names) of one architecture and tokenizer")
     p.add_argument("--output", required=True, help="the merged model folder")
+    p.add_argument(
+        "--checkpoints", default=None, metavar="STAGE_DIR", help="average a stage's last checkpoints instead"
+    )
+    p.add_argument("--last", type=int, default=3, help="--checkpoints: how many of the newest")
     p.add_argument("--method", default="linear", choices=MERGE_METHODS)
     p.add_argument("--weights", type=float, nargs="+", default=None, help="one per model (linear: normalised)")
     p.add_argument("--t", type=float, default=0.5, help="slerp: 0 = the first model, 1 = the second")
@@ -477,7 +491,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--density", type=float, default=1.0, help="ties / dare: fraction of each task vector kept")
     p.add_argument("--scale", type=float, default=1.0, help="task methods: factor on the merged task vector")
     p.add_argument("--seed", type=int, default=0, help="dare's drop mask")
-    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="of the merged weights")
+    p.add_argument(
+        "--dtype",
+        default=None,
+        choices=["float32", "bfloat16"],
+        help="of the merged weights (default float32; --checkpoints: the recipe's save_dtype)",
+    )
     p.set_defaults(func=cmd_merge)
 
     p = sub.add_parser(

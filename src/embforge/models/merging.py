@@ -264,6 +264,7 @@ def merge(
     seed: int = 0,
     dtype: str = "float32",
     show_progress: bool = True,
+    record: dict | None = None,
 ) -> Path:
     """Merge saved models into a new folder ``output`` (written atomically); return its path.
 
@@ -277,6 +278,7 @@ def merge(
         scale: task methods: λ, the factor on the merged task vector.
         seed: dare's drop mask.
         dtype: of the merged floating-point weights (``float32`` or ``bfloat16``).
+        record: entries that replace ``merge.json``'s (e.g. the checkpoints the models came from).
 
     Raises:
         ConfigError: an unknown method, bad arguments, or models that differ (named).
@@ -309,7 +311,7 @@ def merge(
                 for name in tqdm(list(infos), desc=f"merge ({method})", disable=not show_progress, unit="tensor"):
                     writer.write(name, _merged_blocks(spec, factors, sources, base_source, name, cast))
             (tmp / MERGE_FILE).write_text(
-                json.dumps({**asdict(spec), "weights": factors, "dtype": dtype}, indent=2) + "\n"
+                json.dumps({**asdict(spec), "weights": factors, "dtype": dtype, **(record or {})}, indent=2) + "\n"
             )
     finally:
         for source in sources + ([base_source] if base_source else []):
