@@ -12,18 +12,14 @@ row blocks; disk: k float32 copies while it runs, removed after.
 
 from __future__ import annotations
 
+import itertools
 import shutil
 import tempfile
-import warnings
 from pathlib import Path
 
-import yaml
-
-from embforge.atomic import folder_problem
-from embforge.config import from_dict
 from embforge.errors import ConfigError
-from embforge.train.checkpoint import checkpoint_folders, load_model_weights
-from embforge.train.recipe import RecipeConfig
+from embforge.train.checkpoint import checkpoint_folders, intact_checkpoints, load_model_weights
+from embforge.train.recipe import load_recipe
 
 
 def checkpoints_of(run: str | Path) -> Path:
@@ -42,28 +38,14 @@ def last_checkpoints(run: str | Path, last: int) -> list[Path]:
     """The newest ``last`` intact checkpoints of ``run``, oldest first (a damaged one is skipped, with a warning)."""
     if last < 1:
         raise ConfigError(f"--last must be >= 1, got {last}")
-    good = []
-    for path in checkpoint_folders(checkpoints_of(run)):
-        problem = folder_problem(path)
-        if problem is None:
-            good.append(path)
-        else:
-            warnings.warn(f"checkpoint {path} is damaged ({problem}); not averaged", stacklevel=2)
+    good = list(itertools.islice(intact_checkpoints(checkpoints_of(run)), last))[::-1]
     if len(good) < last:
         raise ConfigError(
             f"{run}: {last} checkpoints asked for, {len(good)} intact ones found "
             f"({', '.join(p.name for p in good) or 'none'}); save more often (save_every) or keep more "
             "(keep_last_checkpoints)"
         )
-    return good[-last:]
-
-
-def _recipe_of(checkpoint: Path) -> RecipeConfig:
-    file = checkpoint / "recipe.yaml"
-    try:
-        return from_dict(RecipeConfig, yaml.safe_load(file.read_text(encoding="utf-8")))
-    except (OSError, yaml.YAMLError) as exc:
-        raise ConfigError(f"{file}: cannot read the run's recipe ({exc})") from exc
+    return good
 
 
 def average_checkpoints(
@@ -93,7 +75,7 @@ def average_checkpoints(
     chosen = last_checkpoints(run, last)
     if weights is not None and len(weights) != len(chosen):
         raise ConfigError(f"{len(weights)} weights for {len(chosen)} checkpoints")
-    recipes = [_recipe_of(c) for c in chosen]
+    recipes = [load_recipe(c / "recipe.yaml")[0] for c in chosen]
     if any(r.model != recipes[-1].model for r in recipes):
         raise ConfigError(f"{run}: the checkpoints were written by recipes with different model blocks")
     recipe = recipes[-1]

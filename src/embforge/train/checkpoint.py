@@ -35,6 +35,7 @@ import json
 import pickle
 import random
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -193,8 +194,8 @@ def resume_point(folder: Path, resume: bool) -> Path | None:
     return latest_checkpoint(folder)
 
 
-def latest_checkpoint(folder: Path) -> Path | None:
-    """The newest checkpoint in ``folder`` whose files match its manifest.
+def intact_checkpoints(folder: Path) -> Iterator[Path]:
+    """The checkpoints in ``folder`` whose files match their manifest, newest first, checked as they are asked for.
 
     A damaged checkpoint (manifest missing, a file missing, truncated or changed) is
     skipped with a warning naming it and why; the previous one is tried next.
@@ -202,9 +203,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
     for path in reversed(checkpoint_folders(folder)):
         problem = folder_problem(path)
         if problem is None:
-            return path
-        warnings.warn(f"checkpoint {path} is damaged ({problem}); using the previous one", stacklevel=2)
-    return None
+            yield path
+        else:
+            warnings.warn(f"checkpoint {path} is damaged ({problem}); using the previous one", stacklevel=3)
+
+
+def latest_checkpoint(folder: Path) -> Path | None:
+    """The newest intact checkpoint in ``folder`` (see :func:`intact_checkpoints`), if any."""
+    return next(intact_checkpoints(folder), None)
 
 
 def _score(path: Path, metric: str | None) -> float | None:

@@ -294,6 +294,10 @@ def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
             d = pad_documents(d, slots, B * (1 + N))  # (B·(1+N), D), zero rows at the padding slots
         docs = gather_with_grad(d)  # (R·B·(1+N), D)
         all_q = gather_with_grad(q) if cfg.symmetric or cfg.same_tower else None  # (R·B, D)
+        pairs = None  # the spread-out term's non-matching pairs: one mask for every Matryoshka truncation
+        if cfg.spread_out_weight:
+            pairs = document_candidates(B, docs.shape[0], layout, in_batch, doc_keys, docs.device)
+            pairs[torch.arange(B), layout.positive.to(docs.device)] = False
 
         def nce(qq, dd, aq):
             loss = info_nce(
@@ -312,8 +316,6 @@ def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
                 hardness=cfg.hardness_weighting,
             )
             if cfg.spread_out_weight:
-                pairs = document_candidates(B, dd.shape[0], layout, in_batch, doc_keys, dd.device)
-                pairs[torch.arange(B), layout.positive.to(dd.device)] = False
                 loss = loss + cfg.spread_out_weight * spread_out(qq, dd, pairs)
             return loss
 
