@@ -308,6 +308,35 @@ def cmd_nomic_cpu(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_distill(args: argparse.Namespace) -> int:
+    from embforge.train.distill import distill_recipe
+    from embforge.train.parallel import distributed_session
+    from embforge.train.stages import run_recipe
+
+    recipe, data_root = distill_recipe(
+        args.student,
+        args.teacher,
+        args.data,
+        args.output,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        max_seq_len=args.max_seq_len,
+        contrastive_weight=args.contrastive_weight,
+        embedding=args.embedding,
+        kl_weight=args.kl_weight,
+        temperature=args.temperature,
+        teacher_query_prompt=args.teacher_query_prompt,
+        teacher_document_prompt=args.teacher_document_prompt,
+        cache_dir=args.cache_dir,
+        precision=args.precision or "auto",
+    )
+    with distributed_session() as info:
+        run_recipe(recipe, data_root, info=info)
+    print(f"final model: {recipe.output_dir}/final")
+    return 0
+
+
 MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # models.merging.METHODS
 
 
@@ -474,6 +503,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("distill", help="train a student to match a teacher embedder (+ InfoNCE), teacher cached")
+    p.add_argument("student", help="the student: a packaged model name or a folder")
+    p.add_argument("--teacher", required=True, help="the teacher: a packaged model name or a folder")
+    p.add_argument("--data", required=True, help="a JSONL file of {query, positive} records, or a BEIR folder")
+    p.add_argument("--output", required=True, help="run folder; the student is saved to OUTPUT/final")
+    p.add_argument("--steps", type=int, default=200)
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--lr", type=float, default=2e-5)
+    p.add_argument("--max-seq-len", type=int, default=None, help="the student's (default: its folder's)")
+    p.add_argument("--temperature", type=float, default=0.05, help="τ of InfoNCE and of the student's softmax")
+    p.add_argument("--contrastive-weight", type=float, default=1.0, help="0: distillation alone")
+    p.add_argument("--embedding", choices=["cosine", "mse", "none"], default="cosine", help="the embedding term")
+    p.add_argument("--kl-weight", type=float, default=1.0, help="KL of the in-batch similarity distributions")
+    p.add_argument("--teacher-query-prompt", default="", help="the teacher's prompt on queries")
+    p.add_argument("--teacher-document-prompt", default="", help="the teacher's prompt on documents")
+    p.add_argument("--cache-dir", default=None, help="teacher embeddings (default $EMBFORGE_CACHE/teacher-embeddings)")
+    _add_precision_arg(p)
+    p.set_defaults(func=cmd_distill)
 
     p = sub.add_parser(
         "merge", help="merge saved models: linear soup, slerp, task arithmetic, TIES, DARE (tensor by tensor)"

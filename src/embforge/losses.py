@@ -323,6 +323,45 @@ def spread_out(queries: torch.Tensor, docs: torch.Tensor, pairs: torch.Tensor) -
     return (total[0] / count) ** 2 + F.relu(total[1] / count - 1.0 / queries.shape[-1])
 
 
+# ---------------------------------------------------------------------------- distillation
+
+
+def embedding_distance(student: torch.Tensor, teacher: torch.Tensor, kind: str) -> torch.Tensor:
+    """How far the student's embeddings are from the teacher's, mean over rows.
+
+    Args:
+        student: (n, D) the student's embeddings (already mapped to the teacher's D where they differ).
+        teacher: (n, D) the teacher's, L2-normalised.
+        kind: ``cosine``: mean of 1 - cos(s, t); ``mse``: mean squared difference per component.
+    """
+    if kind == "cosine":
+        return (1 - F.cosine_similarity(student, teacher, dim=-1)).mean()
+    if kind == "mse":
+        return F.mse_loss(student, teacher)
+    raise ValueError(f"embedding_distance: unknown kind {kind!r} (cosine or mse)")
+
+
+def similarity_kl(
+    student_scores: torch.Tensor,
+    teacher_scores: torch.Tensor,
+    allowed: torch.Tensor,
+    temperature: float,
+    teacher_temperature: float,
+) -> torch.Tensor:
+    """KL(teacher ‖ student) of each row's softmax over its allowed candidates, mean over rows.
+
+    Args:
+        student_scores / teacher_scores: (B, C) similarities of each query to the candidates.
+        allowed: (B, C) bool, the row's candidates (every row has at least one).
+        temperature / teacher_temperature: τ of the student's and of the teacher's softmax.
+    """
+    lowest = torch.finfo(student_scores.dtype).min
+    log_s = torch.log_softmax((student_scores / temperature).masked_fill(~allowed, lowest), dim=1)
+    log_t = torch.log_softmax((teacher_scores / teacher_temperature).masked_fill(~allowed, lowest), dim=1)
+    terms = torch.where(allowed, log_t.exp() * (log_t - log_s), torch.zeros_like(log_s))
+    return terms.sum(1).mean()
+
+
 # ---------------------------------------------------------------------------- Matryoshka
 
 

@@ -17,15 +17,38 @@ from embforge.data.io import save_npy
 from embforge.vectors import l2_normalise
 
 
+def weights_digest(module: Any) -> str:
+    """A digest of every tensor of a torch module (names, dtypes, shapes and bytes)."""
+    import torch
+
+    h = hashlib.blake2b(digest_size=16)
+    for name, t in module.state_dict().items():
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def teacher_identity(teacher: Any) -> str:
-    """A string that changes whenever the teacher's weights (or its inference precision) change."""
+    """A string that changes whenever the teacher's weights, settings or inference precision change.
+
+    An embforge Embedder (or any torch module) is identified by a digest of its tensors and its
+    head settings; another encoder by its ``name_or_path`` and the size and modification time
+    of its weight files.
+    """
     name = str(getattr(teacher, "name_or_path", "") or type(teacher).__qualname__)
     folder = Path(name)
     parts = [name, str(getattr(teacher, "max_seq_len", "")), str(getattr(teacher, "pooling", ""))]
     precision = getattr(teacher, "inference_precision", None)  # bf16 and fp32 embeddings differ slightly
     if precision is not None:
         parts.append(precision)
-    if folder.is_dir():
+    settings = getattr(teacher, "head_settings", None)
+    if callable(settings):
+        parts.append(repr(sorted(settings().items())))
+    if callable(getattr(teacher, "state_dict", None)):
+        parts.append(weights_digest(teacher))
+    elif folder.is_dir():
         for f in sorted(folder.rglob("*.safetensors")) + sorted(folder.rglob("*.bin")):
             st = f.stat()
             parts.append(f"{f.name}:{st.st_size}:{st.st_mtime_ns}")

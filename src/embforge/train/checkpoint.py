@@ -246,6 +246,11 @@ def prune_checkpoints(folder: Path, keep_last: int, best_metric: str | None = No
     return doomed
 
 
+# tensors a stage trains beside the model and keeps in its checkpoints, never in a saved model (the
+# distillation projection, embforge.train.distill): loading a checkpoint into a model leaves them out
+STAGE_ONLY = "stage_only."
+
+
 def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     """Load the checkpoint's model tensors: every trainable parameter must be there, nothing else may be.
 
@@ -264,9 +269,20 @@ def load_model_weights(path: Path, model: torch.nn.Module) -> None:
     file = path / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"checkpoint {path} has no model.safetensors")
-    state = load_file(str(file))
+    state = {k: v for k, v in load_file(str(file)).items() if not k.startswith(STAGE_ONLY)}
     _check_model_keys(path, set(state), trainable, set(model.state_dict()))
     model.load_state_dict(state, strict=False)
+
+
+def load_stage_only(path: Path, module: torch.nn.Module, prefix: str) -> None:
+    """Load ``module`` from a checkpoint's ``<prefix>*`` tensors (a stage's training aid, see ``STAGE_ONLY``)."""
+    state = {k[len(prefix) :]: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith(prefix)}
+    if set(state) != set(module.state_dict()):
+        raise CheckpointError(
+            f"checkpoint {path} does not match this stage: {prefix}* holds {sorted(state)}, "
+            f"expected {sorted(module.state_dict())}"
+        )
+    module.load_state_dict(state)
 
 
 def _check_model_keys(path: Path, saved: set[str], trainable: set[str], known: set[str]) -> None:

@@ -54,6 +54,7 @@ from embforge.train.checkpoint import (
     latest_checkpoint,
     load_model_weights,
     load_sharded_states,
+    load_stage_only,
     load_training_state,
     prune_checkpoints,
     ready_checkpoint_dir,
@@ -62,11 +63,13 @@ from embforge.train.checkpoint import (
     save_checkpoint,
     save_sharded_checkpoint,
 )
+from embforge.train.distill import PROJECTION, Teacher, TeacherBatch, check_supported, distill_loss, make_projection
 from embforge.train.dropout import use_fast_dropout
 from embforge.train.grad_cache import grad_cache_step, split_features
 from embforge.train.host_memory import keep_freed_memory
 from embforge.train.parallel import (
     DistInfo,
+    average_gradients,
     barrier,
     full_model_state,
     holds_weights,
@@ -217,6 +220,7 @@ class ContrastiveBatch:
     # (B,) each query's negatives where the stage's datasets differ in num_negatives (the same on every
     # rank: it decides whether the loss pads, see embforge.losses); None: every query has N
     negative_counts: torch.Tensor | None = None
+    teacher: TeacherBatch | None = None  # the teacher's embeddings of the same texts (loss.distill)
 
 
 def _prompt(ds: DatasetConfig, instruction: str | None, instruction_prompt) -> str:
@@ -248,13 +252,19 @@ def document_prompt(example: Example, data: DataConfig, instruction_prompt=None)
 
 
 def collate(
-    examples: list[Example], data: DataConfig, tokenize, device: torch.device, instruction_prompt=None
+    examples: list[Example],
+    data: DataConfig,
+    tokenize,
+    device: torch.device,
+    instruction_prompt=None,
+    teacher: Teacher | None = None,
 ) -> ContrastiveBatch:
     """Prompt, tokenise and lay out a batch (see :mod:`embforge.losses` for the layout).
 
     Args:
         tokenize: ``(texts, prompts) -> features``, i.e. :meth:`Embedder.tokenize` with one prompt per text.
         instruction_prompt: ``instruction -> query prompt`` (see :func:`query_prompt`).
+        teacher: embeds the same texts with the teacher's own prompts (``loss.distill``).
     """
     cfgs = [data.datasets[e.dataset] for e in examples]
     queries = [e.record.query for e in examples]
@@ -271,12 +281,18 @@ def collate(
         in_batch=torch.tensor([c.in_batch_negatives for c in cfgs], device=device),
         num_negatives=data.max_negatives,
         negative_counts=torch.tensor(counts, device=device) if data.mixed_negatives else None,
+        teacher=teacher.embed_batch(queries, docs, device) if teacher is not None else None,
     )
 
 
 # ---------------------------------------------------------------------------- loss
-def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
-    """``(queries (B, D), docs (B + ΣN_i, D)) -> loss`` with padding, gather, masking and Matryoshka."""
+def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo, projection=None):
+    """``(queries (B, D), docs (B + ΣN_i, D)) -> loss`` with padding, gather, masking and Matryoshka.
+
+    The loss: ``contrastive_weight`` × (InfoNCE + spread-out, over the Matryoshka dims), plus the
+    distillation terms at the full dimension where the stage has a teacher (``projection``: its
+    D_s -> D_t map, see :mod:`embforge.train.distill`).
+    """
     B, N = batch.query_keys.shape[0], batch.num_negatives
     keys = batch.doc_keys
     if batch.negative_counts is None:
@@ -288,11 +304,26 @@ def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
         keys = pad_documents(keys, slots, B * (1 + N), fill=-1)  # text ids are >= 0: a pad matches none
     doc_keys = gather_no_grad(keys) if cfg.mask_duplicates else None
     in_batch = batch.in_batch & cfg.in_batch_negatives
+    teacher = batch.teacher.laid_out(slots, B * (1 + N)) if cfg.distill is not None else None
 
-    def loss_fn(q: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
-        if slots is not None:
-            d = pad_documents(d, slots, B * (1 + N))  # (B·(1+N), D), zero rows at the padding slots
+    def loss_fn(q: torch.Tensor, compact: torch.Tensor) -> torch.Tensor:
+        d = compact if slots is None else pad_documents(compact, slots, B * (1 + N))  # zero rows at padding slots
         docs = gather_with_grad(d)  # (R·B·(1+N), D)
+        total = q.new_zeros(())
+        if teacher is not None:
+            allowed = document_candidates(B, docs.shape[0], layout, in_batch, doc_keys, docs.device)
+            total = distill_loss(
+                q,
+                compact,
+                docs,
+                teacher,
+                allowed,
+                cfg=cfg.distill,
+                temperature=cfg.temperature,
+                projection=projection,
+            )
+        if not cfg.contrastive_weight:
+            return total
         all_q = gather_with_grad(q) if cfg.symmetric or cfg.same_tower else None  # (R·B, D)
         pairs = None  # the spread-out term's non-matching pairs: one mask for every Matryoshka truncation
         if cfg.spread_out_weight:
@@ -320,7 +351,7 @@ def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo):
             return loss
 
         dims = cfg.matryoshka_dims or [q.shape[-1]]
-        return matryoshka(nce, (q, docs, all_q), dims, cfg.matryoshka_weights)
+        return total + cfg.contrastive_weight * matryoshka(nce, (q, docs, all_q), dims, cfg.matryoshka_weights)
 
     return loss_fn
 
@@ -335,6 +366,7 @@ def contrastive_step(
     scale: float = 1.0,
     sync: bool = True,
     autocast=contextlib.nullcontext,
+    projection: torch.nn.Module | None = None,
 ) -> torch.Tensor:
     """Forward + backward of one (micro-)batch; gradients accumulate into ``.grad``.
 
@@ -342,11 +374,12 @@ def contrastive_step(
         model: the Embedder, possibly DDP-wrapped.
         scale: multiplies the loss (1 / grad_accum_steps).
         sync: let DDP all-reduce gradients on this backward (false for all but the last micro-step).
+        projection: the distillation's D_s -> D_t map, outside the model (its gradients are this rank's).
 
     Returns:
         The unscaled loss of this rank (detached).
     """
-    loss_fn = make_loss_fn(batch, cfg, info)
+    loss_fn = make_loss_fn(batch, cfg, info, projection)
 
     def embed(features):
         with autocast():
@@ -376,8 +409,12 @@ def head_parameters(model: torch.nn.Module) -> set[int]:
     return {id(p) for p in pooler.parameters()} if isinstance(pooler, torch.nn.Module) else set()
 
 
-def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Optimizer:
+def build_optimizer(
+    model: torch.nn.Module, cfg: OptimConfig, extra: list[torch.nn.Parameter] = ()
+) -> torch.optim.Optimizer:
     """AdamW; biases and normalisation weights get no weight decay.
+
+    ``extra``: parameters trained beside the model (the distillation projection), decayed like weights.
 
     With ``head_lr`` or ``head_warmup_steps`` the pooling head's parameters (see
     :func:`head_parameters`) form groups of their own, named ``HEAD_GROUP``, at ``head_lr``;
@@ -403,6 +440,7 @@ def build_optimizer(model: torch.nn.Module, cfg: OptimConfig) -> torch.optim.Opt
             "optim.head_lr / head_warmup_steps: the model has no trainable pooling-head parameters "
             "(a parameter-free pooling such as mean, or no Embedder)"
         )
+    decay = decay + list(extra)
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.separate_head:
         head_lr = cfg.lr if cfg.head_lr is None else cfg.head_lr
@@ -484,6 +522,10 @@ def train_stage(
     torch.manual_seed(seed)
     use_fast_dropout(embedder)
     ckpt_dir = stage_dir / "checkpoints"
+    check_supported(stage.loss.distill, parallel, info.world)
+    teacher = Teacher(stage.loss.distill, info.device, info.rank) if stage.loss.distill is not None else None
+    projection = make_projection(embedder.hidden_size, teacher.dim, stage.loss.distill) if teacher else None
+    extra = list(projection.to(info.device).parameters()) if projection is not None else []
     # mined STS negatives come from the weights the stage starts from (not yet the checkpoint's)
     miner = StsMiner(
         embedder,
@@ -512,8 +554,10 @@ def train_stage(
     sharded = latest is not None and is_sharded(latest)  # written under FSDP: loaded into the wrapped model below
     if latest is not None and not sharded and holds_weights(embedder):  # FSDP ranks > 0 hold a meta model
         load_model_weights(latest, embedder)  # before wrapping: DDP broadcasts and FSDP shards these weights
+    if latest is not None and projection is not None:
+        load_stage_only(latest, projection, PROJECTION)
     model = wrap_model(embedder, info, parallel)
-    optimizer = build_optimizer(model, stage.optim)
+    optimizer = build_optimizer(model, stage.optim, extra)
     scheduler = build_scheduler(optimizer, stage.optim, stage.steps)
     start = 0
     if latest is not None:
@@ -559,7 +603,7 @@ def train_stage(
         if not own_share:
             examples = examples[info.rank * B : (info.rank + 1) * B]  # this rank's slice is tokenised
         state = sampler.state_dict()
-        return collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt), state
+        return collate(examples, stage.data, tokenize, info.device, embedder.instruction_prompt, teacher), state
 
     batches = Prefetcher(draw_batch, (stage.steps - start) * stage.grad_accum_steps)
 
@@ -575,6 +619,8 @@ def train_stage(
             save_sharded_checkpoint(ckpt_dir, step, states, scheduler, trainer_state, recipe_dict, metrics=metrics)
         elif info.is_main:
             model_state = full_model_state(model)
+            if projection is not None:  # trained beside the model: in the checkpoint, never in a saved model
+                model_state.update({PROJECTION + k: v for k, v in projection.state_dict().items()})
             save_checkpoint(
                 ckpt_dir,
                 step,
@@ -591,7 +637,11 @@ def train_stage(
 
     # CPU: freed step buffers stay mapped (not page-faulted back in every step); the prefetch
     # thread is closed on the way out, whatever ends the loop
-    with keep_freed_memory(info.device.type == "cpu"), contextlib.closing(batches):
+    with (
+        keep_freed_memory(info.device.type == "cpu"),
+        contextlib.closing(batches),
+        contextlib.closing(teacher) if teacher is not None else contextlib.nullcontext(),
+    ):
         for step in range(start, stage.steps):
             optimizer.zero_grad(set_to_none=True)
             losses = []
@@ -608,11 +658,15 @@ def train_stage(
                         scale=1.0 / stage.grad_accum_steps,
                         sync=micro == stage.grad_accum_steps - 1,
                         autocast=autocast,
+                        projection=projection,
                     )
                 )
             loss = _mean_over_ranks(torch.stack(losses).mean(), info)
+            average_gradients(extra, info)  # trained outside DDP: each rank holds its own loss's gradient
             # gradients are already reduced over ranks here, so every rank sees the same norm and decides alike
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), stage.optim.max_grad_norm or float("inf"))
+            grad_norm = torch.nn.utils.clip_grad_norm_(
+                [*model.parameters(), *extra], stage.optim.max_grad_norm or float("inf")
+            )
             checked = {"loss": loss, "gradient norm": float(grad_norm)}
             bad = next((name for name, value in checked.items() if not math.isfinite(value)), None)
             if bad is not None and stage.on_nonfinite == "stop":
@@ -652,6 +706,8 @@ def train_stage(
                     / max(elapsed, 1e-9),  # all ranks, pads left out
                     "skipped_steps": window_skipped,  # non-finite steps skipped in this window (on_nonfinite: skip)
                 }
+                if teacher is not None:  # texts so far (batches read ahead included): embedded, found in the cache
+                    row["teacher_embedded"], row["teacher_cached"] = teacher.computed, teacher.cached
                 if info.device.type == "cuda":  # this rank's peak since the stage began
                     row["cuda_peak_gib"] = torch.cuda.max_memory_allocated(info.device) / 2**30
                 window_start, window_examples, window_losses, window_skipped = time.perf_counter(), 0, [], 0

@@ -237,6 +237,14 @@ def no_sync(model: torch.nn.Module):
     return model.no_sync() if hasattr(model, "no_sync") else contextlib.nullcontext()
 
 
+def average_gradients(params, info: DistInfo) -> None:
+    """All-reduce the gradients of parameters trained outside the DDP-wrapped model, as DDP does its own:
+    each rank's gradient of its own loss becomes the mean over ranks."""
+    for p in params if info.world > 1 else ():
+        dist.all_reduce(p.grad)
+        p.grad.div_(info.world)
+
+
 def barrier(group=None) -> None:
     """Wait for every rank (on ``group``, default: the whole world); no-op without a process group."""
     if dist.is_available() and dist.is_initialized():

@@ -120,6 +120,36 @@ class DataConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Distillation from a teacher embedder: the student matches the teacher's embeddings and its
+    in-batch similarity distributions (see :mod:`embforge.train.distill`)."""
+
+    teacher: str  # a packaged model name or a folder (Embedder.load)
+    query_prompt: str = ""  # the teacher's prompt on queries (its own, not the student's)
+    document_prompt: str = ""  # the teacher's prompt on positives and negatives
+    # the embedding term: 1 - cos(P·s, t) or the mean squared error of (P·s, t) per component;
+    # P: a trainable linear map when the dimensions differ (a training aid, not part of the saved model)
+    embedding: Literal["cosine", "mse", "none"] = "cosine"
+    embedding_weight: float = 1.0
+    kl_weight: float = 1.0  # KL(teacher ‖ student) of each query's softmax over its candidates; 0: off
+    teacher_temperature: float | None = None  # τ of the teacher's softmax; None: the loss's temperature
+    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the teacher's inference precision
+    batch_size: int = 64  # texts per teacher forward pass
+    # teacher embeddings cache: <cache_dir>/<teacher digest>/; None: $EMBFORGE_CACHE/teacher-embeddings
+    cache_dir: str | None = None
+
+    def validate(self, path: str) -> None:
+        if self.embedding_weight < 0 or self.kl_weight < 0:
+            raise ConfigError(f"{path}: embedding_weight and kl_weight must be >= 0")
+        if (self.embedding == "none" or not self.embedding_weight) and not self.kl_weight:
+            raise ConfigError(f"{path}: both distillation terms are off (embedding: none / weight 0, kl_weight 0)")
+        if self.teacher_temperature is not None and self.teacher_temperature <= 0:
+            raise ConfigError(f"{path}.teacher_temperature must be > 0 (or null: the loss's temperature)")
+        if self.batch_size < 1:
+            raise ConfigError(f"{path}.batch_size must be >= 1")
+
+
+@dataclass
 class LossConfig:
     temperature: float = 0.02  # NV-Embed does not publish τ; 0.02 is this family's usual value (Nomic: 0.02)
     in_batch_negatives: bool = True  # the stage switch (NV-Embed stage 2: false)
@@ -135,8 +165,14 @@ class LossConfig:
     spread_out_weight: float = 0.0  # weight of the GOR spread-out regulariser over non-matching pairs; 0: off
     matryoshka_dims: list[int] = field(default_factory=list)  # e.g. [768, 512, 256, 128, 64]
     matryoshka_weights: list[float] | None = None
+    contrastive_weight: float = 1.0  # weight of the InfoNCE term (and spread-out); 0: distillation alone
+    distill: DistillConfig | None = None  # match a teacher too (see DistillConfig); None: no teacher
 
     def validate(self, path: str) -> None:
+        if self.contrastive_weight < 0:
+            raise ConfigError(f"{path}.contrastive_weight must be >= 0")
+        if not self.contrastive_weight and self.distill is None:
+            raise ConfigError(f"{path}.contrastive_weight: 0 leaves no loss without a distill block")
         if self.temperature <= 0:
             raise ConfigError(f"{path}.temperature must be > 0")
         if self.false_negative_margin is not None and self.false_negative_margin < 0:

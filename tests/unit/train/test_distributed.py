@@ -17,12 +17,15 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
+from embforge.data.pairs import text_key
 from embforge.models.embedder import Embedder
 from embforge.train import loop
 from embforge.train.checkpoint import checkpoint_folders
+from embforge.train.distill import TeacherBatch, make_projection
 from embforge.train.loop import contrastive_step
 from embforge.train.parallel import (
     DistInfo,
+    average_gradients,
     barrier,
     distributed_session,
     init_distributed,
@@ -30,7 +33,7 @@ from embforge.train.parallel import (
     shutdown,
     wrap_model,
 )
-from embforge.train.recipe import LossConfig
+from embforge.train.recipe import DistillConfig, LossConfig
 
 from .helpers import (
     crash_in_step,
@@ -325,3 +328,54 @@ def test_a_long_evaluation_on_rank_0_does_not_time_out_the_other_ranks(data_dir,
     assert json.loads((ckpt / "trainer_state.json").read_text())["metrics"] == {
         "eval/norm": pytest.approx(got["final"]["norm"])
     }
+
+
+# distillation beside InfoNCE (weight 0.5), a wider teacher (the projection trains outside DDP), GradCache
+DISTILL = LossConfig(0.05, contrastive_weight=0.5, distill=DistillConfig(teacher="(fixed vectors)"))
+
+
+def _teacher_of(recs) -> TeacherBatch:
+    """A teacher whose vector is a fixed function of each text (96-d), so every process sees the same one."""
+
+    def vec(text):
+        g = torch.Generator().manual_seed(text_key(text) % 2**31)
+        return torch.nn.functional.normalize(torch.randn(96, generator=g), dim=0)
+
+    docs = [r.positive for r in recs] + [n for r in recs for n in r.negatives[:N]]
+    return TeacherBatch(torch.stack([vec(r.query) for r in recs]), torch.stack([vec(d) for d in docs]))
+
+
+def _distill_worker(rank, world, port, out_file):
+    rank_env(rank, world, port)
+    with distributed_session() as info:
+        model, projection = tiny_embedder(), make_projection(64, 96, DISTILL.distill)
+        model.train()
+        per = GLOBAL_B // world
+        recs = records(GLOBAL_B, N)[rank * per : (rank + 1) * per]
+        batch = make_batch(model, recs, N, FLAGS[rank * per : (rank + 1) * per])
+        batch.teacher = _teacher_of(recs)
+        ddp = wrap_model(model, info, "ddp")
+        loss = contrastive_step(ddp, batch, DISTILL, info, grad_cache_chunk=4, projection=projection)
+        average_gradients(list(projection.parameters()), info)
+        dist.all_reduce(loss)
+        if rank == 0:
+            out = {"loss": loss.item() / world, "grads": grads(model), "projection": projection.weight.grad}
+            torch.save(out, out_file)
+
+
+def test_two_ranks_equal_one_rank_with_distillation(tmp_path):
+    model, projection = tiny_embedder(), make_projection(64, 96, DISTILL.distill)
+    model.train()
+    recs = records(GLOBAL_B, N)
+    batch = make_batch(model, recs, N, FLAGS)
+    batch.teacher = _teacher_of(recs)
+    loss = contrastive_step(model, batch, DISTILL, DistInfo(), grad_cache_chunk=4, projection=projection).item()
+    out = tmp_path / "rank0.pt"
+    mp.spawn(_distill_worker, args=(2, free_port(), str(out)), nprocs=2, join=True)
+    got = torch.load(out)
+    assert got["loss"] == pytest.approx(loss, abs=1e-6)
+    torch.testing.assert_close(got["projection"], projection.weight.grad, atol=1e-6, rtol=0)
+    expected = grads(model)
+    assert got["grads"].keys() == expected.keys()
+    for name, g in expected.items():
+        assert torch.allclose(got["grads"][name], g, atol=1e-5), name
