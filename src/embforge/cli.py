@@ -72,6 +72,26 @@ def cmd_encode(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_calibrate(args: argparse.Namespace) -> int:
+    import random
+
+    from embforge.data.io import read_texts
+    from embforge.quantization import calibrate
+
+    if args.output is None and not Path(args.model).is_dir():
+        raise ConfigError(f"{args.model} is not a model folder: give --output FILE for its calibration")
+    texts = read_texts(args.input, field=args.field)
+    if len(texts) > args.sample:
+        texts = random.Random(args.seed).sample(texts, args.sample)
+    model = _load_inference_model(args)
+    full = model.encode(texts, batch_size=args.batch_size, prompt_name=args.prompt_name, show_progress=True)
+    widths = [int(d) for d in args.dimensions.split(",")] if args.dimensions else []
+    calibration = calibrate(full, widths, bool(model.normalize), args.prompt_name)
+    out = calibration.save(args.output or args.model)
+    print(f"wrote int8/uint8 ranges for {sorted(calibration.ranges)} dimensions from {len(texts)} texts to {out}")
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import os
 
@@ -83,30 +103,102 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
     uvicorn = require("uvicorn")
     from embforge.serve.app import ServeSettings, create_app
-    from embforge.serve.backend import backend_for
 
-    name = args.served_model_name or args.model
     api_key = args.api_key or os.environ.get("EMBFORGE_API_KEY") or None
     if args.host not in ("127.0.0.1", "localhost", "::1") and api_key is None:
         print(f"embforge: warning: serving on {args.host} without an API key", file=sys.stderr)
     settings = ServeSettings(
-        model_name=name,
-        aliases=(args.model,),
         api_key=api_key,
         max_items=args.max_items,
-        max_input_tokens=args.max_input_tokens,
         truncate=args.truncate,
         max_body_bytes=args.max_body_bytes,
         max_batch_tokens=args.max_batch_tokens,
         max_batch_size=args.max_batch_size,
         max_queued_items=args.max_queued_items,
     )
-    app = create_app(backend_for(_load_inference_model(args), name), settings)
+    app = create_app(_served_models(args), settings)
     # on SIGINT/SIGTERM uvicorn stops accepting, finishes in-flight requests, then the app drains its queue
     uvicorn.run(
         app, host=args.host, port=args.port, timeout_graceful_shutdown=args.graceful_timeout, log_level=args.log_level
     )
     return 0
+
+
+def _pair(text: str, flag: str) -> tuple[str | None, str]:
+    """``NAME=PATH`` -> (NAME, PATH); a bare PATH -> (None, PATH)."""
+    name, sep, path = text.partition("=")
+    if not sep:
+        return None, text
+    if not name or not path:
+        raise ConfigError(f"{flag}: expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _served_models(args: argparse.Namespace) -> list:
+    """The model ids of `embforge serve`: each MODEL ([NAME=]PATH), then each --lora-modules NAME=PATH
+    on the first MODEL's weights."""
+    from embforge.quantization import Calibration
+    from embforge.serve.backend import backend_for
+    from embforge.serve.requests import ServedModel
+
+    several = len(args.models) > 1
+    if several and (args.served_model_name or args.calibration):
+        raise ConfigError(
+            "--served-model-name and --calibration go with one MODEL; with several, name each as NAME=PATH "
+            "and keep each model's calibration.json in its folder"
+        )
+    served = []
+    for i, spec in enumerate(args.models):
+        name, path = _pair(spec, "MODEL")
+        name = name or args.served_model_name or path
+        one = argparse.Namespace(**{**vars(args), "model": path})
+        adapters = dict(_pair_named(x) for x in args.lora_modules) if i == 0 and args.lora_modules else None
+        backend = backend_for(_load_inference_model(one), name, adapters)
+        calibration = _serving_calibration(args, path)
+        instructions = _serving_instructions(args, path)
+        common = {"instructions": instructions, "max_input_tokens": args.max_input_tokens}
+        served.append(ServedModel(name, backend, aliases=(path,), calibration=calibration, **common))
+        for adapter, folder in (adapters or {}).items():
+            own = Calibration.find(folder)  # an adapter changes the embeddings: only its own ranges apply
+            served.append(ServedModel(adapter, backend, adapter=adapter, calibration=own, **common))
+    return served
+
+
+def _pair_named(text: str) -> tuple[str, str]:
+    name, path = _pair(text, "--lora-modules")
+    if name is None:
+        raise ConfigError(f"--lora-modules: expected NAME=PATH, got {text!r}")
+    return name, path
+
+
+def _serving_calibration(args: argparse.Namespace, model: str):
+    """--calibration FILE, else the model folder's calibration.json where it has one."""
+    from embforge.quantization import Calibration
+
+    if args.calibration:
+        return Calibration.load(args.calibration)
+    return Calibration.find(model) if Path(model).is_dir() else None
+
+
+def _serving_instructions(args: argparse.Namespace, model: str) -> dict[str, str]:
+    """--instructions FILE (or ``nv-embed``: the table shipped with the recipes), else MODEL/instructions.yaml.
+
+    The file is an instruction table (``by_type`` / ``by_task``, as recipes and ``embforge eval``
+    use); its task names and type names are what a request's ``task`` may pick.
+    """
+    from embforge.config import from_dict, read_yaml
+    from embforge.eval.tasks import InstructionTable
+
+    source = args.instructions
+    if source == "nv-embed":
+        source = str(Path(__file__).parent / "recipes" / "nv_embed" / "instructions.yaml")
+    elif source is None:
+        beside = Path(model) / "instructions.yaml"
+        if not beside.is_file():
+            return {}
+        source = str(beside)
+    table = from_dict(InstructionTable, read_yaml(source), source)
+    return {**table.by_type, **table.by_task}
 
 
 def cmd_export(args: argparse.Namespace) -> int:
@@ -337,6 +429,36 @@ def cmd_distill(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from embforge.adapt.pipeline import AdaptSettings, adapt
+
+    settings = AdaptSettings(
+        model=args.model,
+        data=str(Path(args.data).resolve()),
+        teacher=args.teacher,
+        minutes=args.minutes,
+        steps=args.steps,
+        seed=args.seed,
+        batch_size=args.batch_size,
+        num_negatives=args.num_negatives,
+        max_negative_ratio=args.max_negative_ratio,
+        lr=args.lr,
+        max_seq_len=args.max_seq_len,
+        pseudo=not args.no_pseudo,
+        llm_endpoint=args.llm_endpoint,
+        llm_model=args.llm_model,
+        llm_queries=args.llm_queries,
+    )
+    report = adapt(settings, args.output)
+    h = report["held_back"]
+    print(
+        f"held-back nDCG@10: base {h['base']['ndcg_at_10']:.2f} -> final {h['final']['ndcg_at_10']:.2f} "
+        f"(merge weight {report['merge_weight']}); model: {Path(args.output) / 'final'}, report: "
+        f"{Path(args.output) / 'report.md'}"
+    )
+    return 0
+
+
 MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "dare_ties")  # models.merging.METHODS
 
 
@@ -384,11 +506,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("serve", help="OpenAI-compatible embedding server (POST /v1/embeddings)")
-    p.add_argument("model", help="known model name, a model folder, or an ONNX folder (embforge export onnx)")
+    p.add_argument(
+        "models",
+        nargs="+",
+        metavar="MODEL",
+        help="[NAME=]known model name, model folder or ONNX folder (embforge export onnx); several: one id each",
+    )
+    p.add_argument(
+        "--lora-modules",
+        nargs="+",
+        default=[],
+        metavar="NAME=PATH",
+        help="LoRA adapters (Embedder.save(..., merge_lora=False)) served as model NAME on the first MODEL's weights",
+    )
     p.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' (or set EMBFORGE_API_KEY)")
-    p.add_argument("--served-model-name", default=None, help="the id clients send as `model` (default: MODEL)")
+    p.add_argument(
+        "--served-model-name", default=None, help="the id clients send as `model` (default: MODEL; one MODEL only)"
+    )
     p.add_argument("--device", default=None, help="cpu, cuda, ... (PyTorch models)")
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     p.add_argument("--int8", action="store_true", help="ONNX folder: serve the int8-quantised model")
@@ -402,7 +538,30 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-queued-items", type=int, default=4096, help="queued inputs before 503 + Retry-After")
     p.add_argument("--graceful-timeout", type=float, default=30.0, help="seconds to finish in-flight requests on stop")
     p.add_argument("--log-level", default="info")
+    p.add_argument(
+        "--calibration",
+        default=None,
+        help="int8/uint8 ranges (embforge calibrate; default: MODEL/calibration.json where it exists)",
+    )
+    p.add_argument(
+        "--instructions",
+        default=None,
+        help="instruction table for requests' `task` (YAML by_type/by_task, or nv-embed; "
+        "default: MODEL/instructions.yaml where it exists)",
+    )
     p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("calibrate", help="int8/uint8 output ranges from a sample of your corpus (for serve)")
+    _add_model_args(p)
+    p.add_argument("--input", required=True, help=".txt (one text per line) or .jsonl sample of your corpus")
+    p.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
+    p.add_argument("--sample", type=int, default=5000, help="texts drawn (with --seed) from the input at most")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--dimensions", default=None, help="comma-separated widths to calibrate (default: the full one)")
+    p.add_argument("--prompt-name", default=None, help="the prompt documents are embedded with (e.g. document)")
+    p.add_argument("--int8", action="store_true", help="ONNX folder: embed with the int8-quantised model")
+    p.add_argument("--output", default=None, help="the file to write (default: MODEL/calibration.json)")
+    p.set_defaults(func=cmd_calibrate)
 
     p = sub.add_parser("export", help="export a model for fast inference")
     esub = p.add_subparsers(dest="export_kind", required=True)
@@ -503,6 +662,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
     )
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("adapt", help="adapt a model to your corpus (BEIR folder): pairs, filter, mine, train, merge")
+    p.add_argument("model", help="the base model: a packaged name or a folder")
+    p.add_argument("--data", required=True, help="BEIR folder: corpus.jsonl [+ queries.jsonl and qrels/train.tsv]")
+    p.add_argument("--output", required=True, help="run folder: OUTPUT/final, OUTPUT/report.{md,json,png}")
+    p.add_argument("--minutes", type=float, default=30.0, help="the whole run's time budget (training fills it)")
+    p.add_argument("--steps", type=int, default=None, help="training steps (default: what the budget allows)")
+    p.add_argument("--teacher", default=None, help="a stronger embedder: mines negatives and adds distillation")
+    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--num-negatives", type=int, default=1, help="mined hard negatives per query")
+    p.add_argument(
+        "--max-negative-ratio",
+        type=float,
+        default=0.95,
+        help="positive-aware mining: no negative scoring above this x the positive's score",
+    )
+    p.add_argument("--lr", type=float, default=5e-5)
+    p.add_argument("--max-seq-len", type=int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--no-pseudo", action="store_true", help="with labelled pairs: train on them alone")
+    p.add_argument("--llm-endpoint", default=None, help="OpenAI-compatible base URL for LLM-written queries")
+    p.add_argument("--llm-model", default=None)
+    p.add_argument("--llm-queries", type=int, default=0, help="passages to ask the LLM a query for")
+    p.set_defaults(func=cmd_adapt)
 
     p = sub.add_parser("distill", help="train a student to match a teacher embedder (+ InfoNCE), teacher cached")
     p.add_argument("student", help="the student: a packaged model name or a folder")

@@ -14,6 +14,9 @@ float ranking at a fraction of the memory.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -31,6 +34,89 @@ def calibration_ranges(emb: np.ndarray) -> np.ndarray:
     if emb.ndim != 2 or len(emb) == 0:
         raise InputError(f"calibration embeddings must be a non-empty (N, D) array, got shape {emb.shape}")
     return np.stack([emb.min(axis=0), emb.max(axis=0)])
+
+
+CALIBRATION_FILE = "calibration.json"  # in a model folder: what int8/uint8 output of that model uses
+_CALIBRATION_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class Calibration:
+    """int8/uint8 calibration ranges of one model, per output width (Matryoshka ``dimensions``).
+
+    A width's ranges are those of the model's embeddings at that width (truncated by the model's
+    rule and re-normalised), so ``quantize_embeddings(encode(t, dimensions=d), p, c.ranges_for(d))``
+    is the model's int8/uint8 output at width ``d``. Written by ``embforge calibrate``.
+    """
+
+    ranges: dict[int, np.ndarray]  # width -> (2, width) float32: min and max per dimension
+    sample_size: int
+    prompt_name: str | None = None  # the prompt the sample was embedded with
+
+    def ranges_for(self, dimensions: int) -> np.ndarray:
+        if dimensions not in self.ranges:
+            raise InputError(
+                f"no int8/uint8 calibration for {dimensions} dimensions (calibrated: {sorted(self.ranges)}); "
+                f"run `embforge calibrate MODEL --dimensions {dimensions} ...`"
+            )
+        return self.ranges[dimensions]
+
+    def to_json(self) -> str:
+        body = {
+            "format": _CALIBRATION_FORMAT,
+            "sample_size": self.sample_size,
+            "prompt_name": self.prompt_name,
+            "ranges": {str(d): r.tolist() for d, r in sorted(self.ranges.items())},
+        }
+        return json.dumps(body) + "\n"
+
+    def save(self, path: str | Path) -> Path:
+        """Write to ``path`` (a model folder -> ``folder/calibration.json``), atomically."""
+        from embforge.atomic import atomic_write
+
+        path = Path(path)
+        target = path / CALIBRATION_FILE if path.is_dir() else path
+        text = self.to_json()
+        return atomic_write(target, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+    @classmethod
+    def load(cls, path: str | Path) -> Calibration:
+        """Read a file written by :meth:`save` (``path``: the file or the model folder holding it)."""
+        path = Path(path)
+        file = path / CALIBRATION_FILE if path.is_dir() else path
+        try:
+            body = json.loads(file.read_text(encoding="utf-8"))
+            if body.get("format") != _CALIBRATION_FORMAT:
+                raise ValueError(f"format {body.get('format')!r}, expected {_CALIBRATION_FORMAT}")
+            ranges = {}
+            for width, pair in body["ranges"].items():
+                r = np.asarray(pair, dtype=np.float32)
+                if r.shape != (2, int(width)) or not np.all(np.isfinite(r)) or np.any(r[0] > r[1]):
+                    raise ValueError(f"ranges[{width!r}] must be finite [min, max] rows of {width} values")
+                ranges[int(width)] = r
+            if not ranges:
+                raise ValueError("no ranges")
+            return cls(ranges, int(body["sample_size"]), body.get("prompt_name"))
+        except FileNotFoundError:
+            raise InputError(f"{file}: no calibration file (write one with `embforge calibrate`)") from None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise InputError(f"{file}: not a calibration file ({exc})") from None
+
+    @classmethod
+    def find(cls, folder: str | Path) -> Calibration | None:
+        """The calibration saved in a model folder, or None when it has none."""
+        file = Path(folder) / CALIBRATION_FILE
+        return cls.load(file) if file.is_file() else None
+
+
+def calibrate(full: np.ndarray, dimensions: list[int], normalize: bool, prompt_name: str | None = None) -> Calibration:
+    """Calibration from a sample's full-width embeddings (N, D), for each width in ``dimensions``."""
+    from embforge.models.matryoshka import check_dimensions, truncate_dimensions
+
+    full = np.asarray(full, dtype=np.float32)
+    widths = sorted({check_dimensions(d, full.shape[1]) for d in dimensions} or {full.shape[1]})
+    ranges = {d: calibration_ranges(truncate_dimensions(full, d, normalize)) for d in widths}
+    return Calibration(ranges, len(full), prompt_name)
 
 
 def _steps(ranges: np.ndarray, dim: int) -> tuple[np.ndarray, np.ndarray]:

@@ -28,8 +28,24 @@ def onnx_minilm(minilm, tmp_path_factory):
     return export_onnx(minilm, tmp_path_factory.mktemp("onnx") / "minilm", source=MODEL)
 
 
+SAMPLE = [f"passage {i}: {t}" for i in range(25) for t in ("a list sorted in Python", "a cat on a mat")]
+
+
+@pytest.fixture(scope="module")
+def calibration(minilm, tmp_path_factory):
+    """int8/uint8 ranges of MiniLM at 384 and 128 dimensions, written by `embforge calibrate`."""
+    from embforge.cli import main
+    from embforge.quantization import Calibration
+
+    folder = tmp_path_factory.mktemp("calibration")
+    (folder / "sample.txt").write_text("\n".join(SAMPLE) + "\n")
+    args = ["--input", str(folder / "sample.txt"), "--dimensions", "384,128", "--output", str(folder / "c.json")]
+    assert main(["calibrate", MODEL, *args, "--precision", "fp32"]) == 0
+    return folder / "c.json", Calibration.load(folder / "c.json")
+
+
 @pytest.fixture(scope="module", params=["torch", "onnx"])
-def server(request, minilm_dir):
+def server(request, minilm_dir, calibration):
     # fp32 on both backends, so answers equal `Embedder.encode(precision="fp32")` to float rounding;
     # the default (auto) precision is tested on its own below
     torch = request.param == "torch"
@@ -37,7 +53,8 @@ def server(request, minilm_dir):
     proc, url = start_server(
         model,
         "--served-model-name", MODEL, "--api-key", KEY, "--max-items", "64", "--max-queued-items", "128",
-        "--max-body-bytes", "300000", *(["--precision", "fp32"] if torch else []),
+        "--max-body-bytes", "300000", "--calibration", str(calibration[0]),
+        *(["--precision", "fp32"] if torch else []),
     )  # fmt: skip
     yield url
     assert stop_server(proc)
@@ -70,6 +87,37 @@ def test_openai_client_gets_embedder_embeddings(client, minilm, encoding_format,
     assert [d.index for d in resp.data] == list(range(len(TEXTS)))
     n_tokens = sum(len(ids) for ids in minilm.tokenizer(TEXTS)["input_ids"])
     assert resp.usage.prompt_tokens == resp.usage.total_tokens == n_tokens
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "binary", "ubinary"])
+def test_compact_formats_through_the_client(client, minilm, calibration, dtype):
+    from embforge.quantization import quantize_embeddings
+
+    for dimensions in (384, 128):
+        ranges = calibration[1].ranges[dimensions] if dtype in ("int8", "uint8") else None
+        served = client.embeddings.create(input=TEXTS, model=MODEL, encoding_format="float", dimensions=dimensions)
+        floats = np.asarray([d.embedding for d in served.data], dtype=np.float32)
+        expected = quantize_embeddings(floats, dtype, ranges)
+        resp = client.embeddings.create(input=TEXTS, model=MODEL, encoding_format=dtype, dimensions=dimensions)
+        got = np.asarray([d.embedding for d in resp.data]).astype(expected.dtype)
+        assert got.tobytes() == expected.tobytes()  # byte for byte the offline quantisation of the served floats
+        packed = client.embeddings.create(
+            input=TEXTS,
+            model=MODEL,
+            encoding_format="base64",
+            dimensions=dimensions,
+            extra_body={"output_dtype": dtype},
+        )
+        raw = b"".join(base64.b64decode(d.embedding) for d in packed.data)
+        assert raw == expected.tobytes()
+        # the offline model: its floats equal the served ones to rounding, so at most a stray level
+        offline = quantize_embeddings(minilm.encode(TEXTS, dimensions=dimensions, precision="fp32"), dtype, ranges)
+        if dtype in ("int8", "uint8"):
+            assert np.abs(offline.astype(int) - expected.astype(int)).max() <= 1
+        else:
+            assert np.unpackbits(offline.view(np.uint8) ^ expected.view(np.uint8)).sum() <= 1
+    with pytest.raises(openai.BadRequestError, match="not calibrated"):
+        client.embeddings.create(input=TEXTS, model=MODEL, encoding_format="int8", dimensions=64)
 
 
 def test_default_client_format_single_string_and_token_ids(client, minilm):
@@ -158,3 +206,72 @@ def test_sigterm_finishes_in_flight_requests(minilm_dir):
     assert stop_server(proc)
     thread.join(300)
     assert result["r"].status_code == 200 and len(result["r"].json()["data"]) == 64
+
+
+def _minilm_adapter(seed: int, folder):
+    """MiniLM with a LoRA adapter (rank 4 on query/value, random non-zero deltas), saved unmerged."""
+    import torch
+
+    from embforge.models.build import apply_lora
+    from embforge.models.embedder import Embedder
+    from embforge.models.spec import LoraConfig
+
+    model = Embedder.load(MODEL, device="cpu")
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"]))
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.05 * torch.randn(p.shape, generator=gen))
+    return model.eval().save(folder, merge_lora=False)
+
+
+def test_two_models_and_two_adapters_in_one_process(minilm, tmp_path):
+    from embforge.models.embedder import Embedder
+
+    a, b = _minilm_adapter(1, tmp_path / "a"), _minilm_adapter(2, tmp_path / "b")
+    merged = Embedder.load(b, device="cpu").save(tmp_path / "b-merged")  # a second model on its own weights
+    proc, url = start_server(
+        [f"{MODEL}={MODEL}", f"merged={merged}"], "--lora-modules", f"ad-a={a}", f"ad-b={b}", "--precision", "fp32"
+    )
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+        assert {m.id for m in client.models.list().data} == {MODEL, "merged", "ad-a", "ad-b"}
+        answers = {}
+        with ThreadPoolExecutor(8) as pool:  # mixed traffic: all four ids at once
+            futures = {
+                (m, i): pool.submit(client.embeddings.create, input=TEXTS, model=m, encoding_format="float")
+                for m in (MODEL, "merged", "ad-a", "ad-b")
+                for i in range(2)
+            }
+            for key, future in futures.items():
+                answers[key] = np.asarray([d.embedding for d in future.result().data])
+        with pytest.raises(openai.NotFoundError, match="ad-c"):
+            client.embeddings.create(input="x", model="ad-c")
+    finally:
+        assert stop_server(proc)
+    offline = {
+        MODEL: minilm.encode(TEXTS, precision="fp32"),
+        "merged": Embedder.load(merged, device="cpu").encode(TEXTS, precision="fp32"),
+        "ad-a": Embedder.load(a, device="cpu").encode(TEXTS, precision="fp32"),
+        "ad-b": Embedder.load(b, device="cpu").encode(TEXTS, precision="fp32"),
+    }
+    for (model, _), got in answers.items():
+        cos = (got * offline[model]).sum(1) / np.linalg.norm(got, axis=1) / np.linalg.norm(offline[model], axis=1)
+        assert cos.min() >= 0.99999, (model, cos)
+    assert np.abs(offline["ad-a"] - offline[MODEL]).max() > 1e-3  # the adapters change the embeddings
+
+
+def test_an_adapter_of_another_base_is_refused_at_start(tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    a = _minilm_adapter(1, tmp_path / "a")
+    proc = subprocess.run(
+        [sys.executable, "-m", "embforge", "serve", str(tiny_model_dir), "--lora-modules", f"x={a}"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 2, proc.stderr
+    assert str(a / "embforge.json") in proc.stderr or str(a / "model.safetensors") in proc.stderr, proc.stderr

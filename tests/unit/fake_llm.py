@@ -70,6 +70,9 @@ class FakeLLM:
         if "Brainstorm" in prompt:
             n = int(re.search(r"list of (\d+)", prompt).group(1))
             content = "```json\n" + json.dumps([f"Retrieve documents about topic {i}" for i in range(n)]) + "\n```"
+        elif "Passage: " in prompt:  # embforge adapt: a query for a passage
+            words = re.search(r"Passage: (.*)", prompt).group(1).split()[:4]
+            content = json.dumps({"query": "what about " + " ".join(words)})
         elif mode == "bad_json":
             content = "Sure! Here is your example: user_query = ..."
         elif mode == "bad_schema":

@@ -39,3 +39,34 @@ def test_eval_writes_mteb_like_json(tiny_model_dir, tmp_path):
     assert result["task_name"] == "tiny-sts" and result["main_score_name"] == "cosine_spearman"
     entry = result["scores"]["test"][0]
     assert entry["hf_subset"] == "default" and -1 <= entry["main_score"] <= 1
+
+
+def test_calibrate_writes_ranges_the_model_folder_serves(tiny_model_dir, tmp_path):
+    import numpy as np
+
+    from embforge.cli import _serving_calibration, build_parser
+    from embforge.models.embedder import Embedder
+    from embforge.quantization import Calibration, calibration_ranges
+
+    texts = [f"some passage number {i} about topic {i % 7}" for i in range(40)]
+    inp = tmp_path / "sample.txt"
+    inp.write_text("\n".join(texts) + "\n")
+    out = tmp_path / "cal.json"
+    args = ["calibrate", str(tiny_model_dir), "--input", str(inp), "--dimensions", "64,16", "--output", str(out)]
+    assert main([*args, "--sample", "30"]) == 0
+    cal = Calibration.load(out)
+    assert sorted(cal.ranges) == [16, 64] and cal.sample_size == 30
+    # the ranges of the model's own embeddings of the sampled texts at each width
+    model = Embedder.load(tiny_model_dir, device="cpu")
+    emb = model.encode(texts, dimensions=16)
+    low, high = cal.ranges[16]
+    assert np.all(low >= emb.min(0) - 1e-5) and np.all(high <= emb.max(0) + 1e-5)
+    all_texts = calibration_ranges(emb)
+    assert np.all(low >= all_texts[0] - 1e-5) and np.all(high <= all_texts[1] + 1e-5)
+    parsed = build_parser().parse_args(["serve", str(tiny_model_dir), "--calibration", str(out)])
+    assert sorted(_serving_calibration(parsed, str(tiny_model_dir)).ranges) == [16, 64]
+    # a model folder: written beside the model, found by `serve` without the flag
+    assert main(["calibrate", str(tiny_model_dir), "--input", str(inp)]) == 0
+    parsed = build_parser().parse_args(["serve", str(tiny_model_dir)])
+    assert sorted(_serving_calibration(parsed, str(tiny_model_dir)).ranges) == [64]
+    assert main(["calibrate", "all-MiniLM-L6-v2-not-a-folder", "--input", str(inp)]) == 2

@@ -101,3 +101,27 @@ def test_hamming_distances_and_search_match_a_naive_count(data):
     assert (idx[:, 0] == np.arange(len(queries))).mean() > 0.95
     with pytest.raises(InputError, match="ubinary"):
         hamming_distances(quantize_embeddings(queries[:2], "binary"), quantize_embeddings(corpus[:3], "binary"))
+
+
+def test_calibration_files_round_trip_and_bad_ones_name_the_file(tmp_path, data):
+    from embforge.quantization import Calibration, calibrate
+
+    corpus, _ = data
+    cal = calibrate(corpus, [384, 128], normalize=True, prompt_name="document")
+    again = Calibration.load(cal.save(tmp_path / "c.json"))
+    assert sorted(again.ranges) == [128, 384] and again.prompt_name == "document" and again.sample_size == 2000
+    np.testing.assert_array_equal(again.ranges[128], cal.ranges[128])
+    # each width's ranges are those of the truncated, re-normalised embeddings
+    short = corpus[:, :128] / np.linalg.norm(corpus[:, :128], axis=1, keepdims=True)
+    np.testing.assert_allclose(cal.ranges[128], calibration_ranges(short), atol=1e-6)
+    with pytest.raises(InputError, match="no int8/uint8 calibration for 64 dimensions"):
+        cal.ranges_for(64)
+    assert Calibration.find(tmp_path) is None
+    (tmp_path / "calibration.json").write_text('{"format": 1, "sample_size": 3, "ranges": {"4": [[0, 0], [1, 1]]}}')
+    with pytest.raises(InputError, match=r"calibration.json: not a calibration file \(ranges\['4'\]"):
+        Calibration.find(tmp_path)
+    (tmp_path / "calibration.json").write_text("{")
+    with pytest.raises(InputError, match="calibration.json: not a calibration file"):
+        Calibration.load(tmp_path)
+    with pytest.raises(InputError, match="no calibration file"):
+        Calibration.load(tmp_path / "missing.json")

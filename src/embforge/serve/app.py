@@ -1,9 +1,14 @@
-"""The OpenAI-compatible embedding server: ``create_app(backend, settings)`` builds it.
+"""The OpenAI-compatible embedding server: ``create_app(models, settings)`` builds it.
 
 Endpoints: ``POST /v1/embeddings``, ``GET /v1/models``, ``GET /health``, ``GET /metrics``
 (Prometheus text format). Requests are validated here (body size, JSON, fields, limits),
 tokenised on a worker thread (never on the event loop), and embedded by the
-:class:`~embforge.serve.batcher.MicroBatcher`, whose single thread owns the model.
+:class:`~embforge.serve.batcher.MicroBatcher` of their model, whose single thread owns it.
+
+Several model ids can be served at once (:class:`~embforge.serve.requests.ServedModel`): each
+backend (one copy of weights) has its own batcher and queue limit; the ids of a base model's
+LoRA adapters share its batcher, which batches by adapter. Forward passes of different
+backends take turns (one process-wide lock): on CPU two at once would only split the cores.
 
 Every error becomes an OpenAI-shaped body through ONE handler (:func:`_error_response`);
 unexpected exceptions are logged and answered with a generic 500 that names nothing internal.
@@ -12,11 +17,12 @@ unexpected exceptions are logged and answered with a generic 500 that names noth
 from __future__ import annotations
 
 import asyncio
-import base64
 import hmac
 import json
 import logging
+import threading
 import time
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,8 +30,9 @@ from dataclasses import dataclass
 from embforge.errors import EmbforgeError, InputError
 from embforge.models.matryoshka import truncate_dimensions
 from embforge.optional import require
-from embforge.serve.backend import Backend, Encoded, from_token_ids
+from embforge.serve import requests as rq
 from embforge.serve.batcher import MicroBatcher
+from embforge.serve.requests import ServedModel
 from embforge.serve.schemas import (
     ApiError,
     AuthenticationError,
@@ -47,25 +54,20 @@ log = logging.getLogger("embforge.serve")
 
 @dataclass
 class ServeSettings:
-    """Limits and identity of one server.
+    """Limits of one server (what each model is: :class:`~embforge.serve.requests.ServedModel`).
 
     Attributes:
-        model_name: the id clients send as ``model`` (``GET /v1/models`` lists it).
-        aliases: other accepted ids (e.g. the folder path the model was loaded from).
         api_key: when set, ``/v1/*`` and ``/metrics`` need ``Authorization: Bearer <key>``.
         max_items: inputs per request at most (OpenAI: 2048).
-        max_input_tokens: tokens per input at most (default and ceiling: the model's maximum).
         truncate: cut over-long inputs to the model's maximum instead of answering 413.
         max_body_bytes: request body size limit (413 beyond it).
-        max_batch_tokens, max_batch_size, max_queued_items: see :class:`MicroBatcher`.
-        retry_after_s: the ``Retry-After`` of a 503 when the queue is full.
+        max_batch_tokens, max_batch_size: see :class:`MicroBatcher` (each backend's).
+        max_queued_items: inputs queued per backend (a base and its adapters share one queue).
+        retry_after_s: the ``Retry-After`` of a 503 when a queue is full.
     """
 
-    model_name: str
-    aliases: tuple[str, ...] = ()
     api_key: str | None = None
     max_items: int = 2048
-    max_input_tokens: int | None = None
     truncate: bool = False
     max_body_bytes: int = 8 * 1024 * 1024
     max_batch_tokens: int = 8192
@@ -77,69 +79,92 @@ class ServeSettings:
 class _Metrics:
     """Prometheus series of one app (own registry: several apps may live in one process)."""
 
-    def __init__(self, batcher_queue):
+    def __init__(self):
         prom = require("prometheus_client")
         self.prom = prom
         self.registry = prom.CollectorRegistry()
         r = self.registry
+        by = ["model", "adapter"]
         self.requests = prom.Counter(
             "embforge_requests", "HTTP requests by path and status", ["path", "status"], registry=r
         )
         self.latency = prom.Histogram(
             "embforge_request_seconds",
             "embedding request latency",
+            by,
             buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30),
             registry=r,
         )
-        self.inputs = prom.Counter("embforge_inputs", "inputs embedded", registry=r)
-        self.tokens = prom.Counter("embforge_tokens", "tokens embedded (after truncation)", registry=r)
+        self.inputs = prom.Counter("embforge_inputs", "inputs embedded", by, registry=r)
+        self.tokens = prom.Counter("embforge_tokens", "tokens embedded (after truncation)", by, registry=r)
         self.batch_size = prom.Histogram(
-            "embforge_batch_size", "inputs per forward pass", buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256), registry=r
+            "embforge_batch_size",
+            "inputs per forward pass",
+            by,
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128, 256),
+            registry=r,
         )
-        self.batch_seconds = prom.Histogram("embforge_batch_seconds", "seconds per forward pass", registry=r)
-        queue = prom.Gauge("embforge_queue_inputs", "inputs queued or running", registry=r)
-        queue.set_function(batcher_queue)
+        self.batch_seconds = prom.Histogram("embforge_batch_seconds", "seconds per forward pass", by, registry=r)
+        self.queue = prom.Gauge("embforge_queue_inputs", "inputs queued or running, per backend", ["model"], registry=r)
 
-    def on_batch(self, items: int, padded_tokens: int, seconds: float) -> None:
-        self.batch_size.observe(items)
-        self.batch_seconds.observe(seconds)
+    def watch(self, name: str, batcher: MicroBatcher) -> None:
+        self.queue.labels(name).set_function(lambda: batcher.queued)
+
+        def on_batch(items: int, padded_tokens: int, seconds: float, adapter: str | None = None) -> None:
+            self.batch_size.labels(name, adapter or "").observe(items)
+            self.batch_seconds.labels(name, adapter or "").observe(seconds)
+
+        batcher._on_batch = on_batch
 
 
-def create_app(backend: Backend, settings: ServeSettings):
-    """Build the FastAPI app serving ``backend`` (a real model adapter, or a dummy in tests)."""
+def create_app(models: Sequence[ServedModel], settings: ServeSettings):
+    """Build the FastAPI app serving ``models`` (real model adapters, or dummies in tests)."""
     Response = require("fastapi.responses").Response
     StarletteHTTPException = require("starlette.exceptions").HTTPException
 
-    max_input_tokens = settings.max_input_tokens or backend.max_seq_len
-    if not 1 <= max_input_tokens <= backend.max_seq_len:
-        raise InputError(f"max_input_tokens must be in [1, {backend.max_seq_len}] (the model's maximum)")
+    if not models:
+        raise InputError("serve at least one model")
     if settings.max_items > settings.max_queued_items:
         raise InputError(
             f"max_items ({settings.max_items}) must not exceed max_queued_items ({settings.max_queued_items}): "
             "such a request could never be queued"
         )
-    names = {settings.model_name, *settings.aliases}
+    routes: dict[str, ServedModel] = {}
+    for model in models:
+        for name in dict.fromkeys((model.name, *model.aliases)):
+            if name in routes:
+                raise InputError(f"model id {name!r} is given twice; give each model its own --served-model-name")
+            routes[name] = model
     tokenizer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="embforge-tokenize")
-    batcher = MicroBatcher(
-        backend.embed,
-        max_batch_tokens=settings.max_batch_tokens,
-        max_batch_size=settings.max_batch_size,
-        max_queued_items=settings.max_queued_items,
-    )
-    metrics = _Metrics(lambda: batcher.queued)
-    batcher._on_batch = metrics.on_batch
+    forward_lock = threading.Lock()  # forward passes of different backends take turns
+    metrics = _Metrics()
+    batchers: dict[int, MicroBatcher] = {}  # id(backend) -> its batcher
+    for model in models:
+        if id(model.backend) not in batchers:
+            batcher = MicroBatcher(
+                model.backend.embed,
+                max_batch_tokens=settings.max_batch_tokens,
+                max_batch_size=settings.max_batch_size,
+                max_queued_items=settings.max_queued_items,
+                lock=forward_lock,
+            )
+            metrics.watch(model.name, batcher)  # the first id of the backend names its queue
+            batchers[id(model.backend)] = batcher
 
     @asynccontextmanager
     async def lifespan(app):
-        batcher.start()
+        for batcher in batchers.values():
+            batcher.start()
         try:
             yield
         finally:  # uvicorn has finished the in-flight requests by now; drain anything left
-            await asyncio.get_running_loop().run_in_executor(None, batcher.stop)
+            loop = asyncio.get_running_loop()
+            for batcher in batchers.values():
+                await loop.run_in_executor(None, batcher.stop)
             tokenizer_pool.shutdown(wait=True)
 
     app = fastapi.FastAPI(title="embforge", docs_url=None, redoc_url=None, openapi_url=None, lifespan=lifespan)
-    app.state.batcher = batcher
+    app.state.batchers = {m.name: batchers[id(m.backend)] for m in models}
     app.state.settings = settings
 
     # ------------------------------------------------------------------ the one error handler
@@ -203,60 +228,15 @@ def create_app(backend: Backend, settings: ServeSettings):
             param = str(first["loc"][0]) if first["loc"] else None
             raise BadRequestError(f"{where or 'body'}: {first['msg']}", param=param) from None
 
-    def _prompt_name(req: EmbeddingRequest) -> str | None:
-        if req.prompt_name is not None and req.input_type is not None:
-            raise BadRequestError("give input_type or prompt_name, not both", param="prompt_name")
-        if req.prompt_name is not None:
-            if req.prompt_name not in backend.prompts:
-                raise BadRequestError(
-                    f"unknown prompt_name {req.prompt_name!r}; this model has {sorted(backend.prompts)}",
-                    param="prompt_name",
-                )
-            return req.prompt_name
-        if req.input_type is not None:
-            # a model without that prompt embeds the text as it is (symmetric models)
-            return req.input_type if req.input_type in backend.prompts else ""
-        return None  # the model's default prompt
-
-    def _check_limits(items: list[Encoded], where: str) -> list[Encoded]:
-        for i, item in enumerate(items):
-            if item.input_tokens > max_input_tokens and not settings.truncate:
-                raise PayloadTooLargeError(
-                    f"{where}[{i}] has {item.input_tokens} tokens; the limit is {max_input_tokens}",
-                    param="input",
-                    code="input_too_long",
-                )
-        return items
-
-    async def _encode(req: EmbeddingRequest) -> list[Encoded]:
-        inputs = req.input
-        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and isinstance(inputs[0], int)):
-            inputs = [inputs]
-        if not inputs:
-            raise BadRequestError("input must not be empty", param="input")
-        if len(inputs) > settings.max_items:
-            raise PayloadTooLargeError(
-                f"too many inputs: {len(inputs)} (limit {settings.max_items})", param="input", code="too_many_inputs"
-            )
-        if isinstance(inputs[0], str):
-            for i, text in enumerate(inputs):
-                if not text.strip():
-                    raise BadRequestError(f"input[{i}] is empty", param="input")
-            prompt = _prompt_name(req)
-            loop = asyncio.get_running_loop()
-            # "" selects no prompt (input_type the model has no prompt for); None the default
-            items = await loop.run_in_executor(tokenizer_pool, _tokenize_with_prompt, backend, inputs, prompt)
-            return _check_limits(items, "input")
-        items = []
-        for i, ids in enumerate(inputs):
-            if not ids:
-                raise BadRequestError(f"input[{i}] is an empty token list", param="input")
-            if min(ids) < 0 or max(ids) >= backend.vocab_size:
-                raise BadRequestError(f"input[{i}] has token ids outside [0, {backend.vocab_size})", param="input")
-            if len(ids) > backend.max_seq_len and settings.truncate:
-                ids = ids[: backend.max_seq_len]
-            items.append(from_token_ids(ids))
-        return _check_limits(items, "input")
+    async def _items(req: EmbeddingRequest, model: ServedModel):
+        inputs = rq.input_list(req, settings.max_items)
+        if not isinstance(inputs[0], str):
+            return rq.check_lengths(rq.token_id_items(inputs, model, settings.truncate), model, settings.truncate)
+        instructed = rq.instruction_prompt(req, model)
+        prompt = None if instructed is not None else rq.prompt_name(req, model)
+        loop = asyncio.get_running_loop()
+        items = await loop.run_in_executor(tokenizer_pool, rq.tokenize, model.backend, inputs, prompt, instructed)
+        return rq.check_lengths(items, model, settings.truncate)
 
     # ------------------------------------------------------------------ routes
     @app.post("/v1/embeddings")
@@ -264,23 +244,19 @@ def create_app(backend: Backend, settings: ServeSettings):
         start = time.perf_counter()
         _authorize(request)
         req = _parse(await _read_body(request))
-        if req.model not in names:
+        model = routes.get(req.model)
+        if model is None:
             raise ModelNotFoundApiError(
-                f"model {req.model!r} is not served here; available: {sorted({settings.model_name})}", param="model"
+                f"model {req.model!r} is not served here; available: {sorted(m.name for m in models)}", param="model"
             )
-        dim = backend.hidden_size if req.dimensions is None else req.dimensions
-        if not 1 <= dim <= backend.hidden_size:
-            raise BadRequestError(
-                f"dimensions must be an integer in [1, {backend.hidden_size}], got {req.dimensions}", param="dimensions"
-            )
-        items = await _encode(req)
-        emb = await batcher.submit(items)  # (N, D)
+        backend = model.backend
+        dim = rq.output_dimensions(req, model)
+        dtype = rq.output_dtype(req, model, dim)
+        items = await _items(req, model)
+        emb = await batchers[id(backend)].submit(items, group=model.adapter)  # (N, D)
         if dim < backend.hidden_size:
             emb = truncate_dimensions(emb, dim, backend.normalize)  # (N, dim)
-        if req.encoding_format == "base64":
-            vectors = [base64.b64encode(row.astype("<f4").tobytes()).decode("ascii") for row in emb]
-        else:
-            vectors = emb.tolist()
+        vectors = rq.output_values(emb, dtype, req.encoding_format == "base64", model)
         tokens = sum(item.num_tokens for item in items)
         body = {
             "object": "list",
@@ -288,32 +264,33 @@ def create_app(backend: Backend, settings: ServeSettings):
             "model": req.model,
             "usage": {"prompt_tokens": tokens, "total_tokens": tokens},
         }
-        metrics.inputs.inc(len(items))
-        metrics.tokens.inc(tokens)
-        metrics.latency.observe(time.perf_counter() - start)
+        labels = (model.name, model.adapter or "")
+        metrics.inputs.labels(*labels).inc(len(items))
+        metrics.tokens.labels(*labels).inc(tokens)
+        metrics.latency.labels(*labels).observe(time.perf_counter() - start)
         metrics.requests.labels("/v1/embeddings", "200").inc()
         return Response(json.dumps(body), media_type="application/json")
 
     @app.get("/v1/models")
-    async def models(request: Request):
+    async def list_models(request: Request):
         _authorize(request)
-        info = {
-            "id": settings.model_name,
-            "object": "model",
-            "created": int(app_started),
-            "owned_by": "embforge",
-            "embforge": {
-                **backend.describe(),
-                "max_input_tokens": max_input_tokens,
-                "truncate": settings.truncate,
-                "max_items": settings.max_items,
-            },
-        }
-        return {"object": "list", "data": [info]}
+        limits = {"truncate": settings.truncate, "max_items": settings.max_items}
+        data = [
+            {
+                "id": m.name,
+                "object": "model",
+                "created": int(app_started),
+                "owned_by": "embforge",
+                "embforge": {**m.describe(), **limits},
+            }
+            for m in models
+        ]
+        return {"object": "list", "data": data}
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": settings.model_name, "queued_inputs": batcher.queued}
+        queued = {m.name: batchers[id(m.backend)].queued for m in models}
+        return {"status": "ok", "models": [m.name for m in models], "queued_inputs": queued}
 
     @app.get("/metrics")
     async def prometheus(request: Request):
@@ -323,16 +300,3 @@ def create_app(backend: Backend, settings: ServeSettings):
 
     app_started = time.time()
     return app
-
-
-def _tokenize_with_prompt(backend: Backend, texts: list[str], prompt: str | None) -> list[Encoded]:
-    """Runs on the tokenizer thread. ``prompt == ""`` means no prompt at all."""
-    if prompt == "":
-        if backend.default_prompt_name is None:
-            return backend.tokenize(texts, None)
-        # the model has a default prompt but the caller asked for a kind it has no prompt for
-        raise BadRequestError(
-            f"this model has no prompt for that input_type; its prompts are {sorted(backend.prompts)}",
-            param="input_type",
-        )
-    return backend.tokenize(texts, prompt)

@@ -45,11 +45,14 @@ class Backend(Protocol):
     normalize: bool
     prompts: dict[str, str]
     default_prompt_name: str | None
+    instruction_template: str | None  # e.g. "Instruct: {instruction}\nQuery: "; None: takes no instructions
 
-    def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]: ...
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None = None) -> list[Encoded]:
+        """``prompt``: a prompt text (an instruction through the template) instead of a name."""
+        ...
 
-    def embed(self, batch: Sequence[Any]) -> np.ndarray:
-        """Per-item features -> (B, hidden_size) float32 embeddings."""
+    def embed(self, batch: Sequence[Any], adapter: str | None = None) -> np.ndarray:
+        """Per-item features -> (B, hidden_size) float32 embeddings (with LoRA ``adapter``; None: the base)."""
         ...
 
     def describe(self) -> dict: ...
@@ -72,10 +75,13 @@ class _ModelBackend:
         self.normalize = bool(model.normalize)
         self.prompts = dict(model.prompts)
         self.default_prompt_name = model.default_prompt_name
+        self.instruction_template = model.instruction_template
         self.encoder = model.text_encoder
 
-    def tokenize(self, texts: Sequence[str], prompt_name: str | None) -> list[Encoded]:
-        prompts = [resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)] * len(texts)
+    def tokenize(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None = None) -> list[Encoded]:
+        if prompt is None:
+            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
+        prompts = [prompt] * len(texts)
         rows = self.encoder.encode(list(texts), prompts)
         items = [Encoded(row, len(row.ids), len(row.ids)) for row in rows]
         # a truncated input: count its full length (the usage, and the 413 without --truncate)
@@ -86,8 +92,12 @@ class _ModelBackend:
                 items[i].input_tokens = max(count, items[i].num_tokens)
         return items
 
-    def embed(self, batch: Sequence[Row]) -> np.ndarray:
-        return self._forward(self.encoder.pad(batch))
+    adapters: tuple[str, ...] = ()
+
+    def embed(self, batch: Sequence[Row], adapter: str | None = None) -> np.ndarray:
+        if adapter is not None and adapter not in self.adapters:
+            raise KeyError(f"unknown adapter {adapter!r}")  # the app routes only to loaded adapters
+        return self._forward(self.encoder.pad(batch), adapter)
 
     def describe(self) -> dict:
         return {
@@ -99,23 +109,49 @@ class _ModelBackend:
             "default_prompt_name": self.default_prompt_name,
             "query_prompt_name": "query" if "query" in self.prompts else None,
             "document_prompt_name": "document" if "document" in self.prompts else None,
+            "instruction_template": self.instruction_template,
+            "adapters": list(self.adapters),
         }
 
 
 class TorchBackend(_ModelBackend):
-    """An :class:`~embforge.models.embedder.Embedder` (any backbone/pooling it supports)."""
+    """An :class:`~embforge.models.embedder.Embedder` (any backbone/pooling it supports).
+
+    ``adapters``: LoRA adapter name -> folder, loaded onto this one copy of the base weights
+    (:func:`embforge.serve.adapters.attach_adapters`); a batch runs with one of them, or with
+    the adapters disabled (the base).
+    """
 
     kind = "torch"
 
-    def __init__(self, embedder, name: str):
+    def __init__(self, embedder, name: str, adapters: dict | None = None):
         super().__init__(embedder, name)
         self.vocab_size = len(embedder.tokenizer)
+        self.base_pooler = embedder.pooler
+        self.poolers: dict = {}
+        if adapters:
+            from embforge.serve.adapters import attach_adapters
 
-    def _forward(self, batch) -> np.ndarray:
+            self.poolers = attach_adapters(embedder, dict(adapters))
+        self.adapters = tuple(self.poolers)
+
+    def _forward(self, batch, adapter: str | None = None) -> np.ndarray:
+        import contextlib
+
         import torch
 
-        with torch.inference_mode(), self.model.inference_autocast():
-            out = self.model(**batch.to_torch(self.model.device))  # (B, D)
+        model = self.model
+        if not self.poolers:
+            context = contextlib.nullcontext()
+        elif adapter is None:
+            context = model.backbone.disable_adapter()
+            model.pooler = self.base_pooler
+        else:
+            model.backbone.set_adapter(adapter)
+            model.pooler = self.poolers[adapter]
+            context = contextlib.nullcontext()
+        with torch.inference_mode(), model.inference_autocast(), context:
+            out = model(**batch.to_torch(model.device))  # (B, D)
         return out.float().cpu().numpy()
 
     def describe(self) -> dict:
@@ -131,15 +167,21 @@ class OnnxBackend(_ModelBackend):
         super().__init__(embedder, name)
         self.vocab_size = embedder.vocab_size
 
-    def _forward(self, batch) -> np.ndarray:
+    def _forward(self, batch, adapter: str | None = None) -> np.ndarray:
         return self.model.forward(**{k: np.asarray(v) for k, v in batch.items()})
 
     def describe(self) -> dict:
         return {**super().describe(), "quantized": self.model.quantized}
 
 
-def backend_for(model, name: str) -> TorchBackend | OnnxBackend:
-    """Wrap an Embedder or an OnnxEmbedder."""
+def backend_for(model, name: str, adapters: dict | None = None) -> TorchBackend | OnnxBackend:
+    """Wrap an Embedder (with its LoRA ``adapters``: name -> folder) or an OnnxEmbedder."""
     from embforge.onnx.runtime import OnnxEmbedder
 
-    return OnnxBackend(model, name) if isinstance(model, OnnxEmbedder) else TorchBackend(model, name)
+    if isinstance(model, OnnxEmbedder):
+        if adapters:
+            from embforge.errors import ConfigError
+
+            raise ConfigError("LoRA adapters are served on a PyTorch model, not on an ONNX folder")
+        return OnnxBackend(model, name)
+    return TorchBackend(model, name, adapters)

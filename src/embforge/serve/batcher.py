@@ -4,7 +4,8 @@ Requests are split into items (one per input) and queued. ONE worker thread owns
 it takes everything queued at that moment (a *round*), sorts it by length (least padding)
 and cuts it into batches whose padded size ``items x longest`` stays within
 ``max_batch_tokens``; items that arrive meanwhile wait for the next round, so no request
-waits more than one round. The queue is bounded in items: a request that does not fit is
+waits more than one round. Items carry a *group* (the LoRA adapter they run with; None: the
+base weights): a batch holds one group, and ``embed(features, group)`` is called with it. The queue is bounded in items: a request that does not fit is
 refused at once with :class:`OverloadedError` (HTTP 503 + ``Retry-After``) instead of
 piling up latency.
 """
@@ -12,6 +13,7 @@ piling up latency.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,23 +44,26 @@ class _Entry:
     job: _Job = field(compare=False)
     index: int = field(compare=False)
     item: Encoded = field(compare=False)
+    group: str | None = field(default=None, compare=False)
 
 
 # a batch holds items at least 1/2 as long as its longest (at most half of it is padding)
 _MAX_LENGTH_SPREAD = 2
 
-BatchStats = Callable[[int, int, float], None]  # (items, padded tokens, seconds) of one forward pass
+BatchStats = Callable[..., None]  # (items, padded tokens, seconds, group) of one forward pass
 
 
 class MicroBatcher:
     """Queue + one model thread.
 
     Args:
-        embed: per-item features -> (B, D) embeddings; only ever called from the worker thread.
+        embed: per-item features -> (B, D) embeddings; only ever called from the worker thread,
+            as ``embed(features)`` for the base group and ``embed(features, group)`` for another.
         max_batch_tokens: budget for ``batch size x longest item`` of one forward pass.
         max_batch_size: items per forward pass at most.
         max_queued_items: items waiting or running at most; beyond it :meth:`submit` refuses.
         on_batch: called after every forward pass (for metrics).
+        lock: held around every forward pass (batchers of different models sharing the CPU take turns).
     """
 
     def __init__(
@@ -69,6 +74,7 @@ class MicroBatcher:
         max_batch_size: int = 128,
         max_queued_items: int = 4096,
         on_batch: BatchStats | None = None,
+        lock: threading.Lock | None = None,
     ):
         if max_batch_tokens < 1 or max_batch_size < 1 or max_queued_items < 1:
             raise ValueError("batch and queue limits must be >= 1")
@@ -77,6 +83,7 @@ class MicroBatcher:
         self.max_batch_size = max_batch_size
         self.max_queued_items = max_queued_items
         self._on_batch = on_batch
+        self._lock = lock
         self._cond = threading.Condition()
         self._pending: list[_Entry] = []
         self._queued = 0  # items accepted and not yet embedded
@@ -100,8 +107,8 @@ class MicroBatcher:
         if self._thread is not None:
             self._thread.join(timeout)
 
-    async def submit(self, items: Sequence[Encoded]) -> np.ndarray:
-        """Queue ``items``; return their (N, D) embeddings in order.
+    async def submit(self, items: Sequence[Encoded], group: str | None = None) -> np.ndarray:
+        """Queue ``items`` (run with ``group``); return their (N, D) embeddings in order.
 
         Raises:
             OverloadedError: the queue has no room for all of ``items`` (nothing is queued).
@@ -117,7 +124,7 @@ class MicroBatcher:
                 )
             for i, item in enumerate(items):
                 self._seq += 1
-                self._pending.append(_Entry(-item.num_tokens, self._seq, job, i, item))
+                self._pending.append(_Entry(-item.num_tokens, self._seq, job, i, item, group))
             self._queued += len(items)
             self._cond.notify()
         return await job.future
@@ -131,8 +138,12 @@ class MicroBatcher:
                 if not self._pending:  # stopping and drained
                     return
                 round_, self._pending = sorted(self._pending), []
-            for batch in self._cut(round_):
-                self._run_batch(batch)
+            groups: dict[str | None, list[_Entry]] = {}
+            for entry in round_:  # longest first within each group
+                groups.setdefault(entry.group, []).append(entry)
+            for group, entries in groups.items():
+                for batch in self._cut(entries):
+                    self._run_batch(batch, group)
 
     def _cut(self, entries: list[_Entry]) -> list[list[_Entry]]:
         """Longest-first entries -> batches with ``len x longest <= max_batch_tokens``.
@@ -156,11 +167,15 @@ class MicroBatcher:
             batches.append(current)
         return batches
 
-    def _run_batch(self, batch: list[_Entry]) -> None:
+    def _forward(self, features: list, group: str | None) -> np.ndarray:
+        with self._lock or contextlib.nullcontext():
+            return self._embed(features) if group is None else self._embed(features, group)
+
+    def _run_batch(self, batch: list[_Entry], group: str | None = None) -> None:
         live = [e for e in batch if not e.job.failed and not e.job.future.done()]
         start = time.perf_counter()
         try:
-            emb = self._embed([e.item.features for e in live]) if live else None
+            emb = self._forward([e.item.features for e in live], group) if live else None
         except Exception as exc:  # the request(s) get the error; the worker lives on
             for e in live:
                 if not e.job.failed:
@@ -168,7 +183,8 @@ class MicroBatcher:
                     e.job.loop.call_soon_threadsafe(_settle, e.job.future, None, exc)
             emb = None
         if emb is not None and self._on_batch is not None:
-            self._on_batch(len(live), len(live) * max(e.item.num_tokens for e in live), time.perf_counter() - start)
+            padded = len(live) * max(e.item.num_tokens for e in live)
+            self._on_batch(len(live), padded, time.perf_counter() - start, group)
         for row, e in enumerate(live):
             if emb is None:
                 break

@@ -15,6 +15,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Sequence
 
 
 def free_port() -> int:
@@ -24,14 +25,15 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_server(model: str, *flags: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
-    """Start ``embforge serve MODEL FLAGS`` and wait until ``/health`` answers 200; -> (process, base URL).
+def start_server(model: str | Sequence[str], *flags: str, timeout_s: float = 180) -> tuple[subprocess.Popen, str]:
+    """Start ``embforge serve MODEL [MODEL ...] FLAGS`` and wait until ``/health`` answers 200; -> (process, base URL).
 
     Raises:
         RuntimeError: the server exited (its last output is in the message) or did not come up in time.
     """
     port = free_port()
-    cmd = [sys.executable, "-m", "embforge", "serve", model, "--port", str(port), "--log-level", "warning", *flags]
+    models = [model] if isinstance(model, str) else list(model)
+    cmd = [sys.executable, "-m", "embforge", "serve", *models, *flags, "--port", str(port), "--log-level", "warning"]
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     url = f"http://127.0.0.1:{port}"

@@ -1,11 +1,18 @@
 """Request/response bodies of the OpenAI-compatible API, and the typed HTTP errors.
 
 ``POST /v1/embeddings`` takes the OpenAI body (``input``, ``model``, ``dimensions``,
-``encoding_format``, ``user``) plus two documented extensions that pick the model's prompt:
+``encoding_format``, ``user``) plus documented extensions:
 
 - ``input_type``: ``"query"`` or ``"document"`` — the model's ``query``/``document`` prompt
   when it has one (no prompt otherwise);
-- ``prompt_name``: any prompt name the model defines (see ``GET /v1/models``).
+- ``prompt_name``: any prompt name the model defines (see ``GET /v1/models``);
+- ``instruction`` (free text) or ``task`` (a name of the served instruction table): the
+  instruction goes through the model's ``instruction_template`` and becomes the query prompt,
+  attended to and left out of pooling exactly as ``Embedder.encode`` does it; with
+  ``input_type: "document"`` the documents get none;
+- compact output: ``encoding_format`` also takes ``int8``, ``uint8``, ``binary`` and ``ubinary``
+  (JSON integer lists, :mod:`embforge.quantization`); ``output_dtype`` (Voyage AI's name) with
+  ``encoding_format: "base64"`` sends the same values as base64 of their packed bytes.
 
 Every error the server answers with is an :class:`ApiError` carrying its HTTP status and
 an OpenAI-shaped body ``{"error": {"message", "type", "param", "code"}}``.
@@ -28,18 +35,25 @@ class EmbeddingRequest(BaseModel):
     # a string, a list of strings, one token-id list, or a list of token-id lists
     input: StrictStr | list[StrictStr] | list[StrictInt] | list[list[StrictInt]]
     model: StrictStr
-    encoding_format: Literal["float", "base64"] = "float"
+    encoding_format: Literal["float", "base64", "int8", "uint8", "binary", "ubinary"] = "float"
     dimensions: StrictInt | None = None
     user: StrictStr | None = None
     # extensions: which of the model's prompts to prepend
     input_type: Literal["query", "document"] | None = None
     prompt_name: StrictStr | None = None
+    # extensions: a task instruction through the model's template (free text, or a task of the table)
+    instruction: StrictStr | None = None
+    task: StrictStr | None = None
+    # extension: compact output values (with encoding_format "base64": their packed bytes)
+    output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = None
 
 
 class EmbeddingData(BaseModel):
     object: Literal["embedding"] = "embedding"
     index: int
-    embedding: list[float] | str  # base64 of little-endian float32 when encoding_format="base64"
+    # float: list[float]; int8/uint8/binary/ubinary: list[int]; base64: the little-endian float32 bytes,
+    # or the int8/uint8 bytes of a compact output_dtype
+    embedding: list[float] | list[int] | str
 
 
 class Usage(BaseModel):

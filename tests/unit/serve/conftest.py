@@ -10,6 +10,9 @@ import pytest
 from embforge.modeling.tokenization import Row
 from embforge.serve.app import ServeSettings, create_app
 from embforge.serve.backend import Encoded
+from embforge.serve.requests import ServedModel
+
+MODEL_FIELDS = ("aliases", "calibration", "instructions", "max_input_tokens")
 
 
 class DummyBackend:
@@ -19,6 +22,7 @@ class DummyBackend:
     max_seq_len = 8
     vocab_size = 1000
     normalize = True
+    instruction_template = None
 
     def __init__(self, prompts=None, default_prompt_name=None):
         self.prompts = dict(prompts or {})
@@ -47,7 +51,7 @@ class DummyBackend:
             out.append(Encoded(Row(ids), len(ids), len(full)))
         return out
 
-    def embed(self, batch):
+    def embed(self, batch, adapter=None):
         with self._lock:
             self._inside += 1
             self.max_inside = max(self.max_inside, self._inside)
@@ -85,8 +89,10 @@ def make_client(backend):
     clients = []
 
     def make(**overrides):
-        settings = ServeSettings(**{"model_name": "dummy", **overrides})
-        client = TestClient(create_app(backend, settings), raise_server_exceptions=False)
+        """``overrides``: ServeSettings fields and the served model's (calibration, max_input_tokens, ...)."""
+        own = {k: overrides.pop(k) for k in MODEL_FIELDS if k in overrides}
+        app = create_app([ServedModel("dummy", backend, **own)], ServeSettings(**overrides))
+        client = TestClient(app, raise_server_exceptions=False)
         client.__enter__()  # runs the lifespan: starts the model thread
         clients.append(client)
         return client

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from tests.unit.serve.conftest import vector
 
+from embforge.serve.requests import ServedModel
+
 
 def _post(client, body, **kwargs):
     return client.post("/v1/embeddings", json=body, **kwargs)
@@ -83,7 +85,8 @@ def test_input_type_and_prompt_name_select_the_model_prompt(client, backend):
         ({"input": "cat", "model": "dummy", "dimensions": 0}, 400, "invalid_request"),
         ({"input": "cat", "model": "dummy", "dimensions": 17}, 400, "invalid_request"),
         ({"input": "cat", "model": "dummy", "dimensions": "8"}, 400, "invalid_request"),
-        ({"input": "cat", "model": "dummy", "encoding_format": "int8"}, 400, "invalid_request"),
+        ({"input": "cat", "model": "dummy", "encoding_format": "int4"}, 400, "invalid_request"),
+        ({"input": "cat", "model": "dummy", "encoding_format": "int8"}, 400, "no_calibration"),
         ({"input": "cat", "model": "gpt-embed"}, 404, "model_not_found"),
         ({"input": "cat"}, 400, "invalid_request"),
         ({"input": 3, "model": "dummy"}, 400, "invalid_request"),
@@ -169,9 +172,9 @@ def test_settings_that_could_never_serve_a_request_are_refused(backend):
     from embforge.serve.app import ServeSettings, create_app
 
     with pytest.raises(InputError, match="max_items"):
-        create_app(backend, ServeSettings(model_name="dummy", max_items=10, max_queued_items=5))
+        create_app([ServedModel("dummy", backend)], ServeSettings(max_items=10, max_queued_items=5))
     with pytest.raises(InputError, match="max_input_tokens"):
-        create_app(backend, ServeSettings(model_name="dummy", max_input_tokens=9))
+        create_app([ServedModel("dummy", backend, max_input_tokens=9)], ServeSettings())
 
 
 def test_internal_errors_do_not_leak(client, backend):
@@ -200,7 +203,7 @@ def test_concurrent_requests_share_forward_passes_on_one_thread(client, backend)
     for t in threads:
         t.start()
     deadline = time.monotonic() + 10
-    while client.app.state.batcher.queued < 7 and time.monotonic() < deadline:
+    while client.app.state.batchers["dummy"].queued < 7 and time.monotonic() < deadline:
         time.sleep(0.01)
     backend.release.set()
     for t in [blocker, *threads]:
@@ -217,5 +220,75 @@ def test_health_and_metrics(client):
     text = client.get("/metrics").text
     assert 'embforge_requests_total{path="/v1/embeddings",status="200"} 1.0' in text
     assert 'embforge_requests_total{path="/v1/embeddings",status="400"} 1.0' in text
-    assert "embforge_inputs_total 2.0" in text and "embforge_tokens_total 7.0" in text
-    assert "embforge_batch_size_count 1.0" in text
+    assert 'embforge_inputs_total{adapter="",model="dummy"} 2.0' in text
+    assert 'embforge_tokens_total{adapter="",model="dummy"} 7.0' in text
+    assert 'embforge_batch_size_count{adapter="",model="dummy"} 1.0' in text
+
+
+# ---------------------------------------------------------------------------- compact output
+def _calibration(backend, widths=(16, 8)):
+    from embforge.models.matryoshka import truncate_dimensions
+    from embforge.quantization import calibrate
+
+    sample = np.stack([vector(backend.ids(f"sample text {i}", None)) for i in range(64)])
+    return calibrate(sample, list(widths), True), truncate_dimensions
+
+
+@pytest.mark.parametrize("dtype", ["int8", "uint8", "binary", "ubinary"])
+@pytest.mark.parametrize("dimensions", [None, 8])
+def test_compact_formats_equal_the_offline_quantization_byte_for_byte(make_client, backend, dtype, dimensions):
+    from embforge.quantization import quantize_embeddings
+
+    calibration, truncate = _calibration(backend)
+    client = make_client(calibration=calibration)
+    texts = ["sort a list", "read the file now", "cat"]
+    dims = {"dimensions": dimensions} if dimensions else {}
+    floats = np.asarray(
+        [d["embedding"] for d in _post(client, {"input": texts, "model": "dummy", **dims}).json()["data"]],
+        dtype=np.float32,
+    )
+    width = dimensions or backend.hidden_size
+    ranges = calibration.ranges[width] if dtype in ("int8", "uint8") else None
+    expected = quantize_embeddings(floats, dtype, ranges)  # (3, width) or (3, width / 8)
+    as_ints = _post(client, {"input": texts, "model": "dummy", "encoding_format": dtype, **dims}).json()
+    got = np.asarray([d["embedding"] for d in as_ints["data"]])
+    assert got.shape == expected.shape and all(isinstance(v, int) for v in as_ints["data"][0]["embedding"])
+    np.testing.assert_array_equal(got.astype(expected.dtype), expected)
+    body = {"input": texts, "model": "dummy", "encoding_format": "base64", "output_dtype": dtype, **dims}
+    packed = _post(client, body).json()["data"]
+    raw = np.stack([np.frombuffer(base64.b64decode(d["embedding"]), dtype=expected.dtype) for d in packed])
+    assert raw.tobytes() == expected.tobytes()
+    # the dummy's floats are the model's: the same bytes as quantising Embedder-style output offline
+    offline = truncate(np.stack([vector(backend.ids(t, None)) for t in texts]), width, True)
+    assert quantize_embeddings(offline, dtype, ranges).tobytes() == expected.tobytes()
+
+
+def test_compact_format_errors(make_client, backend):
+    plain = make_client()
+    for dtype in ("int8", "uint8"):
+        err = _error(_post(plain, {"input": "x", "model": "dummy", "encoding_format": dtype}), 400, "no_calibration")
+        assert "embforge calibrate" in err["message"]
+    # binary needs no calibration
+    assert _post(plain, {"input": "x", "model": "dummy", "encoding_format": "ubinary"}).status_code == 200
+    calibrated = make_client(calibration=_calibration(backend, widths=(16,))[0])
+    err = _error(
+        _post(calibrated, {"input": "x", "model": "dummy", "encoding_format": "int8", "dimensions": 8}),
+        400,
+        "no_calibration",
+    )
+    assert "[16]" in err["message"] and err["param"] == "dimensions"
+    body = {"input": "x", "model": "dummy", "encoding_format": "int8", "output_dtype": "binary"}
+    assert _error(_post(calibrated, body), 400)["param"] == "output_dtype"
+    _error(_post(calibrated, {"input": "x", "model": "dummy", "encoding_format": "int4"}), 400)
+    info = calibrated.get("/v1/models").json()["data"][0]["embforge"]
+    assert info["calibrated_dimensions"] == [16] and "ubinary" in info["encoding_formats"]
+
+
+def test_a_calibration_for_a_wider_model_is_refused(backend):
+    from embforge.errors import InputError
+    from embforge.serve.app import ServeSettings, create_app
+
+    wide = _calibration(backend)[0]
+    wide = type(wide)({32: np.zeros((2, 32), np.float32)}, 10)
+    with pytest.raises(InputError, match="another model"):
+        create_app([ServedModel("dummy", backend, calibration=wide)], ServeSettings())

@@ -143,13 +143,14 @@ def grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.grad.detach().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def tiny_lora_embedder(seed: int = 0) -> Embedder:
-    """A tiny NV-Embed-style model: bidirectional Llama (fixed base), latent head + LoRA seeded by ``seed``."""
+def tiny_lora_embedder(seed: int = 0, base_seed: int = 0) -> Embedder:
+    """A tiny NV-Embed-style model: bidirectional Llama (base weights seeded by ``base_seed``, the same
+    for every ``seed``), latent head + LoRA seeded by ``seed``."""
     from embforge.models.build import apply_lora
     from embforge.models.spec import LoraConfig
     from embforge.models.tiny import tiny_decoder
 
-    backbone, tokenizer = tiny_decoder("llama", seed=0)  # the frozen base is the same for every seed
+    backbone, tokenizer = tiny_decoder("llama", seed=base_seed)  # the frozen base is the same for every seed
     torch.manual_seed(seed)
     model = Embedder(
         backbone,

@@ -1,0 +1,154 @@
+"""Several models and LoRA adapters in one server: each id answers what its offline model gives."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from embforge.errors import ConfigError
+from embforge.models.embedder import Embedder
+from embforge.serve.app import ServeSettings, create_app
+from embforge.serve.backend import TorchBackend
+from embforge.serve.requests import ServedModel
+
+from ..train.helpers import tiny_lora_embedder
+
+TEXTS = ["sort a list", "the cat runs fast", "read the file now please"]
+
+
+def _adapter(seed: int, folder):
+    """A LoRA model on the shared tiny base with non-zero deltas and its own latent head, saved unmerged."""
+    model = tiny_lora_embedder(seed)
+    gen = torch.Generator().manual_seed(100 + seed)
+    with torch.no_grad():
+        for name, p in model.backbone.named_parameters():
+            if "lora_B" in name:
+                p.copy_(0.2 * torch.randn(p.shape, generator=gen))
+    return model.eval().save(folder, merge_lora=False)
+
+
+@pytest.fixture(scope="module")
+def folders(tmp_path_factory):
+    root = tmp_path_factory.mktemp("adapters")
+    base = tiny_lora_embedder(7)
+    base_dir = base.save(root / "base", merge_lora=True)  # B = 0: the merged base is the plain base weights
+    return base_dir, _adapter(1, root / "a"), _adapter(2, root / "b")
+
+
+def _offline(folder) -> np.ndarray:
+    return Embedder.load(folder, device="cpu", precision="fp32").encode(TEXTS, precision="fp32")
+
+
+def _cosines(a, b):
+    return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+
+
+@pytest.fixture(scope="module")
+def server(folders):
+    from fastapi.testclient import TestClient
+
+    base_dir, a, b = folders
+    base = Embedder.load(base_dir, device="cpu", precision="fp32")
+    other = Embedder.load(a, device="cpu", precision="fp32")  # a second model, on its own weights
+    shared = TorchBackend(base, "base", adapters={"ad-a": a, "ad-b": b})
+    models = [
+        ServedModel("base", shared),
+        ServedModel("ad-a", shared, adapter="ad-a"),
+        ServedModel("ad-b", shared, adapter="ad-b"),
+        ServedModel("merged-a", TorchBackend(other, "merged-a")),
+    ]
+    client = TestClient(create_app(models, ServeSettings()), raise_server_exceptions=False)
+    client.__enter__()
+    yield client, shared
+    client.__exit__(None, None, None)
+
+
+def _embed(client, model):
+    resp = client.post("/v1/embeddings", json={"input": TEXTS, "model": model})
+    assert resp.status_code == 200, resp.text
+    return np.asarray([d["embedding"] for d in resp.json()["data"]])
+
+
+def test_each_id_equals_its_offline_model(server, folders):
+    client, _ = server
+    base_dir, a, b = folders
+    for model, folder in (("base", base_dir), ("ad-a", a), ("ad-b", b), ("merged-a", a)):
+        assert _cosines(_embed(client, model), _offline(folder)).min() >= 0.99999, model
+    # the adapters really differ from the base and from each other
+    assert _cosines(_embed(client, "ad-a"), _embed(client, "ad-b")).min() < 0.999
+    listed = {m["id"]: m["embforge"] for m in client.get("/v1/models").json()["data"]}
+    assert set(listed) == {"base", "ad-a", "ad-b", "merged-a"}
+    assert listed["ad-a"]["adapter"] == "ad-a" and listed["base"]["adapters"] == ["ad-a", "ad-b"]
+
+
+def test_mixed_concurrent_traffic_is_batched_by_adapter(server, folders):
+    import time
+
+    client, shared = server
+    passes: list[tuple[str | None, int]] = []
+    release = threading.Event()
+    forward = shared._forward
+
+    def spy(batch, adapter=None):
+        release.wait(30)  # the first pass holds the model thread until every request is queued
+        passes.append((adapter, len(batch["input_ids"])))
+        return forward(batch, adapter)
+
+    shared._forward = spy
+    results: dict[str, list] = {"base": [], "ad-a": [], "ad-b": []}
+    try:
+        threads = [
+            threading.Thread(target=lambda m=m: results[m].append(_embed(client, m)))
+            for m in ("base", "ad-a", "ad-b") * 4
+        ]
+        for t in threads:
+            t.start()
+        batcher = client.app.state.batchers["base"]
+        deadline = time.monotonic() + 30
+        while batcher.queued < 12 * len(TEXTS) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        release.set()
+        for t in threads:
+            t.join(60)
+    finally:
+        shared._forward = forward
+    base_dir, a, b = folders
+    for model, folder in (("base", base_dir), ("ad-a", a), ("ad-b", b)):
+        expected = _offline(folder)
+        assert len(results[model]) == 4
+        assert all(_cosines(got, expected).min() >= 0.99999 for got in results[model]), model
+    # every pass runs one adapter; the four queued requests of an adapter share its passes
+    # (at most two: the batcher also cuts where lengths halve)
+    by_adapter: dict = {}
+    for adapter, size in passes:
+        by_adapter.setdefault(adapter, []).append(size)
+    assert sum(map(sum, by_adapter.values())) == 12 * len(TEXTS)
+    assert all(len(by_adapter[a]) <= 2 and sum(by_adapter[a]) == 12 for a in ("ad-a", "ad-b")), passes
+    metrics = client.get("/metrics").text
+    import re
+
+    counted = re.search(r'embforge_inputs_total\{adapter="ad-b",model="ad-b"\} ([0-9.]+)', metrics)
+    assert counted and float(counted[1]) >= 12  # labelled by model and adapter
+
+
+def test_adapters_of_another_base_or_damaged_ones_are_refused(folders, tmp_path):
+    base_dir, a, _ = folders
+    # the same architecture, other base weights
+    foreign = tiny_lora_embedder(1, base_seed=5)
+    foreign_dir = foreign.save(tmp_path / "foreign", merge_lora=False)
+    with pytest.raises(ConfigError, match=r"foreign/model.safetensors: tensor backbone\..* differs"):
+        TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": foreign_dir})
+    with pytest.raises(ConfigError, match=r"adapter_config.json: missing"):
+        TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": base_dir})
+    import shutil
+
+    broken = shutil.copytree(a, tmp_path / "broken")
+    weights = broken / "adapter" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(ConfigError, match=r"adapter 'x'.*broken"):
+        TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": broken})
+    with pytest.raises(ConfigError, match="carries a LoRA adapter itself"):
+        TorchBackend(Embedder.load(a, device="cpu"), "a", adapters={"x": a})
