@@ -107,6 +107,26 @@ def test_structural_pseudo_queries():
     assert first.query == "First sentence has five words." and "First sentence" not in first.positive
     assert first.positive.startswith("A title here More words")
     assert pseudo_queries(data, seed=0) == pseudo_queries(data, seed=0)
+    fragment = kinds["fragment"]
+    assert 4 <= len(fragment.query.split()) <= 9 and fragment.query not in fragment.positive
+
+
+def test_definition_questions():
+    from embforge.adapt.corpus import definition_question as ask
+
+    assert ask("Gradient descent is an iterative optimisation algorithm.") == "what is gradient descent"
+    assert ask("Principal component analysis (PCA) is a technique for reducing dimensions.") == (
+        "what is principal component analysis"
+    )
+    assert ask("Support vectors are the points closest to the boundary.") == "what are support vectors"
+    assert ask("Overfitting refers to a model that learns the noise.") == "what is overfitting"
+    assert ask("It is a method that works.") is None  # no subject
+    assert ask("Eigenvectors can be used to represent a matrix.") is None  # not a definition
+    rows = [
+        {"_id": "d", "title": "", "text": "A Markov chain is a stochastic model. " + "It has states and moves. " * 3}
+    ]
+    (pair,) = [p for p in pseudo_queries(read_folder_from_rows(rows)) if p.kind == "definition"]
+    assert pair.query == "what is markov chain" and "stochastic" not in pair.positive
 
 
 def read_folder_from_rows(rows):

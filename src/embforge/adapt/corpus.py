@@ -183,7 +183,9 @@ def _question_pairs(parts: list[str], title: str, doc_id: str, rng: random.Rando
     rest = f"{title} {' '.join(parts[:i] + parts[i + 1 :])}".strip()
     if len(words) > size and len(rest.split()) >= MIN_REST_WORDS:
         start = rng.randrange(len(words) - size + 1)
-        out.append(Pair(" ".join(words[start : start + size]), rest, doc_id, "fragment"))
+        query = " ".join(words[start : start + size]).strip(" ,;:()[]-—–")
+        if len(query.split()) >= MIN_QUERY_WORDS:
+            out.append(Pair(query, rest, doc_id, "fragment"))
     return out
 
 

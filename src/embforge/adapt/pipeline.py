@@ -514,6 +514,8 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
 
 
 def write_report(report: dict, output: Path) -> None:
+    from embforge.train.plots import plot_adapt_report
+
     text = json.dumps(report, indent=1) + "\n"
     atomic_write(output / "report.json", lambda tmp: tmp.write_text(text, encoding="utf-8"))
     h = report["held_back"]
@@ -535,26 +537,4 @@ def write_report(report: dict, output: Path) -> None:
     lines += ["", f"Pairs: {report['pairs']}", f"Plan: {report['plan']}", ""]
     md = "\n".join(lines)
     atomic_write(output / "report.md", lambda tmp: tmp.write_text(md, encoding="utf-8"))
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
-    names = ["base", "trained", "final"]
-    a.bar(names, [h[n]["ndcg_at_10"] for n in names], color=["grey", "tab:blue", "tab:green"])
-    a.set_ylabel("held-back nDCG@10")
-    a.set_title("before / after")
-    ws = sorted(float(w) for w in report["curve"])
-    b.plot(ws, [report["curve"][str(w)]["ndcg_at_10"] for w in ws], marker="o")
-    b.axvline(report["merge_weight"], color="tab:green", linestyle="--", label="chosen")
-    b.set_xlabel("merge weight w: (1 - w)·base + w·trained")
-    b.set_ylabel("held-back nDCG@10")
-    b.legend()
-    fig.tight_layout()
-
-    def save(tmp: Path) -> None:
-        fig.savefig(tmp, format="png", dpi=110)
-
-    atomic_write(output / "report.png", save)
-    plt.close(fig)
+    plot_adapt_report(h, report["curve"], report["merge_weight"], output / "report.png")

@@ -64,5 +64,27 @@ def plot_matryoshka(curve: dict[str, dict[str, float]], path: Path, title: str =
     return path
 
 
+def plot_adapt_report(
+    held: dict[str, dict[str, float]], curve: dict[str, dict[str, float]], weight: float, path: Path
+) -> Path:
+    """``embforge adapt``'s report: held-back nDCG@10 before/after, and the merge-weight curve."""
+    matplotlib = require("matplotlib")
+    matplotlib.use("Agg")
+    plt = require("matplotlib.pyplot")
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 4))
+    names = ["base", "trained", "final"]
+    a.bar(names, [held[n]["ndcg_at_10"] for n in names], color=["grey", "tab:blue", "tab:green"])
+    a.set(ylabel="held-back nDCG@10", title="before / after")
+    ws = sorted(float(w) for w in curve)
+    b.plot(ws, [curve[str(w)]["ndcg_at_10"] for w in ws], marker="o")
+    b.axvline(weight, color="tab:green", linestyle="--", label="chosen")
+    b.set(xlabel="merge weight w: (1 - w)·base + w·trained", ylabel="held-back nDCG@10")
+    b.legend()
+    fig.tight_layout()
+    _save_png(fig, path)
+    plt.close(fig)
+    return path
+
+
 def _save_png(fig, path: Path) -> None:
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))

@@ -152,3 +152,23 @@ def test_adapters_of_another_base_or_damaged_ones_are_refused(folders, tmp_path)
         TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": broken})
     with pytest.raises(ConfigError, match="carries a LoRA adapter itself"):
         TorchBackend(Embedder.load(a, device="cpu"), "a", adapters={"x": a})
+
+
+def test_bad_requests_to_an_adapter_get_4xx_and_it_keeps_answering(server, folders):
+    client, _ = server
+    bad = [
+        {"input": [], "model": "ad-a"},
+        {"input": [[1, 2, 10**9]], "model": "ad-a"},
+        {"input": "x", "model": "ad-a", "dimensions": 10**6},
+        {"input": "x", "model": "ad-a", "encoding_format": "int8"},  # no calibration for this adapter
+        {"input": "x", "model": "ad-a", "instruction": "do it"},  # no instruction template
+        {"input": "x", "model": "ad-c"},
+        {"input": {"nested": True}, "model": "ad-a"},
+        {"input": "x" * 10, "model": "ad-a", "unknown": 1},
+    ]
+    for body in bad:
+        resp = client.post("/v1/embeddings", json=body)
+        assert 400 <= resp.status_code < 500 and set(resp.json()["error"]) == {"message", "type", "param", "code"}
+    resp = client.post("/v1/embeddings", content=b"\xff\xfe{", headers={"content-type": "application/json"})
+    assert resp.status_code == 400
+    assert _cosines(_embed(client, "ad-a"), _offline(folders[1])).min() >= 0.99999
