@@ -12,9 +12,23 @@ work on a shared machine weighs on each alike:
   transformers<5; torch is pinned to the CPU build in the same pip command), serving the
   same packaged MiniLM folder with ``HF_HUB_OFFLINE=1 DO_NOT_TRACK=1``.
 
+LoRA adapters (``--no-adapters`` skips them): four rank-16 adapters on MiniLM (``--adapter-targets``,
+default ``query,value``: peft's default for BERT; ``query,key,value,dense`` puts one on every
+Linear layer), random non-zero deltas seeded 0..3 (throughput and memory do not depend on what
+an adapter learnt), saved with ``merge_lora=False``, and
+
+- ``embforge_adapters``: ``embforge serve all-MiniLM-L6-v2 --lora-modules a0=... a3=...``, each
+  request naming one of the four adapters at random (mixed traffic);
+- ``embforge_merged``: ``embforge serve`` of adapter 0 merged into the weights (one plain model);
+- ``embforge_merged_x4`` (memory only, no load): the four merged copies in one process.
+
+Memory is each server process's resident set (``VmRSS`` after its load, ``VmHWM`` its peak).
+
 Reported per server: requests/s, texts/s, p50/p99 latency and errors (any non-200 answer
 or transport failure). The last line is one JSON object
-``{"ratio": texts/s embforge / infinity, "p99_ratio": p99 embforge / infinity, "errors": ...}``.
+``{"ratio": texts/s embforge / infinity, "p99_ratio": p99 embforge / infinity, "errors": ...,
+"adapter_ratio": texts/s 4 adapters / merged, "adapter_p99_ratio": p99 4 adapters / merged,
+"adapter_memory_ratio": RSS base + 4 adapters / RSS merged model, ...}``.
 
     python bench/serve.py             # 60 s per server, embforge and infinity
     python bench/serve.py --quick     # 5 s, embforge only (CI)
@@ -81,7 +95,43 @@ def infinity_venv(work: Path) -> Path:
     return exe
 
 
-async def _load(url: str, model: str, texts: list[str], clients: int, per_request: int, duration: float) -> dict:
+def make_adapters(work: Path, folder: Path, targets: list[str], n: int = 4) -> tuple[list[Path], list[Path]]:
+    """``n`` LoRA adapter folders on the packaged MiniLM and each one merged (made once per work dir)."""
+    tag = "-".join(targets)
+    adapters = [work / f"adapter{i}-{tag}" for i in range(n)]
+    merged = [work / f"merged{i}-{tag}" for i in range(n)]
+    if all((a / "adapter" / "adapter_config.json").is_file() for a in adapters) and all(
+        (m / "embforge.json").is_file() for m in merged
+    ):
+        return adapters, merged
+    import torch
+
+    from embforge.models.build import apply_lora
+    from embforge.models.embedder import Embedder
+    from embforge.models.spec import LoraConfig
+
+    for i, (adapter, whole) in enumerate(zip(adapters, merged)):
+        model = Embedder.load(str(folder))
+        apply_lora(model, LoraConfig(r=16, alpha=32, dropout=0.0, target_modules=targets))
+        gen = torch.Generator().manual_seed(i)
+        with torch.no_grad():
+            for name, param in model.backbone.named_parameters():
+                if "lora_B" in name:  # peft starts B at zero (an adapter equal to the base): give it a delta
+                    param.copy_(torch.randn(param.shape, generator=gen) * 0.01)
+        model.save(adapter, merge_lora=False)
+        model.save(whole, merge_lora=True)
+    return adapters, merged
+
+
+def rss_mb(pid: int) -> dict:
+    """A process's resident set now and at its peak (Linux /proc), in MiB."""
+    fields = dict(line.split(":", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":" in line)
+    return {key: round(int(fields[key].split()[0]) / 1024, 1) for key in ("VmRSS", "VmHWM")}
+
+
+async def _load(
+    url: str, model: str | list[str], texts: list[str], clients: int, per_request: int, duration: float
+) -> dict:
     latencies: list[float] = []
     errors = 0
     n_texts = 0
@@ -90,11 +140,12 @@ async def _load(url: str, model: str, texts: list[str], clients: int, per_reques
     async def client(seed: int, http: httpx.AsyncClient) -> None:
         nonlocal errors, n_texts
         rng = random.Random(seed)
+        models = [model] if isinstance(model, str) else model
         while time.perf_counter() < stop_at:
             batch = rng.sample(texts, per_request)
             start = time.perf_counter()
             try:
-                resp = await http.post(url, json={"input": batch, "model": model})
+                resp = await http.post(url, json={"input": batch, "model": rng.choice(models)})
                 ok = resp.status_code == 200 and len(resp.json()["data"]) == per_request
             except (httpx.HTTPError, ValueError, KeyError):
                 ok = False
@@ -143,10 +194,12 @@ def main() -> None:
     parser.add_argument("--segments", type=int, default=3, help="load segments per server, alternating servers")
     parser.add_argument("--onnx", action="store_true", help="also run embforge with the ONNX fp32 and int8 backends")
     parser.add_argument("--no-infinity", action="store_true")
+    parser.add_argument("--no-adapters", action="store_true", help="skip the 4-adapter vs merged-model arms")
+    parser.add_argument("--adapter-targets", default="query,value", help="the Linear layers the LoRA adapters adapt")
     parser.add_argument("--work-dir", default=str(REPO / "runs" / "bench_serve"))
     args = parser.parse_args()
     if args.quick:
-        args.duration, args.texts, args.no_infinity, args.segments = 5.0, 200, True, 1
+        args.duration, args.texts, args.no_infinity, args.segments, args.no_adapters = 5.0, 200, True, 1, True
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
     texts, source = real_texts(args.texts)
@@ -161,6 +214,7 @@ def main() -> None:
     }
     model = "all-MiniLM-L6-v2"
     servers: dict[str, tuple[list[str], str]] = {}
+    models: dict[str, str | list[str]] = {}  # the model id(s) each server's requests name
 
     def embforge_cmd(target: str, port: int) -> list[str]:
         return [sys.executable, "-m", "embforge", "serve", target, "--served-model-name", model, "--port", str(port),
@@ -180,6 +234,20 @@ def main() -> None:
             [*embforge_cmd(str(onnx_dir), port), "--int8"],
             f"http://{HOST}:{port}/v1/embeddings",
         )
+    memory_only: dict[str, tuple[list[str], str, list[str]]] = {}
+    if not args.no_adapters:
+        adapters, merged = make_adapters(work, folder, args.adapter_targets.split(","))
+        names = [f"a{i}" for i in range(len(adapters))]
+        port = _free_port()
+        lora = [x for name, a in zip(names, adapters) for x in ("--lora-modules", f"{name}={a}")]
+        servers["embforge_adapters"] = ([*embforge_cmd(model, port), *lora], f"http://{HOST}:{port}/v1/embeddings")
+        models["embforge_adapters"] = names
+        port = _free_port()
+        servers["embforge_merged"] = (embforge_cmd(str(merged[0]), port), f"http://{HOST}:{port}/v1/embeddings")
+        port = _free_port()
+        four = [sys.executable, "-m", "embforge", "serve", *(f"m{i}={m}" for i, m in enumerate(merged)),
+                "--port", str(port), "--host", HOST, "--log-level", "warning", "--truncate"]  # fmt: skip
+        memory_only["embforge_merged_x4"] = (four, f"http://{HOST}:{port}/v1/embeddings", [f"m{i}" for i in range(4)])
     if not args.no_infinity:
         port = _free_port()
         cmd = [str(infinity_venv(work)), "v2", "--model-id", str(folder), "--served-model-name", model,
@@ -190,18 +258,32 @@ def main() -> None:
     # so that other work on the machine weighs on every server alike
     procs = {name: subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL) for name, (cmd, _) in servers.items()}
     parts: dict[str, list[dict]] = {name: [] for name in servers}
+    memory: dict[str, dict] = {}
     try:
+        for name, (cmd, url, ids) in memory_only.items():  # up, one request per model, measured, stopped
+            proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL)
+            try:
+                for one in ids:
+                    _wait_ready(proc, url, {"input": texts[:4], "model": one})
+                memory[name] = rss_mb(proc.pid)
+            finally:
+                proc.terminate()
+                proc.wait(60)
         for name, (_, url) in servers.items():
-            _wait_ready(procs[name], url, {"input": texts[:4], "model": model})
-            asyncio.run(_load(url, model, texts, args.clients, args.texts_per_request, min(5.0, args.duration / 4)))
+            ids = models.get(name, model)
+            for one in [ids] if isinstance(ids, str) else ids:
+                _wait_ready(procs[name], url, {"input": texts[:4], "model": one})
+            asyncio.run(_load(url, ids, texts, args.clients, args.texts_per_request, min(5.0, args.duration / 4)))
         segment = args.duration / args.segments
         for seg in range(args.segments):
             for name in list(servers) if seg % 2 == 0 else list(servers)[::-1]:
-                load = _load(servers[name][1], model, texts, args.clients, args.texts_per_request, segment)
+                ids = models.get(name, model)
+                load = _load(servers[name][1], ids, texts, args.clients, args.texts_per_request, segment)
                 parts[name].append(asyncio.run(load))
                 print(
                     f"segment {seg + 1}/{args.segments} {name}: {json.dumps(_merge(parts[name][-1:]))}", file=sys.stderr
                 )
+        memory.update({name: rss_mb(proc.pid) for name, proc in procs.items()})
     finally:
         for proc in procs.values():
             proc.terminate()
@@ -210,7 +292,7 @@ def main() -> None:
                 proc.wait(60)
             except subprocess.TimeoutExpired:
                 proc.kill()
-    results = {name: _merge(p) for name, p in parts.items()}
+    results = {name: {**_merge(p), "memory_mib": memory.get(name)} for name, p in parts.items()}
     import torch
 
     print(
@@ -218,8 +300,11 @@ def main() -> None:
     )
     for name, r in results.items():
         print(
-            f"{name:16s} {r['requests_per_s']:8.1f} req/s {r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}"
+            f"{name:18s} {r['requests_per_s']:8.1f} req/s {r['texts_per_s']:8.1f} texts/s  p50 {r['p50_ms']:7.1f} ms  p99 {r['p99_ms']:7.1f} ms  errors {r['errors']}  RSS {r['memory_mib']['VmRSS']} MiB"
         )
+    for name, m in memory.items():
+        if name not in results:
+            print(f"{name:18s} RSS {m['VmRSS']} MiB (peak {m['VmHWM']} MiB), memory only")
     ours, ref = results["embforge"], results.get("infinity")
     headline = {
         "bench": "serve",
@@ -232,12 +317,22 @@ def main() -> None:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpus": os.cpu_count(),
         "quick": args.quick,
+        "adapter_targets": None if args.no_adapters else args.adapter_targets,
     }
     for variant in ("onnx", "onnx_int8"):
         if f"embforge_{variant}" in results and ref:
             r = results[f"embforge_{variant}"]
             headline[f"ratio_{variant}"] = round(r["texts_per_s"] / ref["texts_per_s"], 3)
             headline[f"p99_ratio_{variant}"] = round(r["p99_ms"] / ref["p99_ms"], 3)
+    if "embforge_adapters" in results:
+        lora, whole = results["embforge_adapters"], results["embforge_merged"]
+        headline["adapter_ratio"] = round(lora["texts_per_s"] / whole["texts_per_s"], 3)
+        headline["adapter_p99_ratio"] = round(lora["p99_ms"] / whole["p99_ms"], 3)
+        headline["adapter_memory_ratio"] = round(lora["memory_mib"]["VmRSS"] / whole["memory_mib"]["VmRSS"], 3)
+        headline["merged_x4_memory_ratio"] = round(
+            memory["embforge_merged_x4"]["VmRSS"] / whole["memory_mib"]["VmRSS"], 3
+        )
+        headline["embforge_merged_x4"] = memory["embforge_merged_x4"]
     print(json.dumps(headline))
 
 

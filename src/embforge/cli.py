@@ -152,7 +152,7 @@ def _served_models(args: argparse.Namespace) -> list:
         name, path = _pair(spec, "MODEL")
         name = name or args.served_model_name or path
         one = argparse.Namespace(**{**vars(args), "model": path})
-        adapters = dict(_pair_named(x) for x in args.lora_modules) if i == 0 and args.lora_modules else None
+        adapters = _adapter_modules(args.lora_modules) if i == 0 and args.lora_modules else None
         backend = backend_for(_load_inference_model(one), name, adapters)
         calibration = _serving_calibration(args, path)
         instructions = _serving_instructions(args, path)
@@ -164,11 +164,17 @@ def _served_models(args: argparse.Namespace) -> list:
     return served
 
 
-def _pair_named(text: str) -> tuple[str, str]:
-    name, path = _pair(text, "--lora-modules")
-    if name is None:
-        raise ConfigError(f"--lora-modules: expected NAME=PATH, got {text!r}")
-    return name, path
+def _adapter_modules(specs: list[str]) -> dict[str, str]:
+    """--lora-modules NAME=PATH ... (one flag with several, or the flag repeated) -> NAME -> PATH."""
+    adapters: dict[str, str] = {}
+    for text in specs:
+        name, path = _pair(text, "--lora-modules")
+        if name is None:
+            raise ConfigError(f"--lora-modules: expected NAME=PATH, got {text!r}")
+        if name in adapters:
+            raise ConfigError(f"--lora-modules: adapter name {name!r} is given twice")
+        adapters[name] = path
+    return adapters
 
 
 def _serving_calibration(args: argparse.Namespace, model: str):
@@ -515,6 +521,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--lora-modules",
         nargs="+",
+        action="extend",
         default=[],
         metavar="NAME=PATH",
         help="LoRA adapters (Embedder.save(..., merge_lora=False)) served as model NAME on the first MODEL's weights",

@@ -209,7 +209,8 @@ def test_sigterm_finishes_in_flight_requests(minilm_dir):
 
 
 def _minilm_adapter(seed: int, folder):
-    """MiniLM with a LoRA adapter (rank 4 on query/value, random non-zero deltas), saved unmerged."""
+    """MiniLM with a LoRA adapter (rank 4 on query/value and every `dense` layer, BERT's pooler
+    included, with random non-zero deltas), saved unmerged."""
     import torch
 
     from embforge.models.build import apply_lora
@@ -217,7 +218,7 @@ def _minilm_adapter(seed: int, folder):
     from embforge.models.spec import LoraConfig
 
     model = Embedder.load(MODEL, device="cpu")
-    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["query", "value"]))
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.0, target_modules=["query", "value", "dense"]))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in model.backbone.named_parameters():

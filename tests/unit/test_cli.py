@@ -70,3 +70,18 @@ def test_calibrate_writes_ranges_the_model_folder_serves(tiny_model_dir, tmp_pat
     parsed = build_parser().parse_args(["serve", str(tiny_model_dir)])
     assert sorted(_serving_calibration(parsed, str(tiny_model_dir)).ranges) == [64]
     assert main(["calibrate", "all-MiniLM-L6-v2-not-a-folder", "--input", str(inp)]) == 2
+
+
+def test_lora_modules_take_several_per_flag_or_the_flag_repeated():
+    import pytest
+
+    from embforge.cli import _adapter_modules, build_parser
+    from embforge.errors import ConfigError
+
+    repeated = ["serve", "base", "--lora-modules", "a=/x/a", "--lora-modules", "b=/x/b", "c=/x/c"]
+    parsed = build_parser().parse_args(repeated)
+    assert _adapter_modules(parsed.lora_modules) == {"a": "/x/a", "b": "/x/b", "c": "/x/c"}
+    with pytest.raises(ConfigError, match="'a' is given twice"):
+        _adapter_modules(["a=/x/a", "a=/x/other"])
+    with pytest.raises(ConfigError, match="expected NAME=PATH"):
+        _adapter_modules(["/x/a"])

@@ -109,6 +109,25 @@ def embed(
         (B, D) embeddings in the pooler's dtype, L2-normalised if ``normalize``.
     """
     hidden = backbone_forward(backbone, input_ids, attention_mask, bidirectional=bidirectional, unpad=unpad, **extra)
+    return states_to_embeddings(
+        pooler, hidden, attention_mask, pooling_mask, normalize=normalize, matryoshka_rule=matryoshka_rule
+    )
+
+
+def states_to_embeddings(
+    pooler: nn.Module,
+    hidden: torch.Tensor,
+    attention_mask: torch.Tensor,
+    pooling_mask: torch.Tensor | None = None,
+    *,
+    normalize: bool = True,
+    matryoshka_rule: str = "truncate",
+) -> torch.Tensor:
+    """Last hidden states (B, T, D) -> embeddings (B, D): pooling, the Matryoshka rule, L2 norm.
+
+    Row-wise: rows may be pooled in groups (a server's rows of several LoRA adapters, each with
+    its own head) and give what one call over all of them gives.
+    """
     pooled = pool(pooler, hidden, attention_mask if pooling_mask is None else pooling_mask, attention_mask)
     pooled = matryoshka_norm(pooled, matryoshka_rule)
     return F.normalize(pooled, dim=-1) if normalize else pooled

@@ -94,10 +94,17 @@ class _ModelBackend:
 
     adapters: tuple[str, ...] = ()
 
-    def embed(self, batch: Sequence[Row], adapter: str | None = None) -> np.ndarray:
-        if adapter is not None and adapter not in self.adapters:
-            raise KeyError(f"unknown adapter {adapter!r}")  # the app routes only to loaded adapters
-        return self._forward(self.encoder.pad(batch), adapter)
+    def embed(self, batch: Sequence[Row], adapters: Sequence[str | None] | None = None) -> np.ndarray:
+        """Rows -> (B, D) embeddings; ``adapters``: the LoRA adapter of each row (None: the base)."""
+        if adapters is not None:
+            unknown = sorted({a for a in adapters if a is not None} - set(self.adapters))
+            if unknown:
+                raise KeyError(f"unknown adapter {unknown[0]!r}")  # the app routes only to loaded adapters
+            if len(adapters) != len(batch):
+                raise ValueError(f"{len(adapters)} adapters for {len(batch)} rows")
+            if all(a is None for a in adapters):
+                adapters = None
+        return self._forward(self.encoder.pad(batch), adapters)
 
     def describe(self) -> dict:
         return {
@@ -117,9 +124,10 @@ class _ModelBackend:
 class TorchBackend(_ModelBackend):
     """An :class:`~embforge.models.embedder.Embedder` (any backbone/pooling it supports).
 
-    ``adapters``: LoRA adapter name -> folder, loaded onto this one copy of the base weights
-    (:func:`embforge.serve.adapters.attach_adapters`); a batch runs with one of them, or with
-    the adapters disabled (the base).
+    ``adapters``: LoRA adapter name -> folder, hooked onto this one copy of the base weights
+    (:func:`embforge.serve.adapters.attach_adapters`). A batch may mix adapters and the base:
+    the backbone runs once over all rows, each row with its adapter's LoRA deltas, and each
+    row is pooled by its adapter's head.
     """
 
     kind = "torch"
@@ -127,32 +135,52 @@ class TorchBackend(_ModelBackend):
     def __init__(self, embedder, name: str, adapters: dict | None = None):
         super().__init__(embedder, name)
         self.vocab_size = len(embedder.tokenizer)
-        self.base_pooler = embedder.pooler
-        self.poolers: dict = {}
+        self.adapter_set = None
+        self.heads: dict = {}
         if adapters:
             from embforge.serve.adapters import attach_adapters
 
-            self.poolers = attach_adapters(embedder, dict(adapters))
-        self.adapters = tuple(self.poolers)
+            self.adapter_set, self.heads = attach_adapters(embedder, dict(adapters))
+        self.adapters = tuple(self.heads)
 
-    def _forward(self, batch, adapter: str | None = None) -> np.ndarray:
-        import contextlib
-
+    def _forward(self, batch, adapters: Sequence[str | None] | None = None) -> np.ndarray:
         import torch
 
         model = self.model
-        if not self.poolers:
-            context = contextlib.nullcontext()
-        elif adapter is None:
-            context = model.backbone.disable_adapter()
-            model.pooler = self.base_pooler
-        else:
-            model.backbone.set_adapter(adapter)
-            model.pooler = self.poolers[adapter]
-            context = contextlib.nullcontext()
-        with torch.inference_mode(), model.inference_autocast(), context:
-            out = model(**batch.to_torch(model.device))  # (B, D)
+        inputs = batch.to_torch(model.device)
+        with torch.inference_mode(), model.inference_autocast():
+            if adapters is None:
+                out = model(**inputs)  # (B, D)
+            else:
+                out = self._mixed(inputs, adapters)
         return out.float().cpu().numpy()
+
+    def _mixed(self, inputs: dict, adapters: Sequence[str | None]):
+        """One backbone pass over rows of several adapters; each group of rows pooled by its head."""
+        import torch
+
+        from embforge.modeling.embedding import backbone_forward, states_to_embeddings
+
+        model = self.model
+        ids, mask = inputs.pop("input_ids"), inputs.pop("attention_mask")
+        pooling_mask = inputs.pop("pooling_mask", None)
+        pooling_mask = mask if pooling_mask is None else pooling_mask
+        with self.adapter_set.rows(adapters):
+            hidden = backbone_forward(
+                model.backbone, ids, mask, bidirectional=model.attention == "bidirectional", **inputs
+            )
+        finish = {"normalize": model.normalize, "matryoshka_rule": model.matryoshka_rule}
+        heads = [model.pooler if a is None else self.heads[a] for a in adapters]
+        distinct = list({id(h): h for h in heads}.values())
+        if len(distinct) == 1:
+            return states_to_embeddings(distinct[0], hidden, mask, pooling_mask, **finish)
+        out = None
+        for head in distinct:
+            rows = torch.tensor([i for i, h in enumerate(heads) if h is head], device=hidden.device)
+            part = states_to_embeddings(head, hidden[rows], mask[rows], pooling_mask[rows], **finish)
+            out = part.new_empty(len(heads), part.shape[1], dtype=torch.float32) if out is None else out
+            out[rows] = part.float()
+        return out
 
     def describe(self) -> dict:
         return {**super().describe(), "precision": self.model.inference_precision}
@@ -167,7 +195,7 @@ class OnnxBackend(_ModelBackend):
         super().__init__(embedder, name)
         self.vocab_size = embedder.vocab_size
 
-    def _forward(self, batch, adapter: str | None = None) -> np.ndarray:
+    def _forward(self, batch, adapters=None) -> np.ndarray:
         return self.model.forward(**{k: np.asarray(v) for k, v in batch.items()})
 
     def describe(self) -> dict:

@@ -5,7 +5,8 @@ it takes everything queued at that moment (a *round*), sorts it by length (least
 and cuts it into batches whose padded size ``items x longest`` stays within
 ``max_batch_tokens``; items that arrive meanwhile wait for the next round, so no request
 waits more than one round. Items carry a *group* (the LoRA adapter they run with; None: the
-base weights): a batch holds one group, and ``embed(features, group)`` is called with it. The queue is bounded in items: a request that does not fit is
+base weights); a batch may mix groups, and ``embed(features, groups)`` gets each item's group
+(``embed(features)`` when every item is of the base). The queue is bounded in items: a request that does not fit is
 refused at once with :class:`OverloadedError` (HTTP 503 + ``Retry-After``) instead of
 piling up latency.
 """
@@ -51,6 +52,7 @@ class _Entry:
 _MAX_LENGTH_SPREAD = 2
 
 BatchStats = Callable[..., None]  # (items, padded tokens, seconds, group) of one forward pass
+MIXED = "mixed"  # the group a batch of several groups reports to ``on_batch``
 
 
 class MicroBatcher:
@@ -58,11 +60,13 @@ class MicroBatcher:
 
     Args:
         embed: per-item features -> (B, D) embeddings; only ever called from the worker thread,
-            as ``embed(features)`` for the base group and ``embed(features, group)`` for another.
+            as ``embed(features)`` when every item is of the base group, else as
+            ``embed(features, groups)`` with each item's group.
         max_batch_tokens: budget for ``batch size x longest item`` of one forward pass.
         max_batch_size: items per forward pass at most.
         max_queued_items: items waiting or running at most; beyond it :meth:`submit` refuses.
-        on_batch: called after every forward pass (for metrics).
+        on_batch: called after every forward pass (for metrics) with its group: None (the base),
+            an adapter, or :data:`MIXED`.
         lock: held around every forward pass (batchers of different models sharing the CPU take turns).
     """
 
@@ -138,12 +142,8 @@ class MicroBatcher:
                 if not self._pending:  # stopping and drained
                     return
                 round_, self._pending = sorted(self._pending), []
-            groups: dict[str | None, list[_Entry]] = {}
-            for entry in round_:  # longest first within each group
-                groups.setdefault(entry.group, []).append(entry)
-            for group, entries in groups.items():
-                for batch in self._cut(entries):
-                    self._run_batch(batch, group)
+            for batch in self._cut(round_):  # longest first, groups mixed
+                self._run_batch(batch)
 
     def _cut(self, entries: list[_Entry]) -> list[list[_Entry]]:
         """Longest-first entries -> batches with ``len x longest <= max_batch_tokens``.
@@ -167,15 +167,18 @@ class MicroBatcher:
             batches.append(current)
         return batches
 
-    def _forward(self, features: list, group: str | None) -> np.ndarray:
+    def _forward(self, features: list, groups: list[str | None]) -> np.ndarray:
         with self._lock or contextlib.nullcontext():
-            return self._embed(features) if group is None else self._embed(features, group)
+            return self._embed(features) if all(g is None for g in groups) else self._embed(features, groups)
 
-    def _run_batch(self, batch: list[_Entry], group: str | None = None) -> None:
+    def _run_batch(self, batch: list[_Entry]) -> None:
         live = [e for e in batch if not e.job.failed and not e.job.future.done()]
+        groups = [e.group for e in live]
+        present = set(groups)
+        group = next(iter(present)) if len(present) == 1 else MIXED
         start = time.perf_counter()
         try:
-            emb = self._forward([e.item.features for e in live], group) if live else None
+            emb = self._forward([e.item.features for e in live], groups) if live else None
         except Exception as exc:  # the request(s) get the error; the worker lives on
             for e in live:
                 if not e.job.failed:

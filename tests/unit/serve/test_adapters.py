@@ -84,18 +84,18 @@ def test_each_id_equals_its_offline_model(server, folders):
     assert listed["ad-a"]["adapter"] == "ad-a" and listed["base"]["adapters"] == ["ad-a", "ad-b"]
 
 
-def test_mixed_concurrent_traffic_is_batched_by_adapter(server, folders):
+def test_mixed_concurrent_traffic_shares_forward_passes(server, folders):
     import time
 
     client, shared = server
-    passes: list[tuple[str | None, int]] = []
+    passes: list[list[str | None]] = []
     release = threading.Event()
     forward = shared._forward
 
-    def spy(batch, adapter=None):
+    def spy(batch, adapters=None):
         release.wait(30)  # the first pass holds the model thread until every request is queued
-        passes.append((adapter, len(batch["input_ids"])))
-        return forward(batch, adapter)
+        passes.append(list(adapters) if adapters is not None else [None] * len(batch["input_ids"]))
+        return forward(batch, adapters)
 
     shared._forward = spy
     results: dict[str, list] = {"base": [], "ad-a": [], "ad-b": []}
@@ -120,13 +120,10 @@ def test_mixed_concurrent_traffic_is_batched_by_adapter(server, folders):
         expected = _offline(folder)
         assert len(results[model]) == 4
         assert all(_cosines(got, expected).min() >= 0.99999 for got in results[model]), model
-    # every pass runs one adapter; the four queued requests of an adapter share its passes
-    # (at most two: the batcher also cuts where lengths halve)
-    by_adapter: dict = {}
-    for adapter, size in passes:
-        by_adapter.setdefault(adapter, []).append(size)
-    assert sum(map(sum, by_adapter.values())) == 12 * len(TEXTS)
-    assert all(len(by_adapter[a]) <= 2 and sum(by_adapter[a]) == 12 for a in ("ad-a", "ad-b")), passes
+    # two rounds (the first request, then the eleven queued with it running, three adapters
+    # mixed), each cut in two where the texts' lengths halve: 4 passes (one per adapter: 8)
+    assert sum(map(len, passes)) == 12 * len(TEXTS)
+    assert len(passes) <= 4 and max(len(set(p)) for p in passes) == 3, passes
     metrics = client.get("/metrics").text
     import re
 
@@ -172,3 +169,35 @@ def test_bad_requests_to_an_adapter_get_4xx_and_it_keeps_answering(server, folde
     resp = client.post("/v1/embeddings", content=b"\xff\xfe{", headers={"content-type": "application/json"})
     assert resp.status_code == 400
     assert _cosines(_embed(client, "ad-a"), _offline(folders[1])).min() >= 0.99999
+
+
+@pytest.mark.parametrize("texts", [TEXTS, ["abcd efgh", "ijkl mnop", "qrst uvwx"]], ids=["packed", "no-padding"])
+def test_one_pass_mixing_adapters_gives_each_row_its_adapter_s_embedding(server, folders, texts):
+    """Rows of the base and two adapters in one forward pass, in the packed layout (padding:
+    tokens packed into one sequence) and the padded one (equal lengths: no packing)."""
+    _, shared = server
+    base_dir, a, b = folders
+    items = shared.tokenize(texts * 2, None)
+    if texts is not TEXTS:
+        assert len({i.num_tokens for i in items}) == 1  # equal lengths: the padded path
+    groups = ["ad-a", None, "ad-b", "ad-b", "ad-a", None]
+    got = shared.embed([i.features for i in items], groups)
+    offline = {
+        g: Embedder.load(f, device="cpu", precision="fp32") for g, f in ((None, base_dir), ("ad-a", a), ("ad-b", b))
+    }
+    for row, group in enumerate(groups):
+        expected = offline[group].encode([(texts * 2)[row]], precision="fp32")
+        assert _cosines(got[row : row + 1], expected).min() >= 0.99999, (row, group)
+
+
+def test_peft_options_the_server_does_not_implement_are_refused(folders, tmp_path):
+    import json
+    import shutil
+
+    base_dir, a, _ = folders
+    dora = shutil.copytree(a, tmp_path / "dora")
+    config_file = dora / "adapter" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config_file.write_text(json.dumps({**config, "use_dora": True}))
+    with pytest.raises(ConfigError, match=r"dora/adapter/adapter_config.json: use_dora = True is not supported"):
+        TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": dora})
