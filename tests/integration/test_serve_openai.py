@@ -276,3 +276,50 @@ def test_an_adapter_of_another_base_is_refused_at_start(tmp_path, tiny_model_dir
     )
     assert proc.returncode == 2, proc.stderr
     assert str(a / "embforge.json") in proc.stderr or str(a / "model.safetensors") in proc.stderr, proc.stderr
+
+
+def test_instructions_tasks_and_their_errors_through_the_client(minilm, tmp_path):
+    """A live server of an instruction model (tiny NV-Embed-style decoder: instruction attended
+    to, left out of pooling) beside MiniLM (no template, no calibration): `instruction` and
+    `task` sent by the official client equal `Embedder.encode` with the same instruction; the
+    errors a client meets are OpenAI-shaped 400s."""
+    from embforge.models.embedder import Embedder
+    from embforge.models.tiny import tiny_nv_embedder
+
+    template = "Instruct: {instruction}\nQuery: "
+    folder = tiny_nv_embedder(seed=5, instruction_template=template, precision="fp32").eval().save(tmp_path / "nv")
+    (folder / "instructions.yaml").write_text("by_task:\n  Code: Given a question, retrieve code that answers it\n")
+    proc, url = start_server([f"nv={folder}", f"{MODEL}={MODEL}"], "--precision", "fp32")
+    try:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="-", max_retries=0, timeout=120)
+
+        def embed(model, **extra):
+            data = client.embeddings.create(input=TEXTS, model=model, encoding_format="float", extra_body=extra).data
+            return np.asarray([d.embedding for d in data])
+
+        free = "Find the passage that answers the question"
+        got = {"free": embed("nv", instruction=free), "task": embed("nv", task="Code")}
+        got["document"] = embed("nv", task="Code", input_type="document")
+        with pytest.raises(openai.BadRequestError, match=r"\['Code'\]") as exc:
+            embed("nv", task="Sorting")
+        assert exc.value.body["param"] == "task"
+        with pytest.raises(openai.BadRequestError, match="no instruction template") as exc:
+            embed(MODEL, instruction=free)
+        assert exc.value.body["param"] == "instruction"
+        with pytest.raises(openai.BadRequestError, match="needs calibration ranges") as exc:
+            embed(MODEL, output_dtype="int8")
+        assert exc.value.body["code"] == "no_calibration"
+        assert embed(MODEL).shape == (len(TEXTS), minilm.hidden_size)  # and it keeps answering
+    finally:
+        assert stop_server(proc)
+    offline = Embedder.load(folder, device="cpu", precision="fp32")
+    expected = {
+        "free": offline.encode(TEXTS, prompt=template.format(instruction=free)),
+        "task": offline.encode(
+            TEXTS, prompt=template.format(instruction="Given a question, retrieve code that answers it")
+        ),
+        "document": offline.encode(TEXTS),
+    }
+    for key, vectors in expected.items():
+        np.testing.assert_allclose(got[key], vectors, atol=1e-5, err_msg=key)
+    assert np.abs(expected["task"] - expected["document"]).max() > 1e-3  # the instruction changes the vector
