@@ -1,22 +1,27 @@
-"""Encoding throughput: embforge vs sentence-transformers, same model, texts and threads.
+"""Encoding throughput: embforge's paths vs sentence-transformers, same model, texts and threads.
 
-Runs both on the same real texts (MLQuestions passages and SICK sentences from
-../shared/data, or stdlib docstrings where that is absent), alternating embforge and the
-reference for several repetitions, and reports the median texts/s of each and their
-ratio. The last line is one JSON object.
+Runs every path on the same real texts (MLQuestions passages and SICK sentences from
+../shared/data, or stdlib docstrings where that is absent), alternating the order each
+repetition, and reports the median texts/s of each and its ratio to sentence-transformers fp32
+(the reference). The paths:
 
-embforge runs twice: its default path (``precision: auto``, which is bf16 autocast on CPUs
-that run bf16 natively and fp32 elsewhere) gives ``ratio``, and the same path forced to fp32
-gives ``ratio_fp32`` (matched precision: sentence-transformers runs fp32). ``cos`` and
-``min_cos`` are the default path's cosines to sentence-transformers' embeddings.
+- ``embforge``: the PyTorch default (``precision: auto``: bf16 autocast on CPUs that run bf16
+  natively, fp32 elsewhere) -> ``ratio``; ``embforge_fp32``: the same forced to fp32 (matched
+  precision) -> ``ratio_fp32``;
+- ``onnx_fp32``: ONNX Runtime, ``model.onnx``;
+- ``onnx_int8``: ONNX Runtime, ``embforge export onnx --int8`` (dynamic int8, the feed-forward
+  down-projections kept fp32) -> ``ratio_int8``; ``onnx_int8_ffn_down``: ``--int8-ffn-down``
+  (every weight MatMul int8) -> ``ratio_int8_ffn_down``;
+- ``openvino_fp32``: OpenVINO running ``model.onnx``; ``openvino_int8``: ``--int8 --openvino``
+  (NNCF static int8, calibrated on 300 other texts of the same sources) -> ``ratio_openvino_int8``
+  (skipped with a reason where ``openvino``/``nncf`` are not installed).
 
-It also runs the ONNX Runtime int8 path (``embforge export onnx --int8``, exported once
-into the work directory) on the same texts and threads: ``ratio_int8`` is its texts/s over
-sentence-transformers', ``cos_int8`` the mean cosine of its embeddings to
-sentence-transformers' (``min_cos_int8`` the worst text), and ``ndcg10_change_int8`` the
-change of nDCG@10 (x100) on the shared MLQuestions dev set, int8 minus the PyTorch fp32 path
-(``ndcg10_change`` likewise for the default path). The ``*_int8_ffn_down`` keys are the same
-for the int8 model exported with ``--int8-ffn-down`` (feed-forward down-projections int8 too).
+Quality of each path: mean and worst cosine to sentence-transformers' embeddings, and (not with
+``--quick``) the change of nDCG@10 (x100) on the shared MLQuestions dev set against the PyTorch
+fp32 path. A quantised path *meets the bars* with mean cosine >= 0.99 and an nDCG@10 change within
+0.5 (the cosine alone with ``--quick``); ``ratio_best_quantised`` is the texts/s of the fastest one
+that does over the reference's, ``best_quantised`` its name. The CPU's capability and its
+SIMD flags are printed and in the JSON (speed depends on them: int8 gains most with VNNI).
 
     python bench/encode.py            # 2,000 texts, 5 repetitions, + MLQuestions nDCG@10
     python bench/encode.py --quick    # 200 texts, 1 repetition, no nDCG (CI)
@@ -25,6 +30,7 @@ for the int8 model exported with ``--int8-ffn-down`` (feed-forward down-projecti
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import os
 import statistics
@@ -37,6 +43,8 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED = REPO.parent / "shared" / "data"
+QUANTISED = ("onnx_int8", "onnx_int8_ffn_down", "openvino_int8")
+COS_BAR, NDCG_BAR = 0.99, 0.5
 
 
 def mlquestions_ndcg(model) -> float | None:
@@ -49,17 +57,29 @@ def mlquestions_ndcg(model) -> float | None:
     return main_scores(run_suite(model, suite, root, only=["MLQuestions"]))["MLQuestions"]
 
 
-def real_texts(n: int) -> tuple[list[str], str]:
-    """n real texts: half long passages, half short sentences when ../shared/data exists."""
+def real_texts(n: int, skip: int = 0) -> tuple[list[str], str]:
+    """n real texts (after the first ``skip`` of each half): half long passages, half short sentences."""
     if (SHARED / "mlquestions_dev" / "corpus.jsonl").is_file():
         passages = [json.loads(line)["text"] for line in (SHARED / "mlquestions_dev" / "corpus.jsonl").open()]
         sentences = [json.loads(line)["sentence1"] for line in (SHARED / "sick" / "sick.jsonl").open()]
-        return passages[: n // 2] + sentences[: n - n // 2], "shared: mlquestions_dev corpus + sick sentences"
+        half = skip // 2
+        texts = passages[half : half + n // 2] + sentences[half : half + n - n // 2]
+        return texts, "shared: mlquestions_dev corpus + sick sentences"
     from embforge.data.stdlib_code import collect_pairs
 
     pairs, _ = collect_pairs()
     texts = [p.query for p in pairs] + [p.positive for p in pairs]
-    return texts[:n], "stdlib docstrings and code (../shared/data absent)"
+    return texts[skip : skip + n], "stdlib docstrings and code (../shared/data absent)"
+
+
+def cpu_flags() -> list[str]:
+    """The CPU's SIMD flags that decide these paths' speed (Linux /proc/cpuinfo)."""
+    try:
+        flags = next(line for line in open("/proc/cpuinfo") if line.startswith("flags")).split(":")[1].split()
+    except (OSError, StopIteration):
+        return []
+    wanted = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_bf16", "amx_int8")
+    return [f for f in wanted if f in flags]
 
 
 def main() -> None:
@@ -84,24 +104,35 @@ def main() -> None:
     texts, source = real_texts(args.texts)
     ours = Embedder.load("all-MiniLM-L6-v2", device="cpu")
     ref = SentenceTransformer(str(ours.backbone.name_or_path), device="cpu")
-    onnx_dir = Path(args.work_dir) / "minilm-onnx"
-    if not (onnx_dir / "model_int8.onnx").is_file():
+    has_openvino = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
+    work = Path(args.work_dir)
+    onnx_dir, ffn_dir = work / "minilm-onnx", work / "minilm-onnx-ffn-down"
+    if not (onnx_dir / "model_int8.onnx").is_file() or (
+        has_openvino and not (onnx_dir / "openvino_int8.xml").is_file()
+    ):
         print("exporting MiniLM to ONNX + int8 (once)...", file=sys.stderr)
-        export_onnx(ours, onnx_dir, quantize=True, source="all-MiniLM-L6-v2")
-    ffn_dir = Path(args.work_dir) / "minilm-onnx-ffn-down"
+        calibration, _ = real_texts(300, skip=args.texts)  # not the timed texts
+        export_onnx(ours, onnx_dir, quantize=True, openvino=has_openvino, calibration_texts=calibration,
+                    source="all-MiniLM-L6-v2")  # fmt: skip
     if not (ffn_dir / "model_int8.onnx").is_file():
         export_onnx(ours, ffn_dir, quantize=True, quantize_ffn_down=True, source="all-MiniLM-L6-v2")
-    int8 = OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads)
-    int8_ffn = OnnxEmbedder(ffn_dir, quantized=True, num_threads=args.threads)
-    runners = {
-        "embforge": lambda: ours.encode(texts, batch_size=args.batch_size, show_progress=False),
-        "embforge_fp32": lambda: ours.encode(texts, batch_size=args.batch_size, show_progress=False, precision="fp32"),
-        "reference": lambda: ref.encode(
-            texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True
-        ),
-        "onnx_int8": lambda: int8.encode(texts, batch_size=args.batch_size, show_progress=False),
-        "onnx_int8_ffn_down": lambda: int8_ffn.encode(texts, batch_size=args.batch_size, show_progress=False),
+    models = {
+        "embforge": ours,
+        "embforge_fp32": Embedder.load("all-MiniLM-L6-v2", device="cpu", precision="fp32"),
+        "onnx_fp32": OnnxEmbedder(onnx_dir, num_threads=args.threads),
+        "onnx_int8": OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads),
+        "onnx_int8_ffn_down": OnnxEmbedder(ffn_dir, quantized=True, num_threads=args.threads),
     }
+    if has_openvino:
+        models["openvino_fp32"] = OnnxEmbedder(onnx_dir, num_threads=args.threads, runtime="openvino")
+        models["openvino_int8"] = OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads, runtime="openvino")
+    else:
+        print("openvino paths skipped: `pip install 'embforge[openvino]'` (openvino, nncf)", file=sys.stderr)
+    runners = {name: (lambda m=m: m.encode(texts, batch_size=args.batch_size, show_progress=False))
+               for name, m in models.items()}  # fmt: skip
+    runners["reference"] = lambda: ref.encode(
+        texts, batch_size=args.batch_size, show_progress_bar=False, convert_to_numpy=True
+    )
     outputs = {name: run() for name, run in runners.items()}  # warm-up, and the outputs to compare
     times: dict[str, list[float]] = {name: [] for name in runners}
     for rep in range(args.repeats):
@@ -118,76 +149,72 @@ def main() -> None:
     def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
         return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
-    cos = cosines(outputs["embforge"], outputs["reference"])
-    cos_fp32 = cosines(outputs["embforge_fp32"], outputs["reference"])
-    cos_int8 = cosines(outputs["onnx_int8"], outputs["reference"])
-    cos_ffn = cosines(outputs["onnx_int8_ffn_down"], outputs["reference"])
-    ours_tps = len(texts) / statistics.median(times["embforge"])
-    fp32_tps = len(texts) / statistics.median(times["embforge_fp32"])
-    ref_tps = len(texts) / statistics.median(times["reference"])
-    int8_tps = len(texts) / statistics.median(times["onnx_int8"])
-    ffn_tps = len(texts) / statistics.median(times["onnx_int8_ffn_down"])
-    precision = ours.inference_precision
-    ndcg = ndcg_fp32 = ndcg_int8 = ndcg_ffn = None
-    if not args.quick:
-        ndcg, ndcg_int8, ndcg_ffn = mlquestions_ndcg(ours), mlquestions_ndcg(int8), mlquestions_ndcg(int8_ffn)
-        ours.precision = "fp32"
-        ndcg_fp32 = mlquestions_ndcg(ours)
+    tps = {name: len(texts) / statistics.median(t) for name, t in times.items()}
+    ref_tps = tps["reference"]
+    cos = {name: cosines(outputs[name], outputs["reference"]) for name in models}
+    ndcg: dict[str, float | None] = {name: None for name in models}
+    if not args.quick and (SHARED / "mlquestions_dev").is_dir():
+        ndcg = {name: mlquestions_ndcg(m) for name, m in models.items()}
+    change = {n: None if ndcg[n] is None else ndcg[n] - ndcg["embforge_fp32"] for n in models}
+
+    def meets_bars(name: str) -> bool:
+        return cos[name].mean() >= COS_BAR and (change[name] is None or abs(change[name]) <= NDCG_BAR)
+
+    capability, flags = torch.backends.cpu.get_cpu_capability(), cpu_flags()
     print(f"{len(texts)} texts ({source}), batch {args.batch_size}, {args.threads} threads, median of {args.repeats}")
     print(
-        f"embforge default ({precision}) {ours_tps:.1f} texts/s, sentence-transformers (fp32) {ref_tps:.1f} texts/s, "
-        f"ratio {ours_tps / ref_tps:.2f}, cosine to sentence-transformers mean {cos.mean():.6f} min {cos.min():.6f}"
+        f"CPU: {capability}, flags {' '.join(flags) or '?'}; reference: sentence-transformers fp32 {ref_tps:.1f} texts/s"
     )
-    print(f"embforge fp32 {fp32_tps:.1f} texts/s, ratio at matched precision {fp32_tps / ref_tps:.2f}")
-    print(
-        f"ONNX int8 {int8_tps:.1f} texts/s, ratio {int8_tps / ref_tps:.2f}, "
-        f"cosine to sentence-transformers mean {cos_int8.mean():.5f} min {cos_int8.min():.5f}"
+    print("| path | texts/s | ratio | mean cos | worst cos | nDCG@10 change | bars |")
+    print("|---|---|---|---|---|---|---|")
+    for name in models:
+        delta = "" if change[name] is None else f"{change[name]:+.2f}"
+        bars = ("yes" if meets_bars(name) else "no") if name in QUANTISED else ""
+        print(f"| {name} | {tps[name]:.1f} | {tps[name] / ref_tps:.2f} | {cos[name].mean():.5f} | "
+              f"{cos[name].min():.5f} | {delta} | {bars} |")  # fmt: skip
+    passing = [n for n in QUANTISED if n in models and meets_bars(n)]
+    best = max(passing, key=lambda n: tps[n], default=None)
+    print(f"fastest quantised path within the bars (mean cos >= {COS_BAR}, |nDCG@10 change| <= {NDCG_BAR}): {best}")
+
+    def r(x: float | None, digits: int) -> float | None:
+        return None if x is None else round(float(x), digits)
+
+    headline = {
+        "bench": "encode",
+        "embforge": r(tps["embforge"], 1),
+        "reference": r(ref_tps, 1),
+        "unit": "texts/s",
+        "ratio": r(tps["embforge"] / ref_tps, 3),
+        "precision": ours.inference_precision,
+        "cos": r(cos["embforge"].mean(), 6),
+        "min_cos": r(cos["embforge"].min(), 6),
+        "embforge_fp32": r(tps["embforge_fp32"], 1),
+        "ratio_fp32": r(tps["embforge_fp32"] / ref_tps, 3),
+        "max_abs_cos_diff_fp32": float(np.abs(1 - cos["embforge_fp32"]).max()),
+        "ndcg10_fp32": r(ndcg["embforge_fp32"], 2),
+        "ndcg10": r(ndcg["embforge"], 2),
+        "ndcg10_change": r(change["embforge"], 2),
+    }
+    for name in models:
+        if name.startswith(("onnx", "openvino")):
+            key = "int8" if name == "onnx_int8" else name.removeprefix("onnx_")  # the keys earlier runs printed
+            headline[f"ratio_{key}"] = r(tps[name] / ref_tps, 3)
+            headline[f"cos_{key}"] = r(cos[name].mean(), 5)
+            headline[f"min_cos_{key}"] = r(cos[name].min(), 5)
+            headline[f"ndcg10_change_{key}"] = r(change[name], 2)
+    headline.update(
+        {
+            "onnx_int8": r(tps["onnx_int8"], 1),
+            "ratio_best_quantised": None if best is None else r(tps[best] / ref_tps, 3),
+            "best_quantised": best,
+            "cpu_capability": capability,
+            "cpu_flags": flags,
+            "texts": len(texts),
+            "threads": args.threads,
+            "quick": args.quick,
+        }
     )
-    print(
-        f"ONNX int8 --int8-ffn-down {ffn_tps:.1f} texts/s, ratio {ffn_tps / ref_tps:.2f}, "
-        f"cosine to sentence-transformers mean {cos_ffn.mean():.5f} min {cos_ffn.min():.5f}"
-    )
-    if ndcg is not None:
-        print(
-            f"MLQuestions nDCG@10: PyTorch fp32 {ndcg_fp32:.2f}, default ({precision}) {ndcg:.2f} "
-            f"({ndcg - ndcg_fp32:+.2f}), ONNX int8 {ndcg_int8:.2f} ({ndcg_int8 - ndcg_fp32:+.2f}), "
-            f"int8 --int8-ffn-down {ndcg_ffn:.2f} ({ndcg_ffn - ndcg_fp32:+.2f})"
-        )
-    print(
-        json.dumps(
-            {
-                "bench": "encode",
-                "embforge": round(ours_tps, 1),
-                "reference": round(ref_tps, 1),
-                "unit": "texts/s",
-                "ratio": round(ours_tps / ref_tps, 3),
-                "precision": precision,
-                "cos": round(float(cos.mean()), 6),
-                "min_cos": round(float(cos.min()), 6),
-                "embforge_fp32": round(fp32_tps, 1),
-                "ratio_fp32": round(fp32_tps / ref_tps, 3),
-                "max_abs_cos_diff_fp32": float(np.abs(1 - cos_fp32).max()),
-                "onnx_int8": round(int8_tps, 1),
-                "ratio_int8": round(int8_tps / ref_tps, 3),
-                "cos_int8": round(float(cos_int8.mean()), 5),
-                "min_cos_int8": round(float(cos_int8.min()), 5),
-                "ndcg10_fp32": None if ndcg is None else round(ndcg_fp32, 2),
-                "ndcg10": None if ndcg is None else round(ndcg, 2),
-                "ndcg10_int8": None if ndcg_int8 is None else round(ndcg_int8, 2),
-                "ndcg10_change": None if ndcg is None else round(ndcg - ndcg_fp32, 2),
-                "ndcg10_change_int8": None if ndcg is None else round(ndcg_int8 - ndcg_fp32, 2),
-                "onnx_int8_ffn_down": round(ffn_tps, 1),
-                "ratio_int8_ffn_down": round(ffn_tps / ref_tps, 3),
-                "cos_int8_ffn_down": round(float(cos_ffn.mean()), 5),
-                "min_cos_int8_ffn_down": round(float(cos_ffn.min()), 5),
-                "ndcg10_change_int8_ffn_down": None if ndcg is None else round(ndcg_ffn - ndcg_fp32, 2),
-                "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-                "texts": len(texts),
-                "threads": args.threads,
-                "quick": args.quick,
-            }
-        )
-    )
+    print(json.dumps(headline))
 
 
 if __name__ == "__main__":

@@ -50,12 +50,14 @@ def _load_inference_model(args: argparse.Namespace):
     """The Embedder, or an OnnxEmbedder for a folder written by `embforge export onnx` (no torch import)."""
     from embforge.onnx.runtime import OnnxEmbedder, is_onnx_folder
 
+    runtime = getattr(args, "runtime", None)
     if is_onnx_folder(args.model):
         if getattr(args, "precision", None):
             raise ConfigError("--precision applies to PyTorch models; an ONNX folder runs fp32 (or --int8)")
-        return OnnxEmbedder.load(args.model, quantized=args.int8)
-    if args.int8:
-        raise ConfigError("--int8 needs an ONNX folder: run `embforge export onnx MODEL OUT --int8` first")
+        return OnnxEmbedder.load(args.model, quantized=args.int8, runtime=runtime or "onnxruntime")
+    if args.int8 or runtime:
+        flag = "--int8" if args.int8 else "--runtime"
+        raise ConfigError(f"{flag} needs an ONNX folder: run `embforge export onnx MODEL OUT --int8` first")
     return _load_model(args)
 
 
@@ -211,11 +213,28 @@ def cmd_export(args: argparse.Namespace) -> int:
     from embforge.onnx.export import export_onnx
 
     args.device = "cpu"
-    if args.int8_ffn_down and not args.int8:
-        raise ConfigError("--int8-ffn-down shapes the int8 model: add --int8")
+    for flag in ("int8_ffn_down", "openvino"):
+        if getattr(args, flag) and not args.int8:
+            raise ConfigError(f"--{flag.replace('_', '-')} shapes the int8 model: add --int8")
+    if args.calibration_input and not args.openvino:
+        raise ConfigError("--calibration-input calibrates the OpenVINO int8 model: add --openvino")
+    texts = None
+    if args.calibration_input:
+        from embforge.data.io import read_texts
+
+        texts = read_texts(args.calibration_input, field=args.field)
     model = _load_model(args)
-    out = export_onnx(model, args.output, quantize=args.int8, quantize_ffn_down=args.int8_ffn_down, source=args.model)
-    print(f"wrote ONNX model{' (+ int8)' if args.int8 else ''} to {out}")
+    out = export_onnx(
+        model,
+        args.output,
+        quantize=args.int8,
+        quantize_ffn_down=args.int8_ffn_down,
+        openvino=args.openvino,
+        calibration_texts=texts,
+        source=args.model,
+    )
+    extra = " (+ int8 for ONNX Runtime and OpenVINO)" if args.openvino else " (+ int8)" if args.int8 else ""
+    print(f"wrote ONNX model{extra} to {out}")
     return 0
 
 
@@ -509,6 +528,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prompt-name", default=None, help="name of a model prompt to prepend (e.g. query)")
     p.add_argument("--dimensions", type=int, default=None, help="Matryoshka truncation")
     p.add_argument("--int8", action="store_true", help="ONNX folder: run the int8-quantised model")
+    p.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "openvino"],
+        default=None,
+        help="ONNX folder: the runtime that runs it (default: onnxruntime)",
+    )
     p.set_defaults(func=cmd_encode)
 
     p = sub.add_parser("serve", help="OpenAI-compatible embedding server (POST /v1/embeddings)")
@@ -535,6 +560,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None, help="cpu, cuda, ... (PyTorch models)")
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     p.add_argument("--int8", action="store_true", help="ONNX folder: serve the int8-quantised model")
+    p.add_argument(
+        "--runtime",
+        choices=["onnxruntime", "openvino"],
+        default=None,
+        help="ONNX folder: the runtime that runs it (default: onnxruntime)",
+    )
     _add_precision_arg(p)
     p.add_argument("--max-items", type=int, default=2048, help="inputs per request")
     p.add_argument("--max-input-tokens", type=int, default=None, help="tokens per input (default: the model's max)")
@@ -581,6 +612,18 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also quantise the feed-forward down-projections (heavy-tailed inputs): faster, further from fp32",
     )
+    e.add_argument(
+        "--openvino",
+        action="store_true",
+        help="with --int8: also write openvino_int8.xml (OpenVINO static int8, NNCF; run it with --runtime openvino)",
+    )
+    e.add_argument(
+        "--calibration-input",
+        default=None,
+        help="with --openvino: .txt or .jsonl sample of your corpus the int8 ranges come from "
+        "(default: docstrings and code of Python's standard library)",
+    )
+    e.add_argument("--field", default="text", help="JSONL field holding the text (default: text)")
     e.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     e.set_defaults(func=cmd_export)
 

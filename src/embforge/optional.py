@@ -19,6 +19,8 @@ EXTRAS: dict[str, str] = {
     "mteb": "mteb",
     "onnxruntime": "onnx",
     "onnx": "onnx",
+    "openvino": "openvino",
+    "nncf": "openvino",
     "prometheus_client": "serve",
     "starlette": "serve",
     "openai": "dev",

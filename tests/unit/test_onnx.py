@@ -116,3 +116,91 @@ def test_int8_keeps_the_ffn_down_projection_fp32_unless_told_to_quantise_it(tiny
     for folder in (onnx_dir, every):
         int8 = OnnxEmbedder(folder, quantized=True).encode(TEXTS)
         assert (int8 * ref).sum(1).min() > 0.95
+
+
+@pytest.mark.parametrize("runtime", ["onnxruntime", "openvino"])
+def test_a_batch_cut_into_chunks_for_several_cores_gives_the_whole_batch_s_embeddings(tiny_embedder, onnx_dir, runtime):
+    """Each core runs its own chunk of rows (a single-threaded runner each); 1, 2 and 3 runners
+    give the embeddings `Embedder.encode` gives, with prompts, truncation and every length mixed."""
+    if runtime == "openvino":
+        pytest.importorskip("openvino")
+    texts = TEXTS + ["a", "a longer sentence about sorting lists of numbers", "read " * 5]
+    expected = tiny_embedder.encode(texts, prompt_name="query", precision="fp32")
+    for threads in (1, 2, 3):
+        onnx = OnnxEmbedder(onnx_dir, num_threads=threads, runtime=runtime)
+        assert len(onnx._runner.runners) == threads
+        for batch_size in (len(texts), 2, 1):
+            got = onnx.encode(texts, prompt_name="query", batch_size=batch_size)
+            np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{threads} runners, batch {batch_size}")
+
+
+@pytest.fixture(scope="module")
+def openvino_dir(tiny_embedder, tmp_path_factory):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    sample = [f"{w} number {i} in a list of things to sort" for i, w in enumerate(["sort", "read", "cat"] * 20)]
+    folder = tmp_path_factory.mktemp("openvino") / "tiny"
+    return export_onnx(tiny_embedder, folder, quantize=True, openvino=True, calibration_texts=sample, source="tiny")
+
+
+def test_openvino_runs_the_folder_at_fp32_and_its_own_int8_model(tiny_embedder, openvino_dir):
+    ov = OnnxEmbedder(openvino_dir, runtime="openvino")
+    for kwargs in ({}, {"prompt_name": "query"}, {"dimensions": 16}):
+        np.testing.assert_allclose(
+            ov.encode(TEXTS, **kwargs), tiny_embedder.encode(TEXTS, **kwargs, precision="fp32"), atol=1e-5
+        )
+    int8 = OnnxEmbedder(openvino_dir, runtime="openvino", quantized=True).encode(TEXTS)
+    ref = tiny_embedder.encode(TEXTS, precision="fp32")
+    assert (int8 * ref).sum(1).min() > 0.95
+    assert np.abs(int8 - ref).max() > 1e-4  # really the quantised model
+    assert _op_counts(openvino_dir / "model_int8.onnx")  # the ONNX Runtime int8 model is written too
+    with pytest.raises(ConfigError, match="runtime 'tensorrt'"):
+        OnnxEmbedder(openvino_dir, runtime="tensorrt")
+    with pytest.raises(ConfigError, match=r"openvino_int8.xml: missing \(export with --int8 --openvino\)"):
+        OnnxEmbedder(_without_openvino(openvino_dir), runtime="openvino", quantized=True)
+
+
+def _without_openvino(folder):
+    import shutil
+
+    copy = folder.parent / "copy-without-openvino"
+    if not copy.exists():
+        shutil.copytree(folder, copy, ignore=shutil.ignore_patterns("openvino_int8.*"))
+    return copy
+
+
+def test_cli_exports_for_openvino_and_encodes_with_it(tiny_model_dir, tmp_path):
+    pytest.importorskip("openvino")
+    pytest.importorskip("nncf")
+    from embforge.cli import main
+
+    sample = tmp_path / "sample.txt"
+    sample.write_text("".join(f"passage {i} about sorting a list\n" for i in range(40)))
+    out = tmp_path / "exported"
+    assert main(["export", "onnx", str(tiny_model_dir), str(out), "--int8", "--openvino",
+                 "--calibration-input", str(sample)]) == 0  # fmt: skip
+    assert (out / "openvino_int8.xml").is_file() and (out / "openvino_int8.bin").is_file()
+    emb = {}
+    for flags in ([], ["--int8"]):
+        dst = tmp_path / f"e{len(flags)}.npy"
+        args = ["encode", str(out), "--input", str(sample), "--output", str(dst), "--runtime", "openvino", *flags]
+        assert main(args) == 0
+        emb[len(flags)] = np.load(dst)
+    assert emb[0].shape == emb[1].shape == (40, 64) and not np.array_equal(emb[0], emb[1])
+    # refused, nothing written: --openvino without --int8, --calibration-input without --openvino,
+    # --runtime on a PyTorch model
+    assert main(["export", "onnx", str(tiny_model_dir), str(tmp_path / "no"), "--openvino"]) == 2
+    args = ["export", "onnx", str(tiny_model_dir), str(tmp_path / "no"), "--int8", "--calibration-input", str(sample)]
+    assert main(args) == 2
+    assert not (tmp_path / "no").exists()
+    args = [
+        "encode",
+        str(tiny_model_dir),
+        "--runtime",
+        "openvino",
+        "--input",
+        str(sample),
+        "--output",
+        str(tmp_path / "f.npy"),
+    ]
+    assert main(args) == 2 and not (tmp_path / "f.npy").exists()

@@ -10,7 +10,8 @@ prompt the model has (and an instruction where it takes them), encoded by the ON
 and by ``Embedder.encode`` at fp32; an export that does not reproduce the model's embeddings
 is refused with an error saying which prompt and by how much. ``quantize=True`` adds
 ``model_int8.onnx`` (ONNX Runtime dynamic quantisation: int8 weights, activations
-quantised per batch at run time). The graph is the padded forward (ONNX Runtime has no
+quantised per batch at run time); with ``openvino=True`` also ``openvino_int8.xml`` (OpenVINO
+static int8 from NNCF, calibrated on ``calibration_texts``). The graph is the padded forward (ONNX Runtime has no
 variable-length attention; batches of similar length carry little padding).
 """
 
@@ -18,14 +19,15 @@ from __future__ import annotations
 
 import json
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from embforge.atomic import atomic_folder
-from embforge.errors import CheckpointError
-from embforge.onnx.runtime import FORMAT_VERSION, ONNX_CONFIG, ONNX_FILES, OnnxEmbedder
+from embforge.errors import CheckpointError, ConfigError
+from embforge.onnx.runtime import FORMAT_VERSION, ONNX_CONFIG, ONNX_FILES, OPENVINO_INT8, OnnxEmbedder
 from embforge.optional import require
 
 # inputs of different lengths, so padding (a mask with zeros) is part of the traced graph
@@ -62,6 +64,8 @@ def export_onnx(
     *,
     quantize: bool = False,
     quantize_ffn_down: bool = False,
+    openvino: bool = False,
+    calibration_texts: Sequence[str] | None = None,
     opset: int = 17,
     source: str | None = None,
 ) -> Path:
@@ -74,6 +78,9 @@ def export_onnx(
         quantize: also write ``model_int8.onnx`` (dynamic int8 quantisation).
         quantize_ffn_down: in the int8 model, quantise the feed-forward down-projections
             too (see :func:`quantize_int8`).
+        openvino: with ``quantize``, also write ``openvino_int8.xml`` (:func:`quantize_openvino`).
+        calibration_texts: texts the OpenVINO int8 model is calibrated on (a sample of your
+            corpus; default: :func:`default_calibration_texts`).
         opset: ONNX opset version.
         source: recorded in ``embforge_onnx.json`` (the model name or path).
 
@@ -85,6 +92,8 @@ def export_onnx(
             the module docstring), or the model has no fast tokenizer.
     """
     require("onnx")  # the exporter writes through it
+    if openvino and not quantize:
+        raise ConfigError("openvino=True writes the OpenVINO int8 model: add quantize=True (--int8)")
     out_dir = Path(out_dir)
     with atomic_folder(out_dir) as tmp:
         model = model.eval().to("cpu")
@@ -125,6 +134,9 @@ def export_onnx(
             quantize_int8(tmp / "raw.onnx", tmp / "raw_int8.onnx", quantize_ffn_down=quantize_ffn_down)
             optimize_graph(tmp / "raw_int8.onnx", tmp / ONNX_FILES["int8"])
             (tmp / "raw_int8.onnx").unlink()
+            if openvino:
+                texts = list(calibration_texts) if calibration_texts is not None else default_calibration_texts()
+                quantize_openvino(tmp / "raw.onnx", tmp / OPENVINO_INT8, model, texts)
         optimize_graph(tmp / "raw.onnx", tmp / ONNX_FILES["fp32"])
         (tmp / "raw.onnx").unlink()
         check_export(model, OnnxEmbedder(tmp))
@@ -209,4 +221,49 @@ def quantize_int8(src: Path, dst: Path, *, quantize_ffn_down: bool = False) -> P
         nodes_to_exclude=keep_fp32,
         extra_options={"MatMulConstBOnly": True},  # activation x activation products stay fp32
     )
+    return dst
+
+
+CALIBRATION_TEXTS = 300  # texts the OpenVINO int8 model is calibrated on, at most
+
+
+def default_calibration_texts(n: int = CALIBRATION_TEXTS) -> list[str]:
+    """A calibration sample every machine has: docstring summaries and code of Python's standard
+    library (as ``embforge quickstart`` uses), half of each, spread over the whole library."""
+    from embforge.data.stdlib_code import collect_pairs
+
+    pairs, _ = collect_pairs()
+    step = max(1, len(pairs) // (n // 2))
+    chosen = pairs[::step][: n // 2]
+    return [p.query for p in chosen] + [p.positive for p in chosen]
+
+
+def quantize_openvino(src: Path, dst: Path, model, texts: Sequence[str], batch_size: int = 16) -> Path:
+    """Static int8 quantisation of the plain ONNX graph for OpenVINO with NNCF (``dst``: .xml + .bin).
+
+    NNCF's transformer preset: int8 weights (per channel) and activations (per tensor, ranges
+    from ``texts`` run through the model, at most :data:`CALIBRATION_TEXTS`), SmoothQuant on the
+    MatMuls, softmax and layer norms kept in float. The texts are tokenised as the model
+    tokenises (no prompt).
+
+    Raises:
+        ConfigError: no calibration text.
+    """
+    ov = require("openvino")
+    nncf = require("nncf")
+    texts = [t for t in texts if t and t.strip()][:CALIBRATION_TEXTS]
+    if not texts:
+        raise ConfigError("OpenVINO int8 needs calibration texts (a sample of your corpus); none were given")
+    order = sorted(range(len(texts)), key=lambda i: len(texts[i]))  # similar lengths: little padding
+    feeds = []
+    for start in range(0, len(order), batch_size):
+        batch = model.tokenize([texts[i] for i in order[start : start + batch_size]])
+        feeds.append({k: v.cpu().numpy().astype(np.int64) for k, v in batch.items()})
+    quantized = nncf.quantize(
+        ov.Core().read_model(str(src)),
+        nncf.Dataset(feeds),
+        model_type=nncf.ModelType.TRANSFORMER,
+        subset_size=len(feeds),
+    )
+    ov.save_model(quantized, str(dst), compress_to_fp16=False)
     return dst

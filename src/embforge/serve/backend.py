@@ -187,7 +187,7 @@ class TorchBackend(_ModelBackend):
 
 
 class OnnxBackend(_ModelBackend):
-    """An :class:`~embforge.onnx.runtime.OnnxEmbedder` (fp32 or int8)."""
+    """An :class:`~embforge.onnx.runtime.OnnxEmbedder` (fp32 or int8, ONNX Runtime or OpenVINO)."""
 
     kind = "onnx"
 
@@ -199,7 +199,7 @@ class OnnxBackend(_ModelBackend):
         return self.model.forward(**{k: np.asarray(v) for k, v in batch.items()})
 
     def describe(self) -> dict:
-        return {**super().describe(), "quantized": self.model.quantized}
+        return {**super().describe(), "quantized": self.model.quantized, "runtime": self.model.runtime}
 
 
 def backend_for(model, name: str, adapters: dict | None = None) -> TorchBackend | OnnxBackend:
