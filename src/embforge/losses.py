@@ -73,12 +73,6 @@ def gather_no_grad(x: torch.Tensor) -> torch.Tensor:
     return torch.cat(parts, dim=0)
 
 
-def rank_and_world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # ---------------------------------------------------------------------------- layout
 
 
@@ -389,11 +383,3 @@ def matryoshka(
         term = w * loss_fn(*cut)
         total = term if total is None else total + term
     return total
-
-
-# ---------------------------------------------------------------------------- MLM
-
-
-def mlm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy over masked positions. logits (B, T, V), labels (B, T) with -100 elsewhere."""
-    return F.cross_entropy(logits.reshape(-1, logits.size(-1)), labels.reshape(-1), ignore_index=-100)

@@ -1,4 +1,4 @@
-"""Request/response bodies of the OpenAI-compatible API, and the typed HTTP errors.
+"""The request body of the OpenAI-compatible API, and the typed HTTP errors.
 
 ``POST /v1/embeddings`` takes the OpenAI body (``input``, ``model``, ``dimensions``,
 ``encoding_format``, ``user``) plus documented extensions:
@@ -22,7 +22,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, StrictInt, StrictStr
+from pydantic import BaseModel, ConfigDict, StrictInt, StrictStr
 
 from embforge.errors import EmbforgeError
 
@@ -46,41 +46,6 @@ class EmbeddingRequest(BaseModel):
     task: StrictStr | None = None
     # extension: compact output values (with encoding_format "base64": their packed bytes)
     output_dtype: Literal["float", "int8", "uint8", "binary", "ubinary"] | None = None
-
-
-class EmbeddingData(BaseModel):
-    object: Literal["embedding"] = "embedding"
-    index: int
-    # float: list[float]; int8/uint8/binary/ubinary: list[int]; base64: the little-endian float32 bytes,
-    # or the int8/uint8 bytes of a compact output_dtype
-    embedding: list[float] | list[int] | str
-
-
-class Usage(BaseModel):
-    prompt_tokens: int
-    total_tokens: int
-
-
-class EmbeddingResponse(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[EmbeddingData]
-    model: str
-    usage: Usage
-
-
-class ModelInfo(BaseModel):
-    """An entry of ``GET /v1/models``; ``embforge`` says what the model does."""
-
-    id: str
-    object: Literal["model"] = "model"
-    created: int
-    owned_by: str = "embforge"
-    embforge: dict = Field(default_factory=dict)
-
-
-class ModelList(BaseModel):
-    object: Literal["list"] = "list"
-    data: list[ModelInfo]
 
 
 # ---------------------------------------------------------------------------- errors
