@@ -11,7 +11,9 @@ repetition, and reports the median texts/s of each and its ratio to sentence-tra
 - ``onnx_fp32``: ONNX Runtime, ``model.onnx``;
 - ``onnx_int8``: ONNX Runtime, ``embforge export onnx --int8`` (dynamic int8, the feed-forward
   down-projections kept fp32) -> ``ratio_int8``; ``onnx_int8_ffn_down``: ``--int8-ffn-down``
-  (every weight MatMul int8) -> ``ratio_int8_ffn_down``;
+  (every weight MatMul int8) -> ``ratio_int8_ffn_down``; ``onnx_int8_unchunked``: ``onnx_int8``
+  with each batch run whole on ONNX Runtime's intra-op threads instead of one chunk per core
+  (``chunked=False``: the A/B of the chunked runners);
 - ``openvino_fp32``: OpenVINO running ``model.onnx``; ``openvino_int8``: ``--int8 --openvino``
   (NNCF static int8, calibrated on 300 other texts of the same sources) -> ``ratio_openvino_int8``
   (skipped with a reason where ``openvino``/``nncf`` are not installed).
@@ -122,6 +124,8 @@ def main() -> None:
         "onnx_fp32": OnnxEmbedder(onnx_dir, num_threads=args.threads),
         "onnx_int8": OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads),
         "onnx_int8_ffn_down": OnnxEmbedder(ffn_dir, quantized=True, num_threads=args.threads),
+        # A/B of the chunked runners: each batch whole, on ONNX Runtime's own intra-op threads
+        "onnx_int8_unchunked": OnnxEmbedder(onnx_dir, quantized=True, num_threads=args.threads, chunked=False),
     }
     if has_openvino:
         models["openvino_fp32"] = OnnxEmbedder(onnx_dir, num_threads=args.threads, runtime="openvino")
@@ -197,7 +201,8 @@ def main() -> None:
     }
     for name in models:
         if name.startswith(("onnx", "openvino")):
-            key = "int8" if name == "onnx_int8" else name.removeprefix("onnx_")  # the keys earlier runs printed
+            # onnx_int8 and onnx_int8_ffn_down keep the keys earlier runs printed (ratio_int8, ...)
+            key = name.removeprefix("onnx_") if name.startswith("onnx_int8") else name
             headline[f"ratio_{key}"] = r(tps[name] / ref_tps, 3)
             headline[f"cos_{key}"] = r(cos[name].mean(), 5)
             headline[f"min_cos_{key}"] = r(cos[name].min(), 5)

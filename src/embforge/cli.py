@@ -168,6 +168,8 @@ def _served_models(args: argparse.Namespace) -> list:
 
 def _adapter_modules(specs: list[str]) -> dict[str, str]:
     """--lora-modules NAME=PATH ... (one flag with several, or the flag repeated) -> NAME -> PATH."""
+    from embforge.serve.batcher import MIXED
+
     adapters: dict[str, str] = {}
     for text in specs:
         name, path = _pair(text, "--lora-modules")
@@ -175,6 +177,8 @@ def _adapter_modules(specs: list[str]) -> dict[str, str]:
             raise ConfigError(f"--lora-modules: expected NAME=PATH, got {text!r}")
         if name in adapters:
             raise ConfigError(f"--lora-modules: adapter name {name!r} is given twice")
+        if name == MIXED:
+            raise ConfigError(f"--lora-modules: {MIXED!r} labels the metrics of mixed passes; choose another name")
         adapters[name] = path
     return adapters
 

@@ -85,3 +85,5 @@ def test_lora_modules_take_several_per_flag_or_the_flag_repeated():
         _adapter_modules(["a=/x/a", "a=/x/other"])
     with pytest.raises(ConfigError, match="expected NAME=PATH"):
         _adapter_modules(["/x/a"])
+    with pytest.raises(ConfigError, match="labels the metrics of mixed passes"):
+        _adapter_modules(["(mixed)=/x/a"])

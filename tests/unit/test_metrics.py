@@ -114,6 +114,7 @@ def test_retrieval_scores_with_ties_equal_previous_numbers():
 def test_search_ranks_ties_like_trec_eval_on_raw_scores():
     # trec_eval itself, given every raw cosine score, must see the same top 10 as our search
     import pytrec_eval  # a dependency of embforge: never skipped
+
     from embforge.vectors import l2_normalise
 
     q_emb, d_emb, doc_ids, ranked, qrels = _tied_search_case()

@@ -128,10 +128,21 @@ def test_a_batch_cut_into_chunks_for_several_cores_gives_the_whole_batch_s_embed
     expected = tiny_embedder.encode(texts, prompt_name="query", precision="fp32")
     for threads in (1, 2, 3):
         onnx = OnnxEmbedder(onnx_dir, num_threads=threads, runtime=runtime)
-        assert len(onnx._runner.runners) == threads
         for batch_size in (len(texts), 2, 1):
             got = onnx.encode(texts, prompt_name="query", batch_size=batch_size)
             np.testing.assert_allclose(got, expected, atol=1e-5, err_msg=f"{threads} runners, batch {batch_size}")
+        onnx.encode(texts, prompt_name="query", batch_size=len(texts))  # one batch of every length
+        calls = onnx._runner.calls  # (rows, width) of each runner call of that batch
+        assert len(calls) == threads and sum(rows for rows, _ in calls) == len(texts), calls
+        if threads > 1:  # the chunk of the shortest rows leaves out the padding it does not need
+            assert calls[-1][1] < calls[0][1] == onnx.tokenize(texts, prompt_name="query")["input_ids"].shape[1]
+    whole = OnnxEmbedder(onnx_dir, num_threads=2, runtime=runtime, chunked=False)
+    np.testing.assert_allclose(whole.encode(texts, prompt_name="query"), expected, atol=1e-5)
+    assert len(whole._runner.calls) == 1
+    # a batch of fewer rows than runners: one call on a runner using every core
+    single = OnnxEmbedder(onnx_dir, num_threads=3, runtime=runtime)
+    np.testing.assert_allclose(single.encode(texts[:2], prompt_name="query"), expected[:2], atol=1e-5)
+    assert len(single._runner.calls) == 1
 
 
 @pytest.fixture(scope="module")

@@ -140,6 +140,8 @@ def export_onnx(
         optimize_graph(tmp / "raw.onnx", tmp / ONNX_FILES["fp32"])
         (tmp / "raw.onnx").unlink()
         check_export(model, OnnxEmbedder(tmp))
+        if openvino:  # OpenVINO reads the optimised graph itself: checked the same way
+            check_export(model, OnnxEmbedder(tmp, runtime="openvino"))
     return out_dir
 
 
@@ -243,8 +245,8 @@ def quantize_openvino(src: Path, dst: Path, model, texts: Sequence[str], batch_s
 
     NNCF's transformer preset: int8 weights (per channel) and activations (per tensor, ranges
     from ``texts`` run through the model, at most :data:`CALIBRATION_TEXTS`), SmoothQuant on the
-    MatMuls, softmax and layer norms kept in float. The texts are tokenised as the model
-    tokenises (no prompt).
+    MatMuls, softmax and layer norms kept in float. The texts are tokenised as ``model.encode``
+    tokenises them by default (its default prompt, if it has one).
 
     Raises:
         ConfigError: no calibration text.

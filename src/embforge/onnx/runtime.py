@@ -10,9 +10,9 @@ instruction template, normalisation).
 Two runtimes run a folder: ONNX Runtime (``runtime="onnxruntime"``, the default: ``model.onnx``
 or ``model_int8.onnx``) and OpenVINO (``runtime="openvino"``: ``model.onnx`` read by OpenVINO at
 fp32, or ``openvino_int8.xml``). Either way a batch is cut into row chunks run at once, one
-single-threaded runner per core (:class:`_ChunkedRunner`): on 2 cores that was 8-12 % more
-texts/s than one call using both cores through the runtime's own intra-op threads (MiniLM
-int8, AVX2; docs/results.md). Texts are tokenised by
+single-threaded runner per core (:class:`_ChunkedRunner`); a batch of fewer rows than cores (a
+single query) runs on one runner using every core. On 2 AVX2 cores the chunks gave 8-12 % more
+texts/s on MiniLM int8 than one call using both cores through the runtime's own threads. Texts are tokenised by
 the same :class:`~embforge.modeling.tokenization.TextEncoder` as everywhere else, so
 instruction prompts are masked out of pooling exactly as in PyTorch. :class:`OnnxEmbedder`
 mirrors the inference API of :class:`~embforge.models.embedder.Embedder`::
@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import json
 import os
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -61,6 +62,8 @@ class OnnxEmbedder:
         num_threads: cores to use, one single-threaded runner each (default: the cores this
             process may run on).
         runtime: ``onnxruntime`` or ``openvino``.
+        chunked: cut batches into one chunk per core, run at once (see :class:`_ChunkedRunner`);
+            False: each batch runs whole on the runtime's own ``num_threads`` threads.
     """
 
     def __init__(
@@ -70,6 +73,7 @@ class OnnxEmbedder:
         quantized: bool = False,
         num_threads: int | None = None,
         runtime: str = "onnxruntime",
+        chunked: bool = True,
     ):
         folder = Path(folder)
         if not is_onnx_folder(folder):
@@ -109,11 +113,11 @@ class OnnxEmbedder:
         self.max_seq_len = self.text_encoder.settings.max_len
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
-        self.num_threads = int(num_threads or len(os.sched_getaffinity(0)))
+        self.num_threads = int(num_threads or _usable_cores())
         if self.num_threads < 1:
             raise ConfigError(f"num_threads must be >= 1, got {num_threads}")
-        make = _onnxruntime_runners if runtime == "onnxruntime" else _openvino_runners
-        self._runner = _ChunkedRunner(*make(model_file, self.num_threads, exact=not quantized))
+        maker = _onnxruntime_maker if runtime == "onnxruntime" else _openvino_maker
+        self._runner = _ChunkedRunner(maker(model_file, exact=not quantized), self.num_threads, chunked)
 
     @classmethod
     def load(cls, name_or_path: str | Path, **kwargs) -> OnnxEmbedder:
@@ -207,74 +211,109 @@ class _ChunkedRunner:
     in the graph, so a chunk's rows give what they give in the whole batch (to float rounding;
     the int8 models quantise activations per call, so there a chunk is its own batch). A chunk
     drops the padding columns none of its rows needs (trailing only: positions never move).
+    A batch of fewer rows than runners (a single query) runs on one runner that uses every
+    core itself, made on first use (a second copy of the weights in memory from then on).
+
+    Args:
+        make: ``make(threads, streams) -> (runs, input names)``: ``streams`` callables
+            (feeds -> (B, D)) each running on ``threads`` threads.
+        workers: runners (cores) used at once.
+        chunked: False: every batch runs whole on one runner using ``workers`` threads.
     """
 
-    def __init__(self, runners: list, input_names: list[str]):
+    def __init__(self, make, workers: int, chunked: bool = True):
         from concurrent.futures import ThreadPoolExecutor
 
-        self.runners = runners
-        self.input_names = input_names
-        self._pool = ThreadPoolExecutor(len(runners), thread_name_prefix="embforge-onnx") if len(runners) > 1 else None
+        self._make = make
+        self.workers = workers if chunked else 1
+        self.runners, self.input_names = make(1 if chunked else workers, self.workers)
+        self._single = self.runners[0] if self.workers == 1 else None
+        self._pool = ThreadPoolExecutor(workers, thread_name_prefix="embforge-onnx") if self.workers > 1 else None
+        self._lock = threading.Lock()  # one batch at a time: an OpenVINO infer request serves one call
+        self.calls: list[tuple[int, int]] = []  # (rows, width) of the last batch's runner calls
 
     def __call__(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
         feeds = {k: feeds[k] for k in self.input_names}
         mask = feeds["attention_mask"]  # (B, T)
-        parts = min(len(self.runners), len(mask))
-        if parts <= 1:
-            return self.runners[0](feeds)
-        tokens = np.cumsum(mask.sum(1))  # (B,)
-        cuts = np.searchsorted(tokens, tokens[-1] * np.arange(1, parts) / parts)  # row where each chunk ends
-        bounds = [0, *sorted({int(min(max(c + 1, 1), len(mask) - 1)) for c in cuts}), len(mask)]
-        chunks = []
-        for a, b in zip(bounds[:-1], bounds[1:]):
-            width = int(np.flatnonzero(mask[a:b].any(0)).max()) + 1  # the chunk's last column with a real token
-            chunks.append({k: v[a:b, :width] for k, v in feeds.items()})
-        outs = list(self._pool.map(lambda i: self.runners[i](chunks[i]), range(len(chunks))))
-        return np.concatenate(outs)
+        with self._lock:
+            if len(mask) < self.workers or self.workers == 1:
+                if self._single is None:
+                    self._single = self._make(self.workers, 1)[0][0]
+                self.calls = [mask.shape]
+                return self._single(feeds)
+            tokens = np.cumsum(mask.sum(1))  # (B,)
+            cuts = np.searchsorted(
+                tokens, tokens[-1] * np.arange(1, self.workers) / self.workers
+            )  # each chunk's last row
+            bounds = [0, *sorted({int(min(max(c + 1, 1), len(mask) - 1)) for c in cuts}), len(mask)]
+            chunks = []
+            for a, b in zip(bounds[:-1], bounds[1:]):
+                real = np.flatnonzero(mask[a:b].any(0))  # columns with a real token in this chunk
+                width = int(real[-1]) + 1 if real.size else 1
+                chunks.append({k: v[a:b, :width] for k, v in feeds.items()})
+            self.calls = [chunk["attention_mask"].shape for chunk in chunks]
+            outs = list(self._pool.map(lambda i: self.runners[i](chunks[i]), range(len(chunks))))
+            return np.concatenate(outs)
 
 
-def _onnxruntime_runners(model_file: Path, workers: int, *, exact: bool) -> tuple[list, list[str]]:
-    """One ONNX Runtime session with a single intra-op thread, called by ``workers`` threads."""
+def _onnxruntime_maker(model_file: Path, *, exact: bool):
+    """``make(threads, streams)``: one ONNX Runtime session with ``threads`` intra-op threads, called by each stream."""
     ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = 1
-    options.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
-    def run(feeds: dict) -> np.ndarray:
-        return session.run(None, feeds)[0]
+    def make(threads: int, streams: int) -> tuple[list, list[str]]:
+        options = ort.SessionOptions()
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        session = ort.InferenceSession(str(model_file), options, providers=["CPUExecutionProvider"])
 
-    return [run] * workers, [i.name for i in session.get_inputs()]
+        def run(feeds: dict) -> np.ndarray:
+            return session.run(None, feeds)[0]
+
+        return [run] * streams, [i.name for i in session.get_inputs()]
+
+    return make
 
 
-def _openvino_runners(model_file: Path, workers: int, *, exact: bool) -> tuple[list, list[str]]:
-    """One OpenVINO compiled model with ``workers`` single-threaded streams, an infer request each.
+def _openvino_maker(model_file: Path, *, exact: bool):
+    """``make(threads, streams)``: an OpenVINO compiled model with ``streams`` streams of ``threads``
+    threads, an infer request each.
 
     ``exact``: fp32 throughout (``INFERENCE_PRECISION_HINT``); OpenVINO otherwise runs float
     parts in bf16 on CPUs that have it, which is not the model's fp32 embedding.
     """
     ov = require("openvino")
     core = ov.Core()
-    config = {
-        "PERFORMANCE_HINT": "THROUGHPUT",
-        "NUM_STREAMS": str(workers),
-        "INFERENCE_NUM_THREADS": str(workers),
-    }
-    if exact:
-        config["INFERENCE_PRECISION_HINT"] = "f32"
-    compiled = core.compile_model(core.read_model(str(model_file)), "CPU", config)
-    names = [port.get_any_name() for port in compiled.inputs]
 
-    def runner(request):
-        def run(feeds: dict) -> np.ndarray:
-            # int64 by value: OpenVINO rejects numpy's 'q' (long long) arrays a memoryview gives
-            result = request.infer({k: np.ascontiguousarray(v).view(np.int64) for k, v in feeds.items()})
-            return np.array(result[0], dtype=np.float32)
+    def make(threads: int, streams: int) -> tuple[list, list[str]]:
+        config = {
+            "PERFORMANCE_HINT": "THROUGHPUT" if streams > 1 else "LATENCY",
+            "NUM_STREAMS": str(streams),
+            "INFERENCE_NUM_THREADS": str(threads * streams),
+        }
+        if exact:
+            config["INFERENCE_PRECISION_HINT"] = "f32"
+        compiled = core.compile_model(core.read_model(str(model_file)), "CPU", config)
 
-        return run
+        def runner(request):
+            def run(feeds: dict) -> np.ndarray:
+                # int64 by value: OpenVINO rejects numpy's 'q' (long long) arrays a memoryview gives
+                result = request.infer({k: np.ascontiguousarray(v).view(np.int64) for k, v in feeds.items()})
+                return np.array(result[0], dtype=np.float32)
 
-    return [runner(compiled.create_infer_request()) for _ in range(workers)], names
+            return run
+
+        return [runner(compiled.create_infer_request()) for _ in range(streams)], [
+            port.get_any_name() for port in compiled.inputs
+        ]
+
+    return make
+
+
+def _usable_cores() -> int:
+    """The cores this process may run on (its affinity where the OS has one, else every core)."""
+    affinity = getattr(os, "sched_getaffinity", None)
+    return len(affinity(0)) if affinity else os.cpu_count() or 1
 
 
 def _progress(total: int, show: bool):

@@ -46,6 +46,8 @@ _UNSUPPORTED = (
     "use_bdlora",
     "arrow_config",
     "velora_config",
+    "kasa_config",
+    "monteclora_config",
 )
 
 
@@ -54,13 +56,15 @@ def _same_tensor(base: torch.Tensor, saved: torch.Tensor) -> bool:
     if base.shape != saved.shape:
         return False
     saved = saved.to(base.device)
-    if base.dtype == saved.dtype and torch.equal(base, saved):
-        return True
-    if not base.is_floating_point():
-        return torch.equal(base, saved.to(base.dtype))
-    return any(
-        torch.equal(base.to(dtype), saved.to(dtype)) for dtype in {saved.dtype, torch.bfloat16, torch.float16}
-    ) or torch.equal(base.float(), saved.float())
+    if base.dtype == saved.dtype:
+        return torch.equal(base, saved)
+    if not base.is_floating_point() or saved.dtype not in (torch.bfloat16, torch.float16):
+        return (
+            torch.equal(base.to(saved.dtype), saved)
+            if base.is_floating_point()
+            else torch.equal(base, saved.to(base.dtype))
+        )
+    return torch.equal(base.to(saved.dtype), saved)  # the folder saved in bf16/fp16: the base rounded the same way
 
 
 def check_same_base(base, tuned, folder: Path) -> None:
@@ -74,17 +78,12 @@ def check_same_base(base, tuned, folder: Path) -> None:
     from embforge.models.saving import backbone_state
 
     base_head, tuned_head = base.head_settings(), tuned.head_settings()
-    for key in base_head:
+    for key in base_head:  # the pooling head may differ: each row is pooled by its own adapter's head
         if key != "pooling" and base_head[key] != tuned_head.get(key):
             raise ConfigError(
                 f"{folder / 'embforge.json'}: {key} is {tuned_head.get(key)!r}, the served base model has "
                 f"{base_head[key]!r}; an adapter is served with its base model's settings"
             )
-    if base_head["pooling"].get("pooling") != tuned_head["pooling"].get("pooling"):
-        raise ConfigError(
-            f"{folder / 'embforge.json'}: pooling {tuned_head['pooling']!r} differs from the served base's "
-            f"{base_head['pooling']!r}"
-        )
     if base.tokenizer.get_vocab() != tuned.tokenizer.get_vocab():
         raise ConfigError(f"{folder}: its tokenizer is not the served base model's (the vocabularies differ)")
     _, base_state = backbone_state(base.backbone, merge_lora=False)
@@ -129,10 +128,14 @@ def read_lora(folder: Path, backbone: nn.Module) -> dict[str, tuple[torch.Tensor
         raise ConfigError(f"{weights} cannot be read ({type(exc).__name__}: {exc})") from None
     pairs: dict[str, dict[str, torch.Tensor]] = {}
     for key, tensor in tensors.items():
-        stem, kind = key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)[0], key.rsplit(".", 2)[-2]
-        if not key.startswith(_PEFT_PREFIX) or kind not in ("lora_A", "lora_B") or not key.endswith(".weight"):
+        parts = key.removeprefix(_PEFT_PREFIX).rsplit(".", 2)  # module path, lora_A / lora_B, weight
+        if (
+            not key.startswith(_PEFT_PREFIX)
+            or len(parts) != 3
+            or parts[1:] not in (["lora_A", "weight"], ["lora_B", "weight"])
+        ):
             raise ConfigError(f"{weights}: tensor {key!r} is not a LoRA matrix this server applies")
-        pairs.setdefault(stem, {})[kind] = tensor.float()
+        pairs.setdefault(parts[0], {})[parts[1]] = tensor.float()
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for path, pair in pairs.items():
         try:
@@ -253,6 +256,8 @@ class AdapterSet:
             return None
         packed = kwargs.get("embforge_packed")
         if packed is not None:  # (1, N): flat (B·T) position of every packed token
+            if packed.batch != self._row_adapter.numel():
+                raise ValueError(f"per-row adapters for {self._row_adapter.numel()} rows, the batch has {packed.batch}")
             token_row = torch.div(packed.indices, packed.seq_len, rounding_mode="floor")
         else:
             ids = kwargs.get("input_ids", args[0] if args else None)

@@ -51,8 +51,9 @@ class Backend(Protocol):
         """``prompt``: a prompt text (an instruction through the template) instead of a name."""
         ...
 
-    def embed(self, batch: Sequence[Any], adapter: str | None = None) -> np.ndarray:
-        """Per-item features -> (B, hidden_size) float32 embeddings (with LoRA ``adapter``; None: the base)."""
+    def embed(self, batch: Sequence[Any], adapters: Sequence[str | None] | None = None) -> np.ndarray:
+        """Per-item features -> (B, hidden_size) float32 embeddings (``adapters``: each item's LoRA adapter,
+        None for the base; None: every item on the base)."""
         ...
 
     def describe(self) -> dict: ...

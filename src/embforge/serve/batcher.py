@@ -52,7 +52,7 @@ class _Entry:
 _MAX_LENGTH_SPREAD = 2
 
 BatchStats = Callable[..., None]  # (items, padded tokens, seconds, group) of one forward pass
-MIXED = "mixed"  # the group a batch of several groups reports to ``on_batch``
+MIXED = "(mixed)"  # the group a batch of several groups reports to ``on_batch`` (never an adapter's name)
 
 
 class MicroBatcher:

@@ -129,6 +129,8 @@ def test_mixed_concurrent_traffic_shares_forward_passes(server, folders):
 
     counted = re.search(r'embforge_inputs_total\{adapter="ad-b",model="ad-b"\} ([0-9.]+)', metrics)
     assert counted and float(counted[1]) >= 12  # labelled by model and adapter
+    mixed = re.search(r'embforge_batch_size_count\{adapter="\(mixed\)",model="base"\} ([0-9.]+)', metrics)
+    assert mixed and float(mixed[1]) >= 1, metrics  # a pass of several adapters is labelled as such
 
 
 def test_adapters_of_another_base_or_damaged_ones_are_refused(folders, tmp_path):
@@ -201,3 +203,39 @@ def test_peft_options_the_server_does_not_implement_are_refused(folders, tmp_pat
     config_file.write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ConfigError, match=r"dora/adapter/adapter_config.json: use_dora = True is not supported"):
         TorchBackend(Embedder.load(base_dir, device="cpu"), "base", adapters={"x": dora})
+
+
+def test_adapters_of_other_ranks_targets_and_rslora_mix_in_one_pass(folders, tmp_path):
+    """The stacked matrices pad smaller ranks with zeros and leave layers an adapter does not
+    adapt alone: rank 2 on every projection, rank 8 with rsLoRA on q/v only, and the base, mixed."""
+    import json
+
+    from embforge.models.build import apply_lora
+    from embforge.models.spec import LoraConfig
+
+    base_dir = folders[0]
+    made = {}
+    for name, r, targets, rslora in (("wide", 2, None, False), ("qv", 8, ["q_proj", "v_proj"], True)):
+        model = tiny_lora_embedder(seed=11)
+        model.backbone = model.backbone.merge_and_unload()  # the plain base again (B = 0), then this adapter
+        apply_lora(model, LoraConfig(r=r, alpha=4, dropout=0.0, **({"target_modules": targets} if targets else {})))
+        gen = torch.Generator().manual_seed(r)
+        with torch.no_grad():
+            for key, p in model.backbone.named_parameters():
+                if "lora_B" in key:
+                    p.copy_(0.3 * torch.randn(p.shape, generator=gen))
+        folder = model.eval().save(tmp_path / name, merge_lora=False)
+        if rslora:  # scale alpha / sqrt(r) instead of alpha / r, read by every loader from the config
+            config_file = folder / "adapter" / "adapter_config.json"
+            config_file.write_text(json.dumps({**json.loads(config_file.read_text()), "use_rslora": True}))
+        made[name] = folder
+    backend = TorchBackend(Embedder.load(base_dir, device="cpu", precision="fp32"), "base", adapters=made)
+    groups = ["qv", None, "wide", "qv", "wide", None]
+    texts = (TEXTS * 2)[: len(groups)]
+    got = backend.embed([i.features for i in backend.tokenize(texts, None)], groups)
+    offline = {g: Embedder.load(f, device="cpu", precision="fp32") for g, f in (*made.items(), (None, base_dir))}
+    for row, group in enumerate(groups):
+        expected = offline[group].encode([texts[row]], precision="fp32")
+        assert _cosines(got[row : row + 1], expected).min() >= 0.99999, (row, group)
+    plain = offline[None].encode(texts[:1], precision="fp32")
+    assert _cosines(offline["qv"].encode(texts[:1], precision="fp32"), plain).min() < 0.999  # rsLoRA: a real delta
