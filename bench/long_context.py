@@ -43,8 +43,9 @@ def worker(shape: str, length: int) -> dict:
     import torch
 
     from embforge.models.embedder import Embedder
-    from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+    from embforge.models.nomic_bert import build_backbone
     from embforge.models.nomic_bert_config import from_name
+    from embforge.models.tokenizers import nomic_tokenizer
 
     torch.manual_seed(0)
     spec = from_name("nomic-bert-2048", **SHAPES[shape])  # max_seq_len 8,192, NTK factor 2 beyond 2,048

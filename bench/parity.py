@@ -87,10 +87,11 @@ def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
 
     from embforge.models.build import apply_lora
     from embforge.models.embedder import Embedder
-    from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+    from embforge.models.nomic_bert import build_backbone
     from embforge.models.nomic_bert_config import from_name
     from embforge.models.spec import LoraConfig
     from embforge.models.tiny import tiny_bpe, tiny_decoder
+    from embforge.models.tokenizers import nomic_tokenizer
 
     n = 40 if quick else 200
     texts = real_texts(n)

@@ -34,7 +34,6 @@ from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_
 from embforge.models.heads import resolve_pooling
 from embforge.models.matryoshka import check_dimensions
 from embforge.models.prompts import resolve_prompt
-from embforge.models.registry import resolve_model_path
 from embforge.precision import autocast, resolve_precision
 
 
@@ -156,9 +155,9 @@ class Embedder(nn.Module):
                 leaves out take the folder's values, and a trained head loads unless
                 ``new_head``; a request that conflicts with a trained head is a ``ConfigError``.
         """
-        from embforge.models.saving import load_folder
+        from embforge.models.saving import load_folder, model_folder
 
-        folder = resolve_model_path(name_or_path)
+        folder = model_folder(name_or_path)
         meta = str(device) == "meta"  # shapes only: the backbone from the folder's config, no weights read
         loaded = load_folder(folder, weights=not meta)
         kwargs = dict(loaded.settings)

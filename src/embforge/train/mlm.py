@@ -38,8 +38,9 @@ from embforge.data.mlm import (
 )
 from embforge.errors import ConfigError, DataError
 from embforge.modeling.pooling import num_parameters
-from embforge.models.nomic_bert import NomicBertForMLM, build_backbone, nomic_tokenizer
+from embforge.models.nomic_bert import NomicBertForMLM, build_backbone
 from embforge.models.nomic_bert_config import from_name
+from embforge.models.tokenizers import nomic_tokenizer
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
 from embforge.train.checkpoint import (

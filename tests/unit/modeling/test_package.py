@@ -15,10 +15,11 @@ import torch
 import embforge.modeling
 from embforge.models.build import apply_lora
 from embforge.models.embedder import Embedder
-from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+from embforge.models.nomic_bert import build_backbone
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.spec import LoraConfig
 from embforge.models.tiny import tiny_nv_embedder
+from embforge.models.tokenizers import nomic_tokenizer
 
 PACKAGE = Path(embforge.modeling.__file__).parent
 FILES = embforge.modeling.MODELING_FILES

@@ -4,8 +4,9 @@ import numpy as np
 import torch
 
 from embforge.models.embedder import Embedder
-from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+from embforge.models.nomic_bert import build_backbone
 from embforge.models.nomic_bert_config import from_name
+from embforge.models.tokenizers import nomic_tokenizer
 
 
 def test_tiny_nomic_bert_encodes_8192_tokens(minilm_dir):

@@ -15,9 +15,9 @@ from embforge.models.nomic_bert import (
     NomicBertForMLM,
     build_backbone,
     hf_config,
-    nomic_tokenizer,
 )
 from embforge.models.nomic_bert_config import from_name, pad_vocab_size
+from embforge.models.tokenizers import nomic_tokenizer
 
 TINY = dict(num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, vocab_size=192)
 

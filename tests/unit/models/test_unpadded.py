@@ -9,9 +9,10 @@ from embforge.modeling import packing
 from embforge.modeling.embedding import backbone_forward, embed
 from embforge.models.build import enable_gradient_checkpointing
 from embforge.models.embedder import Embedder
-from embforge.models.nomic_bert import build_backbone, nomic_tokenizer
+from embforge.models.nomic_bert import build_backbone
 from embforge.models.nomic_bert_config import from_name
 from embforge.models.tiny import DECODER_FAMILIES, tiny_bert, tiny_decoder
+from embforge.models.tokenizers import nomic_tokenizer
 
 TEXTS = [
     "sort a list of python dict values by key",
