@@ -57,8 +57,7 @@ def main() -> None:
 
     from embforge.eval.tasks import TaskConfig, evaluate_task
     from embforge.models.embedder import Embedder
-    from embforge.quickstart import recipe_path
-    from embforge.train.recipe import load_recipe
+    from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
 
     out = Path(args.out).resolve()

@@ -82,8 +82,16 @@ def test_never_arrows(path):
 @pytest.mark.parametrize("path", FILES, ids=IDS)
 def test_nothing_imports_cli(path):
     rel = str(path.relative_to(SRC))
-    if rel not in ("cli.py", "__main__.py"):  # `python -m embforge` is the CLI itself
+    if not rel.startswith("cli/") and rel != "__main__.py":  # `python -m embforge` is the CLI itself
         assert not any(_under(i, "embforge.cli") for i in _imports(path)), f"{rel} imports the CLI"
+
+
+@pytest.mark.parametrize("path", FILES, ids=IDS)
+def test_only_the_cli_runs_the_demo_apps(path):
+    """The demo pipelines (apps/) use the library; the library never imports them."""
+    rel = str(path.relative_to(SRC))
+    if not rel.startswith(("cli/", "apps/")):
+        assert not any(_under(i, "embforge.apps") for i in _imports(path)), f"{rel} imports a demo app"
 
 
 @pytest.mark.parametrize("rel", sorted(STDLIB_ONLY))

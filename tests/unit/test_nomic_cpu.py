@@ -2,9 +2,12 @@
 
 import json
 
+import pytest
+
+from embforge.apps.nomic_cpu import RECIPES, data_root, raw_pairs
 from embforge.data.mlm import read_wikitext_sections
-from embforge.nomic_cpu import RECIPES, raw_pairs
-from embforge.quickstart import recipe_path
+from embforge.errors import DataError
+from embforge.train.recipe import recipe_path
 
 WIKI = "\n".join(  # WikiText's own layout: space-padded lines, headings " = Title = "
     [
@@ -79,3 +82,25 @@ def test_twin_recipes_name_the_filtered_sources():
     assert all(d.path == f"filtered/{d.name}.jsonl" for d in recipe.stages[0].data.datasets)
     finetune, _ = load_recipe(recipe_path(RECIPES[2]))
     assert finetune.model.matryoshka_rule == "layer_norm" and finetune.stages[0].data.num_negatives == 7
+
+
+def test_data_root_is_the_flag_then_embforge_data_then_the_default(tmp_path, monkeypatch):
+    flag, env = tmp_path / "flag", tmp_path / "env"
+    for root in (flag, env):
+        (root / "wikitext2").mkdir(parents=True)
+    monkeypatch.setenv("EMBFORGE_DATA", str(env))
+    assert data_root(str(flag)) == flag
+    assert data_root(None) == env
+    monkeypatch.delenv("EMBFORGE_DATA")
+    (tmp_path / "checkout").mkdir()
+    (tmp_path / "shared" / "data" / "wikitext2").mkdir(parents=True)
+    monkeypatch.chdir(tmp_path / "checkout")  # the default, ../shared/data, is relative to the working directory
+    assert data_root(None).resolve() == (tmp_path / "shared" / "data").resolve()
+
+
+def test_a_missing_or_wrong_data_root_says_where_it_came_from(tmp_path, monkeypatch):
+    monkeypatch.setenv("EMBFORGE_DATA", str(tmp_path / "nowhere"))
+    with pytest.raises(DataError, match=r"nowhere \(\$EMBFORGE_DATA\): no such folder; pass --data-root DIR"):
+        data_root(None)
+    with pytest.raises(DataError, match=r"\(--data-root\): not the shared datasets folder \(no wikitext2/\)"):
+        data_root(str(tmp_path))

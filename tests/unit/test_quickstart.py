@@ -5,9 +5,9 @@ import json
 import numpy as np
 from rich.console import Console
 
+from embforge.apps.quickstart import mine_stdlib_negatives
 from embforge.data.mining import mine_hard_negatives
 from embforge.data.stdlib_code import CodePair, write_pairs_jsonl
-from embforge.quickstart import mine_stdlib_negatives
 
 
 class HashModel:

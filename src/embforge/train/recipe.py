@@ -8,6 +8,7 @@ through the same checks (``--set stages.1.optim.lr=1e-5``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 from typing import Literal, TypeVar
 
@@ -257,6 +258,11 @@ class RecipeConfig:
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
+
+
+def recipe_path(name: str) -> Path:
+    """Path of a recipe shipped inside the package, e.g. ``recipe_path("quickstart/stdlib_two_stage.yaml")``."""
+    return Path(str(resources.files("embforge") / "recipes" / name))
 
 
 R = TypeVar("R")

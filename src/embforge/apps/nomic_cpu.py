@@ -1,9 +1,10 @@
 """Nomic Embed at CPU size, all three stages in one command (``embforge nomic-cpu``).
 
-1. **Data** from ../shared/data: weakly related pairs of four sources (WikiText-2 title-body,
-   SNLI entailment, MRPC paraphrases, STS Benchmark pairs scored >= 4), each consistency-filtered
-   within its source with the packaged all-MiniLM-L6-v2 (top-2, arXiv 2402.01613 §4.2); Natural
-   Questions (question, passage) pairs with 7 hard negatives mined by the same teacher (§4.3).
+1. **Data** from the shared datasets folder (:func:`data_root`): weakly related pairs of four
+   sources (WikiText-2 title-body, SNLI entailment, MRPC paraphrases, STS Benchmark pairs scored
+   >= 4), each consistency-filtered within its source with the packaged all-MiniLM-L6-v2 (top-2,
+   arXiv 2402.01613 §4.2); Natural Questions (question, passage) pairs with 7 hard negatives mined
+   by the same teacher (§4.3).
 2. **MLM** (``recipes/nomic_embed/cpu_twin_mlm.yaml``): a 4 x 128 nomic-bert from scratch;
    its metric is the held-back masked-token accuracy.
 3. **Contrastive** (``cpu_twin_contrastive.yaml``) from stage 2's weights, then **fine-tune**
@@ -20,6 +21,7 @@ after an interruption continues; ``summary.json`` holds every number.
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +31,10 @@ from rich.table import Table
 
 from embforge.atomic import atomic_write
 from embforge.data.io import read_jsonl
+from embforge.errors import DataError
 
+DATA_ENV = "EMBFORGE_DATA"  # the shared datasets folder when --data-root is not given
+DEFAULT_DATA_ROOT = "../shared/data"  # then this, relative to the working directory (the checkout's root)
 TEACHER = "all-MiniLM-L6-v2"
 EVAL_TASKS = ("MLQuestions", "DBPedia-Subset")  # in tasks/shared_mteb.yaml; no training pair comes from them
 CURVE_TASK = "MLQuestions"
@@ -58,6 +63,32 @@ SOURCES = (
     PairSource("mrpc_paraphrase", "mrpc/train.jsonl", "sentence1", "sentence2", lambda r: r["label"] == 1),
     PairSource("stsb_similar", "stsbenchmark/train.jsonl", "sentence1", "sentence2", lambda r: float(r["score"]) >= 4),
 )
+
+
+def data_root(flag: str | None) -> Path:
+    """The shared datasets folder: ``--data-root``, else ``$EMBFORGE_DATA``, else ``../shared/data``.
+
+    Args:
+        flag: the ``--data-root`` value (None: not given).
+
+    Returns:
+        The folder, as given (relative to the working directory where relative).
+
+    Raises:
+        DataError: the folder is missing, or is not the shared datasets folder (no ``wikitext2/``).
+    """
+    if flag:
+        shared, source = Path(flag), "--data-root"
+    elif os.environ.get(DATA_ENV):
+        shared, source = Path(os.environ[DATA_ENV]), f"${DATA_ENV}"
+    else:
+        shared, source = Path(DEFAULT_DATA_ROOT), "the default"
+    fix = f"pass --data-root DIR or set {DATA_ENV}"
+    if not shared.is_dir():
+        raise DataError(f"{shared} ({source}): no such folder; {fix} to the shared datasets folder")
+    if not (shared / "wikitext2").is_dir():
+        raise DataError(f"{shared} ({source}): not the shared datasets folder (no wikitext2/); {fix}")
+    return shared
 
 
 def _write_jsonl(path: Path, rows: list[dict]) -> Path:
@@ -144,11 +175,10 @@ def run_nomic_cpu(out_dir: Path, shared: Path, tasks_file: Path) -> dict:
     from embforge.eval.runner import load_suite
     from embforge.eval.tasks import eval_retrieval_dims
     from embforge.models.embedder import Embedder
-    from embforge.quickstart import recipe_path
     from embforge.train.mlm import train_mlm
     from embforge.train.mlm_recipe import MLMRecipeConfig
     from embforge.train.plots import plot_matryoshka
-    from embforge.train.recipe import load_recipe
+    from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
 
     console = Console()

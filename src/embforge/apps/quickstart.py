@@ -12,7 +12,6 @@ Everything it needs exists on a fresh machine: no ../shared, no downloads.
 
 from __future__ import annotations
 
-from importlib import resources
 from pathlib import Path
 
 from rich.console import Console
@@ -30,11 +29,6 @@ METRICS = [
     ("recall_at_10", "Recall@10"),
     ("recall_at_100", "Recall@100"),
 ]
-
-
-def recipe_path(name: str) -> Path:
-    """Path of a recipe shipped inside the package."""
-    return Path(str(resources.files("embforge") / "recipes" / name))
 
 
 def build_stdlib_data(out_dir: Path, console: Console) -> tuple[list, Path]:
@@ -74,7 +68,7 @@ def mine_stdlib_negatives(teacher, train: list, train_jsonl: Path, path: Path, c
 
 def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2") -> dict:
     from embforge.models.embedder import Embedder
-    from embforge.train.recipe import load_recipe
+    from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
 
     console = Console()
