@@ -195,9 +195,12 @@ def test_a_rerun_finishes_from_the_saved_steps_and_other_settings_are_refused(co
 
 
 def test_killed_in_training_and_rerun_equals_an_uninterrupted_run(tmp_path, model_dir):
-    data = write_corpus(tmp_path / "data", labelled=30)
+    data = write_corpus(tmp_path / "data", labelled=60)
     straight = adapt(settings(model_dir, data), tmp_path / "a")
-    assert straight["mode"] == "supervised" and straight["pairs"]["labelled"] == 30
+    assert straight["mode"] == "supervised" and straight["pairs"]["labelled"] == 60
+    # by default the labelled pairs train alone (20 queries held back)
+    assert straight["pairs"]["train"] == 40 and straight["mined"]["pseudo"] == 0
+    assert not any(k.startswith("made:") for k in straight["pairs"])
     with crash_in_step(7), pytest.raises(KeyboardInterrupt):
         adapt(settings(model_dir, data), tmp_path / "b")
     resumed = adapt(settings(model_dir, data), tmp_path / "b")
@@ -236,3 +239,10 @@ def test_the_merge_weight_search_refines_towards_the_better_side_and_prefers_the
     assert run(lambda w: 60 - 10 * w - 0.1 * (w > 0))[2] == 0.0
     # a plateau: the smallest weight within the tolerance of the best
     assert run(lambda w: 70.0 if w >= 0.5 else 60.0, tolerance=0.3)[2] == 0.5
+
+
+def test_pseudo_queries_join_labelled_pairs_only_when_asked(tmp_path, model_dir):
+    data = write_corpus(tmp_path / "data", labelled=60)
+    report = adapt(settings(model_dir, data, pseudo=True, steps=2), tmp_path / "out")
+    assert report["pairs"]["made: title"] > 0 and report["mined"]["labelled"] > 0 and report["mined"]["pseudo"] > 0
+    assert set(report["plan"]["batch_shares"]) == {"labelled", "pseudo"}

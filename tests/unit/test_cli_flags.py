@@ -52,7 +52,6 @@ FILLED = [
             name: "a tuned constant of the pipeline (report.json records it)"
             for name in ("temperature", "top_k", "holdout", "max_epochs", "tolerance", "eval_corpus", "labelled_share")
         },
-        inverted={"pseudo": "no_pseudo"},
     ),
     Filled(
         ("distill",),

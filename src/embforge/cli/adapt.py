@@ -28,7 +28,9 @@ def add_adapt(sub: Subparsers) -> None:
     p.add_argument("--lr", type=float, default=5e-5)
     p.add_argument("--max-seq-len", type=int, default=None)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-pseudo", action="store_true", help="with labelled pairs: train on them alone")
+    p.add_argument(
+        "--pseudo", action="store_true", help="with labelled pairs: train on pseudo-queries too (default: them alone)"
+    )
     p.add_argument("--llm-endpoint", default=None, help="OpenAI-compatible base URL for LLM-written queries")
     p.add_argument("--llm-model", default=None)
     p.add_argument("--llm-queries", type=int, default=0, help="passages to ask the LLM a query for")
@@ -50,7 +52,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         max_negative_ratio=args.max_negative_ratio,
         lr=args.lr,
         max_seq_len=args.max_seq_len,
-        pseudo=not args.no_pseudo,
+        pseudo=args.pseudo,
         llm_endpoint=args.llm_endpoint,
         llm_model=args.llm_model,
         llm_queries=args.llm_queries,
