@@ -246,3 +246,19 @@ def test_pseudo_queries_join_labelled_pairs_only_when_asked(tmp_path, model_dir)
     report = adapt(settings(model_dir, data, pseudo=True, steps=2), tmp_path / "out")
     assert report["pairs"]["made: title"] > 0 and report["mined"]["labelled"] > 0 and report["mined"]["pseudo"] > 0
     assert set(report["plan"]["batch_shares"]) == {"labelled", "pseudo"}
+
+
+def test_runs_of_other_seeds_are_averaged_into_the_soup(tmp_path, model_dir):
+    import torch
+
+    data = write_corpus(tmp_path / "data", labelled=60)
+    report = adapt(settings(model_dir, data, runs=2, steps=3), tmp_path / "out")
+    assert report["plan"]["runs"] == 2
+    train = tmp_path / "out" / "train"
+    a, b, soup = (
+        Embedder.load(train / name, device="cpu").state_dict() for name in ("run-0/final", "run-1/final", "soup")
+    )
+    floats = [k for k, v in a.items() if v.is_floating_point()]
+    assert any(not torch.equal(a[k], b[k]) for k in floats)  # other seeds, other models
+    for k in floats:
+        torch.testing.assert_close(soup[k], (a[k] + b[k]) / 2, rtol=0, atol=1e-6)

@@ -13,8 +13,11 @@ after a kill continues where it stopped; training resumes from its checkpoints):
 4. **mine** positive-aware hard negatives from the corpus (the teacher's ranking where one is
    given, else the base model's; none scoring above 0.95 x the positive);
 5. **plan**: the step time is measured on a real batch, and the training steps fill what the
-   ``minutes`` budget leaves after the other steps (capped at ``max_epochs``);
-6. **train**: InfoNCE over in-batch + mined negatives (+ distillation from ``teacher``);
+   ``minutes`` budget leaves after the other steps (capped at ``max_epochs``); where the budget
+   holds several such runs, up to ``max_runs`` of them are planned;
+6. **train**: InfoNCE over in-batch + mined negatives (+ distillation from ``teacher``), one run
+   per seed (``seed``, ``seed + 1``, ...: other batches, other warm-up noise), the runs averaged
+   into one model (a uniform soup);
 7. **merge** the trained model with the base, ``(1 - w)·base + w·tuned``, scored on the
    held-back slice at w = 0, 1, 0.5 and one refinement (:func:`search_weight`); the smallest w
    within ``tolerance`` nDCG@10 points of the best is kept (closest to the base: general quality
@@ -39,6 +42,7 @@ from embforge.atomic import atomic_write
 from embforge.errors import ConfigError, DataError
 
 SEARCH_ENCODES = 3  # corpus encodings the merge-weight search makes (w = 1, 0.5 and one refinement)
+MAX_RUNS = 4  # training runs averaged into the soup, at most, where the budget holds them
 
 
 @dataclass
@@ -48,6 +52,7 @@ class AdaptSettings:
     teacher: str | None = None
     minutes: float = 30.0
     steps: int | None = None  # training steps; None: as many as the budget allows (measured)
+    runs: int | None = None  # runs (seeds) averaged; None: as many as the budget holds, <= MAX_RUNS (1 with steps)
     seed: int = 0
     batch_size: int = 32
     num_negatives: int = 1
@@ -73,6 +78,8 @@ class AdaptSettings:
             raise ConfigError("adapt: 0 < labelled_share < 1 and max_negative_ratio > 0")
         if self.steps is not None and self.steps < 1:
             raise ConfigError("adapt: --steps must be >= 1")
+        if self.runs is not None and self.runs < 1:
+            raise ConfigError("adapt: --runs must be >= 1")
         if self.llm_queries and not (self.llm_endpoint and self.llm_model):
             raise ConfigError("adapt: --llm-queries needs --llm-endpoint and --llm-model")
 
@@ -230,9 +237,16 @@ def measure_step_s(model, rows: list[dict], settings: AdaptSettings, recipe) -> 
 
 
 def train_recipe(
-    settings: AdaptSettings, output: Path, steps: int, files: dict[str, str], weights: dict[str, float], prompts: dict
+    settings: AdaptSettings,
+    output: Path,
+    steps: int,
+    files: dict[str, str],
+    weights: dict[str, float],
+    prompts: dict,
+    run: int = 0,
 ):
-    """The one-stage training recipe; ``prompts``: the model's (its query / document prompts go on each side)."""
+    """The one-stage training recipe of run ``run`` (seed ``settings.seed + run``, in ``OUT/train/run-<run>``);
+    ``prompts``: the model's (its query / document prompts go on each side)."""
     from embforge.config import from_dict
     from embforge.train.recipe import RecipeConfig
 
@@ -251,9 +265,9 @@ def train_recipe(
         }
     raw = {
         "model": model,
-        "output_dir": str(output / "train"),
+        "output_dir": str(output / "train" / f"run-{run}"),
         "data_root": str(output / "work"),
-        "seed": settings.seed,
+        "seed": settings.seed + run,
         "stages": [
             {
                 "name": "adapt",
@@ -438,21 +452,31 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
         left = settings.minutes * 60 - (time.perf_counter() - t0) - search_s - 30  # 30 s: saves and the report
         cap = int(settings.max_epochs * sum(mined["rows"].values()) / settings.batch_size)
         steps = settings.steps or int(max(10, min(cap, left / step_s)))
+        runs = settings.runs or (1 if settings.steps else int(max(1, min(MAX_RUNS, left // (steps * step_s)))))
         state["plan"] = {
             "step_s": step_s,
             "steps": steps,
+            "runs": runs,
             "epoch_cap": cap,
-            "train_s_planned": steps * step_s,
+            "train_s_planned": runs * steps * step_s,
             "batch_shares": weights,
         }
         work.save()
     plan = state["plan"]
-    _say(f"plan: {plan['steps']} steps at {plan['step_s']:.2f} s (cap {plan['epoch_cap']})")
+    _say(f"plan: {plan['runs']} run(s) of {plan['steps']} steps at {plan['step_s']:.2f} s (cap {plan['epoch_cap']})")
 
-    # 6: train (resumes from its checkpoints)
-    recipe = train_recipe(settings, output, plan["steps"], mined["files"], weights, base.prompts)
+    # 6: train, one run per seed (each resumes from its checkpoints), averaged into the soup
     start = time.perf_counter()
-    tuned = run_recipe(recipe, work.folder, resume=True)
+    finals = []
+    for run in range(plan["runs"]):
+        recipe = train_recipe(settings, output, plan["steps"], mined["files"], weights, base.prompts, run)
+        run_recipe(recipe, work.folder, resume=True)
+        finals.append(Path(recipe.output_dir) / "final")
+    tuned_dir = finals[0]
+    if len(finals) > 1:
+        tuned_dir = output / "train" / "soup"
+        if not (tuned_dir / "merge.json").is_file():
+            merge(finals, tuned_dir, weights=[1.0] * len(finals), show_progress=False)
     state.setdefault("train_s", time.perf_counter() - start)
     work.save()
 
@@ -464,9 +488,9 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
     eval_ids = held_docs + rng.sample(others, max(0, min(len(others), settings.eval_corpus - len(held_docs))))
     if "search" not in state:
         base_state = {k: v.detach().clone() for k, v in base.state_dict().items()}
-        tuned = Embedder.load(output / "train" / "final", device="cpu", **overrides)
+        tuned = Embedder.load(tuned_dir, device="cpu", **overrides)
         tuned_state = {k: v.detach().clone() for k, v in tuned.state_dict().items()}
-        probe = Embedder.load(output / "train" / "final", device="cpu", **overrides)
+        probe = Embedder.load(tuned_dir, device="cpu", **overrides)
         base_docs, _ = encode_cached(base, corpus.texts, cache_dir=cache, prompt_name=side_prompt(base, "document"))
 
         def score(w: float) -> dict[str, float]:
@@ -486,7 +510,7 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
     if not (final / "merge.json").is_file():
         # the base written the way training writes its model (a packaged folder may hold other buffers)
         base_copy = base.save(work.folder / "base")
-        merge([base_copy, output / "train" / "final"], final, weights=[1 - chosen, chosen], show_progress=False)
+        merge([base_copy, tuned_dir], final, weights=[1 - chosen, chosen], show_progress=False)
 
     # 8: report
     report = {

@@ -16,6 +16,12 @@ def add_adapt(sub: Subparsers) -> None:
     p.add_argument("--output", required=True, help="run folder: OUTPUT/final, OUTPUT/report.{md,json,png}")
     p.add_argument("--minutes", type=float, default=30.0, help="the whole run's time budget (training fills it)")
     p.add_argument("--steps", type=int, default=None, help="training steps (default: what the budget allows)")
+    p.add_argument(
+        "--runs",
+        type=int,
+        default=None,
+        help="training runs (seeds) averaged into the result (default: as many as the budget holds, at most 4; 1 with --steps)",
+    )
     p.add_argument("--teacher", default=None, help="a stronger embedder: mines negatives and adds distillation")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--num-negatives", type=int, default=1, help="mined hard negatives per query")
@@ -46,6 +52,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
         teacher=args.teacher,
         minutes=args.minutes,
         steps=args.steps,
+        runs=args.runs,
         seed=args.seed,
         batch_size=args.batch_size,
         num_negatives=args.num_negatives,
