@@ -1,5 +1,6 @@
 """Task protocols on small synthetic files with a transparent fake model."""
 
+import dataclasses
 import json
 
 import numpy as np
@@ -90,8 +91,13 @@ def test_sts_pair_classification_reranking_clustering_classification(tmp_path):
     assert rr["main_score"] == pytest.approx(1.0) and rr["num_skipped_queries"] == 1
 
     labelled = [{"text": f"{w} sample {i}", "label": w} for w in TOPICS for i in range(6)]
-    _jsonl(tmp_path / "train.jsonl", labelled)
     _jsonl(tmp_path / "test.jsonl", labelled)
+    # the classifier learns from other texts than it is scored on
+    _jsonl(tmp_path / "train.jsonl", [{"text": f"{w} example {i}", "label": w} for w in TOPICS for i in range(6)])
+    shifted = {w: TOPICS[(k + 1) % len(TOPICS)] for k, w in enumerate(TOPICS)}
+    _jsonl(
+        tmp_path / "wrong.jsonl", [{"text": f"{w} example {i}", "label": shifted[w]} for w in TOPICS for i in range(6)]
+    )
     cl = evaluate_task(
         TopicModel(), TaskConfig(name="c", type="clustering", path="test.jsonl", n_experiments=2), tmp_path
     )
@@ -105,6 +111,9 @@ def test_sts_pair_classification_reranking_clustering_classification(tmp_path):
         n_experiments=3,
     )
     assert evaluate_task(TopicModel(), cls, tmp_path)["scores"]["test"][0]["main_score"] == pytest.approx(1.0)
+    # labels learnt from a training file that names every topic wrongly: every test text is wrong
+    wrong = dataclasses.replace(cls, train_path="wrong.jsonl")
+    assert evaluate_task(TopicModel(), wrong, tmp_path)["scores"]["test"][0]["main_score"] == pytest.approx(0.0)
 
 
 def test_task_file_errors(tmp_path):

@@ -72,3 +72,61 @@ def test_plan_matches_a_hand_computation(parallel, gpus):
     assert plan.tokens_per_pass == tokens
     assert plan.activations == tokens * (2 * layer + head_acts)
     assert plan.activations_checkpointed == tokens * (2 * 64 * 4 + layer + head_acts)
+
+
+def test_plan_against_what_one_training_step_holds():
+    """The plan's numbers against a measured step on CPU: the bytes of the trainable weights, their
+    gradients and AdamW's state after a step, and the activations saved for backward (the distinct
+    storages autograd keeps, weights excluded) per token."""
+    import torch
+
+    from embforge.data.pairs import Example
+    from embforge.data.records import TrainingRecord
+    from embforge.train.loop import collate, contrastive_step
+    from embforge.train.parallel import DistInfo
+
+    torch.manual_seed(0)
+    backbone, tokenizer = tiny_decoder("llama")
+    model = Embedder(
+        backbone,
+        tokenizer,
+        max_seq_len=32,
+        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
+    )
+    apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
+    data = {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "d", "path": "x"}]}
+    stage = from_dict(StageConfig, {"name": "s", "steps": 1, "data": data})
+    plan = plan_stage(
+        model, stage, gpus=1, parallel="ddp", dtype="float32", lora_rank=4, lora_targets=["q_proj", "v_proj"]
+    )
+    long = " ".join(["alpha beta gamma delta epsilon"] * 20)  # every text fills the 32-token window
+    examples = [
+        Example(0, TrainingRecord(f"{i} {long}", [f"p{i} {long}"], [f"n{i} {long}"]), f"p{i} {long}", [f"n{i} {long}"])
+        for i in range(4)
+    ]
+    model.train()
+    batch = collate(examples, stage.data, lambda t, p: model.tokenize(t, prompt=p), torch.device("cpu"))
+    tokens = batch.queries["input_ids"].numel() + batch.docs["input_ids"].numel()
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=1e-3)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        contrastive_step(model, batch, stage.loss, DistInfo())
+    optimizer.step()
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    activations = sum(n for ptr, n in saved.items() if ptr not in weights)
+
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)  # noqa: E731
+    assert plan.trainable_weights == nbytes(trainable)
+    assert plan.gradients == nbytes(p.grad for p in trainable)
+    moments = [s[k] for s in optimizer.state.values() for k in ("exp_avg", "exp_avg_sq")]
+    assert plan.optimizer == nbytes(moments)  # (AdamW's per-tensor step counters aside)
+    # the activation estimate leaves out small things (masks, the loss's logits): within 30 % per token
+    per_token = activations / tokens
+    planned = plan.activations / plan.tokens_per_pass
+    assert 0.85 * planned <= per_token <= 1.3 * planned, (per_token, planned)
