@@ -220,10 +220,10 @@ def test_the_cli_runs_adapt(tmp_path, model_dir):
     assert main(["adapt", str(model_dir), "--data", str(tmp_path / "none"), "--output", str(tmp_path / "x")]) == 2
 
 
-def test_the_merge_weight_search_refines_towards_the_better_side_and_prefers_the_base():
+def test_the_merge_weight_search_refines_towards_the_better_side_and_prefers_the_trained_model_within_noise():
     from embforge.adapt.pipeline import search_weight
 
-    def run(curve, tolerance=0.3):
+    def run(curve, tolerance=1.0):
         asked = []
 
         def score(w):
@@ -235,10 +235,14 @@ def test_the_merge_weight_search_refines_towards_the_better_side_and_prefers_the
 
     # peak between 0.5 and 1: refines at 0.75 and picks it
     assert run(lambda w: 70 - 40 * (w - 0.7) ** 2) == ([0.0, 1.0, 0.5, 0.75], [0.0, 0.5, 0.75, 1.0], 0.75)
-    # training hurt: refines at 0.25, the base is within tolerance of it -> the base
+    # training hurt: refines at 0.25, which is more than the tolerance below the base -> the base
     assert run(lambda w: 60 - 10 * w - 0.1 * (w > 0))[2] == 0.0
-    # a plateau: the smallest weight within the tolerance of the best
-    assert run(lambda w: 70.0 if w >= 0.5 else 60.0, tolerance=0.3)[2] == 0.5
+    # a plateau: the largest weight within the tolerance of the best (a blend 0.4 above the trained
+    # model on a slice of 100 queries is noise; measured on MLQuestions, it cost test nDCG@10)
+    assert run(lambda w: 70.0 if w >= 0.5 else 60.0)[2] == 1.0
+    assert run(lambda w: {0.0: 60.0, 0.5: 70.4, 0.75: 70.2, 1.0: 70.0}[w])[2] == 1.0
+    # a blend better than the trained model by more than the tolerance is kept
+    assert run(lambda w: {0.0: 60.0, 0.5: 72.0, 0.75: 71.5, 1.0: 70.0}[w])[2] == 0.75
 
 
 def test_pseudo_queries_join_labelled_pairs_only_when_asked(tmp_path, model_dir):

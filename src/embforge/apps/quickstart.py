@@ -66,7 +66,8 @@ def mine_stdlib_negatives(teacher, train: list, train_jsonl: Path, path: Path, c
     return path
 
 
-def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2") -> dict:
+def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2", steps: int | None = None) -> dict:
+    """The main job; ``steps`` replaces each stage's step count (a quick look; the recipe's by default)."""
     from embforge.models.embedder import Embedder
     from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
@@ -86,6 +87,7 @@ def run_quickstart(out_dir: Path, model_name: str = "all-MiniLM-L6-v2") -> dict:
             f"data_root={data_dir.resolve()}",
             f"output_dir={(out_dir / 'model').resolve()}",
             f"model.name_or_path={model_name}",
+            *([f"stages.{i}.steps={steps}" for i in range(2)] if steps else []),
         ],
     )
     tuned = run_recipe(recipe, data_dir.resolve())

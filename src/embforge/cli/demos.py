@@ -37,11 +37,14 @@ def add_quickstart(sub: Subparsers) -> None:
     )
     p.add_argument("--model", default="all-MiniLM-L6-v2")
     p.add_argument("--output-dir", default="runs/quickstart")
+    p.add_argument(
+        "--steps", type=int, help="training steps of each of the two stages (default: the recipe's 80 and 50)"
+    )
     p.set_defaults(func=cmd_quickstart)
 
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     from embforge.apps.quickstart import run_quickstart
 
-    run_quickstart(Path(args.output_dir), model_name=args.model)
+    run_quickstart(Path(args.output_dir), model_name=args.model, steps=args.steps)
     return 0

@@ -40,7 +40,8 @@ class StagePlan:
 
 
 def decoder_layer_bytes_per_token(config, lora_rank: int | None, lora_targets: list[str], act_bytes: int) -> int:
-    """Bytes autograd keeps per token for one decoder layer (fused attention, SwiGLU MLP).
+    """Bytes autograd keeps per token for one transformer layer (fused attention, SwiGLU MLP): a
+    decoder's, or nomic-bert's (its two LayerNorms in place of the RMSNorms, the same tensors).
 
     Saved tensors, each of the activation dtype: the input of each of the two RMSNorms and
     their normalised outputs (inputs of q/k/v and of gate/up), q, k, v and the attention
@@ -52,7 +53,7 @@ def decoder_layer_bytes_per_token(config, lora_rank: int | None, lora_targets: l
     inner = config.intermediate_size
     heads = config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or D // heads
-    kv = config.num_key_value_heads * head_dim
+    kv = (getattr(config, "num_key_value_heads", None) or heads) * head_dim  # encoders: no grouped K/V
     q = heads * head_dim
     elements = (
         2 * D  # RMSNorm inputs (attention, MLP)

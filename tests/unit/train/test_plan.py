@@ -130,3 +130,27 @@ def test_plan_against_what_one_training_step_holds():
     per_token = activations / tokens
     planned = plan.activations / plan.tokens_per_pass
     assert 0.85 * planned <= per_token <= 1.3 * planned, (per_token, planned)
+
+
+def test_the_full_size_recipes_plan_on_meta():
+    """`embforge plan` for the two full-size recipes: NV-Embed stage 1 on Mistral-7B with LoRA and the
+    latent head (FSDP), and Nomic Embed's contrastive stage on nomic-bert-2048 at batch 16,384 (8 x 2,048,
+    GradCache chunks of 64); nothing is allocated, and a preset refuses to train."""
+    from embforge.errors import ConfigError
+    from embforge.models.build import build_embedder
+    from embforge.train.plan import plan_recipe
+    from embforge.train.recipe import load_recipe, recipe_path
+
+    nomic, _ = load_recipe(recipe_path("nomic_embed/contrastive.yaml"), ["model.name_or_path=nomic-bert-2048"])
+    embedder, (stage,) = plan_recipe(nomic, gpus=8)
+    assert sum(p.numel() for p in embedder.parameters()) == 136_731_648  # arXiv 2402.01613 Table 6
+    assert stage.tokens_per_pass == 64 * 2048  # one GradCache chunk of 2,048-token texts
+    assert stage.optimizer == 2 * stage.gradients == 2 * 4 * 136_731_648  # DDP: nothing sharded
+    assert stage.activations_checkpointed < stage.activations
+
+    nv, _ = load_recipe(recipe_path("nv_embed/stage1.yaml"), [])
+    embedder, (stage,) = plan_recipe(nv, gpus=8)
+    trainable = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
+    assert stage.gradients == 4 * trainable // 8  # FSDP: float32 gradients of LoRA + head, sharded 8 ways
+    with pytest.raises(ConfigError, match="builds shapes only"):
+        build_embedder(nomic.model, device="cpu")
