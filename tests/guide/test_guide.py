@@ -205,7 +205,7 @@ def test_every_command_of_the_page_runs(page, tmp_path, models):
         for block in blocks(text):
             where = f"docs/guide/{page}:{block.line}"
             if block.mark == "make":
-                lines = [ln.split("#")[0].split() for ln in block.body.splitlines() if ln.strip()]
+                lines = [words for ln in block.body.splitlines() if (words := ln.split("#")[0].split())]
                 assert all(ln[0] == "make" for ln in lines), f"{where}: a `make` block holds only make lines"
                 assert {ln[1] for ln in lines} <= _make_targets(), f"{where}: a make target is not in the Makefile"
                 continue

@@ -121,7 +121,6 @@ def raw_pairs(shared: Path) -> dict[str, list[dict]]:
 def prepare_data(shared: Path, data: Path, console: Console) -> dict[str, dict]:
     """Write ``filtered/<source>.jsonl`` and ``finetune/nq_mined.jsonl`` (kept when present)."""
     from embforge.data.filtering import consistency_filter
-    from embforge.data.mining import mine_hard_negatives
     from embforge.models.embedder import Embedder
 
     teacher = None
@@ -138,28 +137,37 @@ def prepare_data(shared: Path, data: Path, console: Console) -> dict[str, dict]:
     mined = data / "finetune" / "nq_mined.jsonl"
     if not mined.is_file():
         teacher = teacher or Embedder.load(TEACHER, max_seq_len=128)
-        nq = read_jsonl(shared / "nq_question_passage_pairs" / "pairs.jsonl", fields=("query", "positive"))
-        result = mine_hard_negatives(
-            teacher,
-            [r["query"] for r in nq],
-            [[r["positive"]] for r in nq],
-            sorted({r["positive"] for r in nq}),
-            num_negatives=7,
-            skip_top=0,
-            search_depth=50,
-            max_score_ratio=0.95,
-        )
-        rows = [
-            {"query": r["query"], "positive": r["positive"], "negatives": negs}
-            for r, negs in zip(nq, result.negatives)
-            if len(negs) == 7
-        ]
-        _write_jsonl(mined, rows)
-        console.print(
-            f"mined 7 hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}"
-        )
+        mine_nq(shared, mined, teacher, console)
     report["nq_mined"] = {"pairs": sum(1 for _ in mined.open(encoding="utf-8"))}
     return report
+
+
+def mine_nq(shared: Path, mined: Path, teacher, console: Console) -> Path:
+    """Natural Questions (question, passage) pairs with 7 hard negatives mined by ``teacher`` among all
+    the passages, none above 0.95 x the positive's score (§4.3); pairs left with fewer are dropped."""
+    from embforge.data.mining import mine_hard_negatives
+
+    nq = read_jsonl(shared / "nq_question_passage_pairs" / "pairs.jsonl", fields=("query", "positive"))
+    result = mine_hard_negatives(
+        teacher,
+        [r["query"] for r in nq],
+        [[r["positive"]] for r in nq],
+        sorted({r["positive"] for r in nq}),
+        num_negatives=7,
+        skip_top=0,
+        search_depth=50,
+        max_score_ratio=0.95,
+    )
+    rows = [
+        {"query": r["query"], "positive": r["positive"], "negatives": negs}
+        for r, negs in zip(nq, result.negatives)
+        if len(negs) == 7
+    ]
+    _write_jsonl(mined, rows)
+    console.print(
+        f"mined 7 hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}"
+    )
+    return mined
 
 
 def evaluate(model, tasks_file: Path, shared: Path) -> dict[str, float]:
