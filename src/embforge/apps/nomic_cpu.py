@@ -164,9 +164,7 @@ def mine_nq(shared: Path, mined: Path, teacher, console: Console) -> Path:
         if len(negs) == 7
     ]
     _write_jsonl(mined, rows)
-    console.print(
-        f"mined 7 hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}"
-    )
+    console.print(f"mined 7 hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}")
     return mined
 
 
