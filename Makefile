@@ -28,7 +28,7 @@ test-all: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python -m pytest --durations=15
 
 lint: $(STAMP)
-	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff check src tests bench studies
 
 bench: $(STAMP)
 	HF_HUB_OFFLINE=1 $(BIN)/python bench/encode.py

@@ -356,7 +356,8 @@ class BatchSampler:
                 attempts += 1
                 if attempts > count * 50 + 50:
                     raise DataError(
-                        f"dataset #{i} cannot fill a batch of {count} without duplicate texts; "
+                        f"dataset {self.sources[i].name!r} cannot fill a batch of {count} "
+                        "without duplicate texts; "
                         "set no_duplicates: false or use a larger dataset"
                     )
                 drawn = self._take(i)

@@ -120,7 +120,7 @@ def test_no_duplicate_texts_in_a_batch(tmp_path):
         assert len(set(queries)) == len(queries) == 5
     stage = stage_config(data={"batch_size": 6, "datasets": [{"name": "d", "path": "d.jsonl"}]})
     sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
-    with pytest.raises(DataError, match="without duplicate texts"):
+    with pytest.raises(DataError, match="dataset 'd' cannot fill a batch of 6 without duplicate texts"):
         sampler.next_batch()
 
 
