@@ -2,11 +2,43 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import os
 import statistics
+import sys
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def study_parser(doc: str, name: str) -> argparse.ArgumentParser:
+    """The options every study takes: seeds, where its outputs and runs go, the shared datasets."""
+    parser = argparse.ArgumentParser(description=doc.splitlines()[0])
+    parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--out", default=str(REPO / "docs" / "studies" / name))
+    parser.add_argument("--work", default=str(REPO / "runs" / "studies" / name))
+    parser.add_argument("--data-root", default=os.environ.get("EMBFORGE_DATA", str(REPO.parent / "shared" / "data")))
+    return parser
+
+
+def shared_root(args: argparse.Namespace, needs: list[str]) -> Path:
+    """The shared datasets folder, or exit naming the folders the study needs."""
+    shared = Path(args.data_root).resolve()
+    if not (shared / needs[0]).is_dir():
+        sys.exit(f"needs the shared datasets ({', '.join(needs)}, ...) under {shared}")
+    return shared
+
+
+def run_all(seeds: str, variants, run: Callable[[str, int], dict]) -> list[dict]:
+    """``run(variant, seed)`` for every seed and variant, seed by seed (finished runs are the study's to reuse)."""
+    runs = []
+    for seed in (int(s) for s in seeds.split(",")):
+        for variant in variants:
+            print(f"== {variant} seed {seed}", flush=True)
+            runs.append(run(variant, seed))
+    return runs
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:

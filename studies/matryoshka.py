@@ -24,14 +24,11 @@ std per variant; a difference counts as real when it exceeds the sum of the two 
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from common import REPO, beyond_spread, mean_std, write_outputs
+from common import REPO, beyond_spread, mean_std, run_all, shared_root, study_parser, write_outputs
 
 DIMS = [384, 192, 96, 48, 24]
 BATCH = 16  # the twin recipe's 32 (the paper's 256), halved again for MiniLM's cost per step on 2 cores
@@ -44,8 +41,6 @@ VARIANTS = {
 
 
 def run_one(variant: str, seed: int, steps: int, data: Path, work: Path, shared: Path) -> dict:
-    from embforge.eval.runner import load_suite, main_scores, run_suite
-    from embforge.eval.tasks import eval_retrieval_dims
     from embforge.models.embedder import Embedder
     from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
@@ -69,29 +64,22 @@ def run_one(variant: str, seed: int, steps: int, data: Path, work: Path, shared:
     start = time.perf_counter()
     run_recipe(recipe, data)
     train_s = time.perf_counter() - start
-    model = Embedder.load(folder / "final", device="cpu")
-    suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=shared)
-    (task,) = [t for t in suite.tasks if t.name == CURVE_TASK]
-    curve = eval_retrieval_dims(model, task, root / task.path, DIMS, batch_size=64)
-    general = main_scores(run_suite(model, suite, root, batch_size=64, only=GENERAL))
     scores = {
         "variant": variant,
         "seed": seed,
         "overrides": overrides,
         "train_s": round(train_s, 1),
-        "curve": {d: {k: 100 * v for k, v in s.items()} for d, s in curve.items()},
-        "general": {k: float(v) for k, v in general.items()},
+        **evaluate(Embedder.load(folder / "final", device="cpu"), shared),
     }
     done.write_text(json.dumps(scores, indent=1))
     return scores
 
 
-def base_scores(shared: Path) -> dict:
+def evaluate(model, shared: Path) -> dict:
+    """The Matryoshka curve on :data:`CURVE_TASK` and the full-width :data:`GENERAL` scores (x100)."""
     from embforge.eval.runner import load_suite, main_scores, run_suite
     from embforge.eval.tasks import eval_retrieval_dims
-    from embforge.models.embedder import Embedder
 
-    model = Embedder.load("all-MiniLM-L6-v2", device="cpu")
     suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=shared)
     (task,) = [t for t in suite.tasks if t.name == CURVE_TASK]
     curve = eval_retrieval_dims(model, task, root / task.path, DIMS, batch_size=64)
@@ -157,16 +145,10 @@ def plot(rows: dict, base: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = study_parser(__doc__, "matryoshka")
     parser.add_argument("--steps", type=int, default=60)
-    parser.add_argument("--out", default=str(REPO / "docs" / "studies" / "matryoshka"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "studies" / "matryoshka"))
-    parser.add_argument("--data-root", default=os.environ.get("EMBFORGE_DATA", str(REPO.parent / "shared" / "data")))
     args = parser.parse_args()
-    shared = Path(args.data_root).resolve()
-    if not (shared / "nq_question_passage_pairs").is_dir():
-        sys.exit(f"needs the shared datasets (nq_question_passage_pairs, mlquestions_dev, ...) under {shared}")
+    shared = shared_root(args, ["nq_question_passage_pairs", "mlquestions_dev"])
     from rich.console import Console
 
     from embforge.apps.nomic_cpu import mine_nq
@@ -178,16 +160,11 @@ def main() -> None:
     mined = data / "finetune" / "nq_mined.jsonl"
     if not mined.is_file():
         mine_nq(shared, mined, Embedder.load("all-MiniLM-L6-v2", max_seq_len=128), Console())
-    seeds = [int(s) for s in args.seeds.split(",")]
     base_file = work / "base.json"
     if not base_file.is_file():
-        base_file.write_text(json.dumps(base_scores(shared)))
+        base_file.write_text(json.dumps(evaluate(Embedder.load("all-MiniLM-L6-v2", device="cpu"), shared)))
     base = json.loads(base_file.read_text())
-    runs = []
-    for seed in seeds:
-        for variant in VARIANTS:
-            print(f"== {variant} seed {seed}", flush=True)
-            runs.append(run_one(variant, seed, args.steps, data, work, shared))
+    runs = run_all(args.seeds, VARIANTS, lambda variant, seed: run_one(variant, seed, args.steps, data, work, shared))
     table, rows = summarise(runs, base)
     write_outputs(out, table, {"steps": args.steps, "base": base, "runs": runs})
     plot(rows, base, out / "matryoshka.png")

@@ -24,14 +24,11 @@ sum of the two stds), ``OUT/runs.json`` (every run: variant, seed, overrides, sc
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 import time
 from pathlib import Path
 
-from common import REPO, beyond_spread, mean_std, write_outputs
+from common import REPO, beyond_spread, mean_std, run_all, shared_root, study_parser, write_outputs
 
 RECIPE = "nv_embed/cpu_smollm2.yaml"
 TASKS = ["DBPedia-Subset", "STS13", "BIOSSES", "EmotionClassification"]
@@ -91,24 +88,15 @@ def plot(rows: dict, path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", default="0,1,2")
+    parser = study_parser(__doc__, "nv_embed_pooling")
     parser.add_argument("--stage1-steps", type=int, default=40)
     parser.add_argument("--stage2-steps", type=int, default=8)
-    parser.add_argument("--out", default=str(REPO / "docs" / "studies" / "nv_embed_pooling"))
-    parser.add_argument("--work", default=str(REPO / "runs" / "studies" / "nv_embed_pooling"))
-    parser.add_argument("--data-root", default=os.environ.get("EMBFORGE_DATA", str(REPO.parent / "shared" / "data")))
     args = parser.parse_args()
-    shared = Path(args.data_root).resolve()
-    if not (shared / "snli").is_dir():
-        sys.exit(f"needs the shared datasets (snli, mrpc, dbpedia_entity_subset, ...) under {shared}")
-    seeds = [int(s) for s in args.seeds.split(",")]
+    shared = shared_root(args, ["snli", "mrpc", "dbpedia_entity_subset"])
     work = Path(args.work).resolve()
-    runs = []
-    for seed in seeds:
-        for variant in VARIANTS:
-            print(f"== {variant} seed {seed}", flush=True)
-            runs.append(run_one(variant, seed, (args.stage1_steps, args.stage2_steps), work, shared))
+    steps = (args.stage1_steps, args.stage2_steps)
+    runs = run_all(args.seeds, VARIANTS, lambda variant, seed: run_one(variant, seed, steps, work, shared))
+    seeds = sorted({r["seed"] for r in runs})
     rows = {v: {t: mean_std([r["scores"][t] for r in runs if r["variant"] == v]) for t in TASKS} for v in VARIANTS}
     lines = [
         f"| task | latent (n={len(seeds)}) | mean (n={len(seeds)}) | Δ (latent − mean) | beyond seed spread? |",
