@@ -50,7 +50,7 @@ def real_pairs(n: int) -> tuple[list[dict], str]:
 def worker_embforge(pairs: list[dict], batch: int, steps: int, chunk: int, precision: str) -> dict:
     from embforge.config import from_dict
     from embforge.models.embedder import Embedder
-    from embforge.train.loop import train_stage
+    from embforge.train.contrastive import train_stage
     from embforge.train.parallel import DistInfo
     from embforge.train.recipe import StageConfig
 

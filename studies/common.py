@@ -31,6 +31,21 @@ def shared_root(args: argparse.Namespace, needs: list[str]) -> Path:
     return shared
 
 
+def nq_finetune_overrides(data: Path, folder: Path, seed: int, steps: int, batch: int) -> list[str]:
+    """Nomic's fine-tuning stage (``nomic_embed/cpu_twin_finetune.yaml``) from the packaged MiniLM, at CPU size:
+    ``steps`` steps of ``batch``, the warm-up in proportion, bf16 autocast where the CPU runs it natively."""
+    return [
+        "model.name_or_path=all-MiniLM-L6-v2",
+        f"data_root={data}",
+        f"output_dir={folder}",
+        f"seed={seed}",
+        f"stages.0.steps={steps}",
+        f"stages.0.optim.warmup_steps={max(1, steps // 15)}",  # the recipe's 4 of 60, in proportion
+        "stages.0.precision=auto",
+        f"stages.0.data.batch_size={batch}",
+    ]
+
+
 def run_all(seeds: str, variants, run: Callable[[str, int], dict]) -> list[dict]:
     """``run(variant, seed)`` for every seed and variant, seed by seed (finished runs are the study's to reuse)."""
     runs = []
@@ -58,3 +73,54 @@ def write_outputs(out: Path, table: str, payload: dict) -> None:
     out.mkdir(parents=True, exist_ok=True)
     (out / "table.md").write_text(table)
     (out / "runs.json").write_text(json.dumps(payload, indent=1))
+
+
+def compare_table(rows: dict[str, dict[str, tuple[float, float]]], ref: str, n: int, base: dict | None = None) -> str:
+    """Tasks down, variants across (mean ± std), each variant's difference from ``ref`` and whether it
+    exceeds the seed spread; ``base``: a column of the untrained model's scores."""
+    tasks = list(rows[ref])
+    head = (["base"] if base else []) + [f"{v} (n={n})" for v in rows]
+    lines = ["| task | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    for t in tasks:
+        cells = [f"{base[t]:.2f}"] if base else []
+        for v, cell in rows.items():
+            m, s = cell[t]
+            delta = (
+                ""
+                if v == ref
+                else f" ({m - rows[ref][t][0]:+.2f} vs {ref}; beyond: {beyond_spread(cell[t], rows[ref][t], n)})"
+            )
+            cells.append(f"{m:.2f} ± {s:.2f}{delta}")
+        lines.append(f"| {t} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise(runs: list[dict], variants: list[str], tasks: list[str]) -> tuple[int, dict]:
+    """The number of seeds and, per variant and task, the mean ± std of ``run["scores"][task]``."""
+    n = len({r["seed"] for r in runs})
+    return n, {v: {t: mean_std([r["scores"][t] for r in runs if r["variant"] == v]) for t in tasks} for v in variants}
+
+
+def bar_plot(rows: dict[str, dict[str, tuple[float, float]]], title: str, path: Path, base: dict | None = None) -> None:
+    """Grouped bars (mean ± std) per task and variant; ``base``: the untrained model as black ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(next(iter(rows.values())))
+    fig, ax = plt.subplots(figsize=(max(8, 1.8 * len(tasks)), 4))
+    width = 0.8 / len(rows)
+    for i, (variant, cells) in enumerate(rows.items()):
+        xs = [j + i * width for j in range(len(tasks))]
+        ax.bar(xs, [cells[t][0] for t in tasks], width, yerr=[cells[t][1] for t in tasks], capsize=3, label=variant)
+    centres = [j + width * (len(rows) - 1) / 2 for j in range(len(tasks))]
+    if base:
+        ax.scatter(centres, [base[t] for t in tasks], marker="_", s=400, color="black", label="base", zorder=3)
+    ax.set_xticks(centres, labels=tasks, fontsize=8)
+    ax.set(ylabel="score x100 (mean ± std over seeds)", title=title)
+    ax.legend(fontsize=8, ncol=3)
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)

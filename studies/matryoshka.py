@@ -28,7 +28,16 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO, beyond_spread, mean_std, run_all, shared_root, study_parser, write_outputs
+from common import (
+    REPO,
+    beyond_spread,
+    mean_std,
+    nq_finetune_overrides,
+    run_all,
+    shared_root,
+    study_parser,
+    write_outputs,
+)
 
 DIMS = [384, 192, 96, 48, 24]
 BATCH = 16  # the twin recipe's 32 (the paper's 256), halved again for MiniLM's cost per step on 2 cores
@@ -50,14 +59,7 @@ def run_one(variant: str, seed: int, steps: int, data: Path, work: Path, shared:
     if done.is_file():
         return json.loads(done.read_text())
     overrides = [
-        "model.name_or_path=all-MiniLM-L6-v2",
-        f"data_root={data}",
-        f"output_dir={folder}",
-        f"seed={seed}",
-        f"stages.0.steps={steps}",
-        f"stages.0.optim.warmup_steps={max(1, steps // 15)}",  # the recipe's 4 of 60, in proportion
-        "stages.0.precision=auto",  # bf16 autocast where the CPU runs it natively (the twin recipe's fp32 is for 128 wide)
-        f"stages.0.data.batch_size={BATCH}",
+        *nq_finetune_overrides(data, folder, seed, steps, BATCH),
         *VARIANTS[variant],
     ]
     recipe, _ = load_recipe(recipe_path("nomic_embed/cpu_twin_finetune.yaml"), overrides)

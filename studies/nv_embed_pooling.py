@@ -7,19 +7,22 @@ the seed spread is known?
 Set-up, scaled to 2 CPU cores (what was shrunk is said): ``recipes/nv_embed/cpu_smollm2.yaml``
 (SmolLM2-135M-Instruct, causal mask removed, LoRA r 16, instructions masked out of pooling, two
 stages) with stage 1 cut from 260 to ``--stage1-steps`` steps and stage 2 from 80 to
-``--stage2-steps`` (warm-ups in proportion). Variants: ``latent`` (the recipe: 512 latents, 8 heads,
-random initialisation) and ``mean`` (``model.pooling=mean``), each with every seed of
+``--stage2-steps`` (warm-ups in proportion). Variants (:data:`VARIANTS`, chosen with
+``--variants``; every other one is compared with ``latent``): ``latent`` (the recipe: 512 latents,
+8 heads, random initialisation), ``mean``, ``latent-meaninit`` (the latent head starting as exactly
+mean pooling), ``latent-headlr`` (the head at 10x the LoRA learning rate), ``last`` (the EOS
+token), and the causal decoder with ``last`` or ``mean`` pooling; each with every seed of
 ``--seeds`` (the seed sets the head's and LoRA's initialisation and the batches). Evaluated on
 DBPedia-Subset (retrieval, nDCG@10), STS13 and BIOSSES (cosine Spearman), which no training file
 contains (tests/unit/train/test_held_out.py), and EmotionClassification (accuracy on its test
 split; stage 2 trains on Emotion's train split, as NV-Embed trains on MTEB classification
 training sets, so this column is in-domain).
 
-Writes ``OUT/table.md`` (mean ± std per variant; a difference counts as real when it exceeds the
+Writes ``OUT/table.md`` (mean ± std per variant; a difference from ``latent`` counts as real when it exceeds the
 sum of the two stds), ``OUT/runs.json`` (every run: variant, seed, overrides, scores, seconds) and
 ``OUT/pooling.png``. Finished runs are reused (``WORK``).
 
-    python studies/nv_embed_pooling.py [--seeds 0,1,2] [--stage1-steps 40] [--stage2-steps 8]
+    python studies/nv_embed_pooling.py [--seeds 0,1,2] [--variants latent,mean] [--stage1-steps 40] [--stage2-steps 8]
 """
 
 from __future__ import annotations
@@ -28,11 +31,20 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO, beyond_spread, mean_std, run_all, shared_root, study_parser, write_outputs
+from common import REPO, bar_plot, compare_table, run_all, shared_root, study_parser, summarise, write_outputs
 
 RECIPE = "nv_embed/cpu_smollm2.yaml"
 TASKS = ["DBPedia-Subset", "STS13", "BIOSSES", "EmotionClassification"]
-VARIANTS = {"latent": [], "mean": ["model.pooling=mean"]}
+# variant -> its overrides of the recipe; the study runs --variants of them (default: the first two)
+VARIANTS = {
+    "latent": [],  # the recipe: bidirectional, latent attention initialised randomly
+    "mean": ["model.pooling=mean"],
+    "latent-meaninit": ["model.pooling.init=mean"],  # the latent head starts as exactly mean pooling
+    "latent-headlr": ["stages.0.optim.head_lr=3.0e-3", "stages.1.optim.head_lr=1.5e-3"],  # the head at 10x LoRA's LR
+    "last": ["model.pooling=last"],  # the EOS token's state
+    "causal-last": ["model.attention=causal", "model.pooling=last"],  # the decoder as it was trained
+    "causal-mean": ["model.attention=causal", "model.pooling=mean"],
+}
 
 
 def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared: Path) -> dict:
@@ -67,53 +79,25 @@ def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared:
     return result
 
 
-def plot(rows: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4))
-    width = 0.8 / len(rows)
-    for i, (variant, cells) in enumerate(rows.items()):
-        xs = [j + i * width for j in range(len(TASKS))]
-        ax.bar(xs, [cells[t][0] for t in TASKS], width, yerr=[cells[t][1] for t in TASKS], capsize=3, label=variant)
-    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(TASKS))], labels=TASKS)
-    ax.set(ylabel="score x100 (mean ± std over seeds)", title="NV-Embed pooling on bidirectional SmolLM2-135M")
-    ax.legend()
-    ax.grid(axis="y", alpha=0.3)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
 def main() -> None:
     parser = study_parser(__doc__, "nv_embed_pooling")
     parser.add_argument("--stage1-steps", type=int, default=40)
     parser.add_argument("--stage2-steps", type=int, default=8)
+    parser.add_argument("--variants", default="latent,mean", help=f"from {', '.join(VARIANTS)}")
     args = parser.parse_args()
     shared = shared_root(args, ["snli", "mrpc", "dbpedia_entity_subset"])
     work = Path(args.work).resolve()
     steps = (args.stage1_steps, args.stage2_steps)
-    runs = run_all(args.seeds, VARIANTS, lambda variant, seed: run_one(variant, seed, steps, work, shared))
-    seeds = sorted({r["seed"] for r in runs})
-    rows = {v: {t: mean_std([r["scores"][t] for r in runs if r["variant"] == v]) for t in TASKS} for v in VARIANTS}
-    lines = [
-        f"| task | latent (n={len(seeds)}) | mean (n={len(seeds)}) | Δ (latent − mean) | beyond seed spread? |",
-        "|---|---|---|---|---|",
-    ]
-    for t in TASKS:
-        a, b = rows["latent"][t], rows["mean"][t]
-        lines.append(
-            f"| {t} | {a[0]:.2f} ± {a[1]:.2f} | {b[0]:.2f} ± {b[1]:.2f} | {a[0] - b[0]:+.2f} | "
-            f"{beyond_spread(a, b, len(seeds))} |"
-        )
-    table = "\n".join(lines) + "\n"
+    variants = args.variants.split(",")
+    if "latent" not in variants or not set(variants) <= set(VARIANTS):
+        parser.error(f"--variants: names from {list(VARIANTS)}, 'latent' among them (the others are compared with it)")
+    runs = run_all(args.seeds, variants, lambda variant, seed: run_one(variant, seed, steps, work, shared))
+    n, rows = summarise(runs, variants, TASKS)
+    table = f"{steps[0]} + {steps[1]} steps; {n} seeds per variant; x100.\n\n" + compare_table(rows, "latent", n)
     out = Path(args.out)
-    write_outputs(out, table, {"steps": [args.stage1_steps, args.stage2_steps], "runs": runs})
-    plot(rows, out / "pooling.png")
+    write_outputs(out, table, {"steps": list(steps), "runs": runs})
+    bar_plot(rows, "NV-Embed pooling and attention on SmolLM2-135M", out / "pooling.png")
     print(table)
-    print(json.dumps({v: {t: round(m, 2) for t, (m, _) in cells.items()} for v, cells in rows.items()}))
 
 
 if __name__ == "__main__":

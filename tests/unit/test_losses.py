@@ -309,7 +309,7 @@ def test_the_recipe_switches_reach_the_loss():
     """LossConfig's options, through the training step's loss function, equal the naive loop (+ GOR by hand)."""
     from tests.unit.train.helpers import make_batch, records, tiny_embedder
 
-    from embforge.train import loop
+    from embforge.train import contrastive
     from embforge.train.parallel import DistInfo
     from embforge.train.recipe import LossConfig
 
@@ -326,7 +326,7 @@ def test_the_recipe_switches_reach_the_loss():
         hardness_weighting=3.0,
         spread_out_weight=0.7,
     )
-    got = loop.make_loss_fn(batch, cfg, DistInfo())(q, d).item()
+    got = contrastive.make_loss_fn(batch, cfg, DistInfo())(q, d).item()
     flags, doc_keys, query_keys = [True] * 4, batch.doc_keys.tolist(), batch.query_keys.tolist()
     nce = naive_options(q, d, 2, 0.05, flags, doc_keys, query_keys, True, True, 0.05, 3.0).item()
     sims = [(q[i] @ d[m]).item() for i in range(4) for m in range(d.shape[0]) if m != i and doc_keys[m] != doc_keys[i]]

@@ -10,7 +10,7 @@ from embforge.config import from_dict
 from embforge.data.filtering import clean_pairs, consistency_filter
 from embforge.data.mining import MiningConfig, mine_file
 from embforge.errors import DataError
-from embforge.train.loop import build_sampler
+from embforge.train.batches import build_sampler
 from embforge.train.recipe import DataConfig
 
 GOOD = [

@@ -211,7 +211,8 @@ def measure_step_s(model, rows: list[dict], settings: AdaptSettings, recipe) -> 
     from embforge.data.pairs import Example
     from embforge.data.records import TrainingRecord
     from embforge.precision import autocast, resolve_precision
-    from embforge.train.loop import collate, contrastive_step
+    from embforge.train.batches import collate
+    from embforge.train.contrastive import contrastive_step
     from embforge.train.parallel import DistInfo
 
     stage = recipe.stages[0]

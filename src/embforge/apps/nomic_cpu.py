@@ -91,7 +91,7 @@ def data_root(flag: str | None) -> Path:
     return shared
 
 
-def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
     def write(tmp: Path) -> None:
         with tmp.open("w", encoding="utf-8") as f:
             f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in rows)
@@ -129,7 +129,7 @@ def prepare_data(shared: Path, data: Path, console: Console) -> dict[str, dict]:
         out = data / "filtered" / f"{name}.jsonl"
         if not out.is_file():
             teacher = teacher or Embedder.load(TEACHER, max_seq_len=128)
-            raw = _write_jsonl(data / "raw" / f"{name}.jsonl", rows)
+            raw = write_jsonl(data / "raw" / f"{name}.jsonl", rows)
             consistency_filter(teacher, raw, out, top_k=2, batch_size=64)
         kept = sum(1 for _ in out.open(encoding="utf-8"))
         report[name] = {"pairs": len(rows), "kept": kept}
@@ -142,29 +142,30 @@ def prepare_data(shared: Path, data: Path, console: Console) -> dict[str, dict]:
     return report
 
 
-def mine_nq(shared: Path, mined: Path, teacher, console: Console) -> Path:
+def mine_nq(shared: Path, mined: Path, teacher, console: Console, **options) -> Path:
     """Natural Questions (question, passage) pairs with 7 hard negatives mined by ``teacher`` among all
-    the passages, none above 0.95 x the positive's score (§4.3); pairs left with fewer are dropped."""
+    the passages, none above 0.95 x the positive's score (§4.3); pairs left with fewer are dropped.
+    ``options`` replace the mining settings (:func:`mine_hard_negatives`'s keywords)."""
     from embforge.data.mining import mine_hard_negatives
 
     nq = read_jsonl(shared / "nq_question_passage_pairs" / "pairs.jsonl", fields=("query", "positive"))
+    settings = {"num_negatives": 7, "skip_top": 0, "search_depth": 50, "max_score_ratio": 0.95, **options}
     result = mine_hard_negatives(
         teacher,
         [r["query"] for r in nq],
         [[r["positive"]] for r in nq],
         sorted({r["positive"] for r in nq}),
-        num_negatives=7,
-        skip_top=0,
-        search_depth=50,
-        max_score_ratio=0.95,
+        **settings,
     )
     rows = [
         {"query": r["query"], "positive": r["positive"], "negatives": negs}
         for r, negs in zip(nq, result.negatives)
-        if len(negs) == 7
+        if len(negs) == settings["num_negatives"]
     ]
-    _write_jsonl(mined, rows)
-    console.print(f"mined 7 hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}")
+    write_jsonl(mined, rows)
+    console.print(
+        f"mined {settings['num_negatives']} hard negatives for {len(rows):,} of {len(nq):,} NQ pairs; dropped {dict(result.dropped)}"
+    )
     return mined
 
 

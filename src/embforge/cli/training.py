@@ -147,17 +147,21 @@ def add_pretrain_mlm(sub: Subparsers) -> None:
     p.add_argument("recipe", help="MLM recipe YAML, e.g. src/embforge/recipes/nomic_embed/cpu_mlm.yaml")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--no-resume", action="store_true", help="refuse (instead of resuming) if checkpoints exist")
-    p.add_argument("--device", default=None, help="cpu, cuda, ... (default: cuda if available)")
+    p.add_argument("--device", default=None, help="one process: cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_pretrain_mlm)
 
 
 def cmd_pretrain_mlm(args: argparse.Namespace) -> int:
     from embforge.train.mlm import train_mlm
     from embforge.train.mlm_recipe import MLMRecipeConfig
+    from embforge.train.parallel import distributed_session
     from embforge.train.recipe import load_recipe
 
     recipe, data_root = load_recipe(args.recipe, args.set, schema=MLMRecipeConfig)
-    summary = train_mlm(recipe, data_root, resume=not args.no_resume, device=args.device)
+    with distributed_session() as info:  # under torchrun: DDP, each process its slice of every batch
+        summary = train_mlm(recipe, data_root, resume=not args.no_resume, device=args.device, info=info)
+    if not info.is_main:
+        return 0
     print(json.dumps(summary, indent=2))
     return 0
 

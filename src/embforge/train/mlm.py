@@ -1,4 +1,5 @@
-"""MLM pre-training of nomic-bert from scratch: one explicit loop (paper §4.1).
+"""MLM pre-training of nomic-bert from scratch (paper §4.1): an objective for the one training loop
+(:func:`embforge.train.trainer.train`), in one process or under ``torchrun`` (DDP).
 
 Per step: take ``batch_size`` packed chunks (a seeded permutation per epoch), mask them
 with a generator seeded by (seed, step), predict the masked tokens (logits only at
@@ -12,18 +13,15 @@ a resumed run continues the same trajectory. The backbone is exported to
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import json
-import math
-import os
 import random
-import time
 from pathlib import Path
 
 import numpy as np
 import torch
-from tqdm.auto import tqdm
 
 from embforge.atomic import atomic_folder
 from embforge.config import to_dict
@@ -43,20 +41,9 @@ from embforge.models.nomic_bert_config import from_name
 from embforge.models.tokenizers import nomic_tokenizer
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
-from embforge.train.checkpoint import (
-    latest_checkpoint,
-    load_model_weights,
-    load_training_state,
-    prune_checkpoints,
-    ready_checkpoint_dir,
-    resume_log,
-    resume_point,
-    save_checkpoint,
-)
-from embforge.train.host_memory import keep_freed_memory
-from embforge.train.loop import TrainingError, build_optimizer
 from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
-from embforge.train.schedule import build_scheduler
+from embforge.train.parallel import DistInfo, no_sync
+from embforge.train.trainer import LoopConfig, train
 
 _EVAL_SEED_OFFSET = 7919  # the held-back masks use their own fixed seed
 
@@ -141,41 +128,102 @@ def masked_accuracy(
     return 100.0 * correct / max(total, 1), loss_sum / max(total, 1)
 
 
-def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, device: str | None = None) -> dict:
+class MLMObjective:
+    """Masked-token prediction on packed chunks (see :class:`~embforge.train.trainer.Objective`).
+
+    Step ``s``'s chunks and masks are functions of ``(seed, s)``, drawn for the whole batch on every
+    rank; each rank trains on its slice (``batch_size / world`` chunks, in micro-batches). The
+    cross-entropy is summed and divided by the masked tokens of the whole batch, so the gradient
+    is the full batch's mean however the batch is split (DDP's averaging undone by ``world``).
+    """
+
+    def __init__(self, recipe: MLMRecipeConfig, data: MLMData, mask_kwargs: dict, info: DistInfo):
+        if recipe.batch_size % info.world:
+            raise ConfigError(f"batch_size {recipe.batch_size} is not divisible by the {info.world} processes")
+        self.recipe, self.data, self.mask_kwargs, self.info = recipe, data, mask_kwargs, info
+        self.per_rank = recipe.batch_size // info.world
+        self.micro = min(recipe.micro_batch_size or self.per_rank, self.per_rank)
+        self.next_step = 0
+        self.extra_parameters: list[torch.nn.Parameter] = []
+
+    def draw(self) -> tuple[tuple[torch.Tensor, torch.Tensor, int], None]:
+        step, seed = self.next_step, self.recipe.seed
+        self.next_step += 1
+        chunks = self.data.train[batch_indices(step, self.recipe.batch_size, len(self.data.train), seed)]  # (B, T)
+        generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
+        inputs, labels = mask_tokens(chunks, generator=generator, **self.mask_kwargs)
+        masked = int((labels != IGNORE).sum())  # of the whole batch
+        mine = slice(self.info.rank * self.per_rank, (self.info.rank + 1) * self.per_rank)
+        return (inputs[mine], labels[mine], masked), None
+
+    def step(self, model, batch, *, scale: float, sync: bool, autocast) -> tuple[torch.Tensor, dict]:
+        inputs, labels, masked = batch
+        device = self.info.device
+        loss, correct = torch.zeros(()), 0
+        starts = range(0, len(inputs), self.micro)
+        for start in starts:
+            part = slice(start, start + self.micro)
+            last = sync and start == starts[-1]
+            with contextlib.nullcontext() if last else no_sync(model):  # DDP all-reduces on the last part only
+                part_loss, part_correct, _ = mlm_loss(
+                    model, inputs[part].to(device), labels[part].to(device), autocast, "sum"
+                )
+                part_loss = part_loss * (self.info.world * scale) / max(masked, 1)
+                part_loss.backward()
+            loss, correct = loss + part_loss.detach().cpu() / scale, correct + part_correct
+        counts = {"examples": len(inputs), "tokens": inputs.numel(), "correct": correct}
+        return loss, {**counts, "masked": int((labels != IGNORE).sum())}
+
+    def row(self, counts: dict) -> dict:
+        return {"train_masked_acc": 100.0 * counts["correct"] / max(counts["masked"], 1)}
+
+    def load(self, checkpoint: Path, state: dict | None) -> None:
+        if state is not None:
+            self.next_step = state["step"]  # batches and masks are functions of the step
+
+    def checkpoint_state(self, position) -> tuple[dict, dict]:
+        return {"data": self.data.stats, "objective": "mlm"}, {}
+
+    def close(self) -> None:
+        pass
+
+
+def train_mlm(
+    recipe: MLMRecipeConfig,
+    data_root: Path,
+    *,
+    resume: bool = True,
+    device: str | None = None,
+    info: DistInfo | None = None,
+) -> dict:
     """Pre-train a nomic-bert with MLM; return a summary (accuracy before/after, paths).
+
+    Under ``torchrun`` (``info`` from :func:`~embforge.train.parallel.distributed_session`) the
+    model is DDP-wrapped and each process trains on its slice of every batch: the same trajectory
+    as one process.
 
     Args:
         recipe: the validated recipe.
         data_root: the recipe's text files are relative to it.
         resume: continue from the newest checkpoint in ``<output_dir>/checkpoints``;
             false refuses to start over existing checkpoints.
-        device: default CUDA if available, else CPU.
+        device: one process: default CUDA if available, else CPU.
+        info: rank, world size and device (default: one process on ``device``).
     """
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ConfigError("pretrain-mlm runs in one process; multi-process (torchrun) MLM is not implemented")
+    if info is None:
+        info = DistInfo(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
+    elif device is not None and info.world > 1:
+        raise ConfigError("--device applies to one process; under torchrun each rank uses its own device")
+    elif device is not None:
+        info = dataclasses.replace(info, device=torch.device(device))
     out_dir = Path(recipe.output_dir)
-    ckpt_dir = out_dir / "checkpoints"
-    ready_checkpoint_dir(ckpt_dir)
-    latest = resume_point(ckpt_dir, resume)
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
-    torch.manual_seed(recipe.seed)
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     spec = from_name(recipe.model.preset, **recipe.model.overrides)
     tokenizer = nomic_tokenizer(recipe.model.tokenizer, max_seq_len=spec.max_seq_len)
     if len(tokenizer) > spec.vocab_size:
         raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary only {spec.vocab_size}")
     data = load_mlm_data(recipe.data, data_root, tokenizer)
-    model = NomicBertForMLM(build_backbone(spec)).to(dev)
-    optim_cfg = dataclasses.replace(recipe.optim, warmup_steps=recipe.warmup_steps)
-    optimizer = build_optimizer(model, optim_cfg)
-    scheduler = build_scheduler(optimizer, optim_cfg, recipe.steps)
-    start = 0
-    if latest is not None:
-        load_model_weights(latest, model)
-        start = load_training_state(latest, optimizer.load_state_dict, scheduler)["step"]
-    precision = resolve_precision(recipe.precision, dev)
-    autocast = functools.partial(precision_autocast, precision, dev)
     mask_kwargs = dict(
         mask_prob=recipe.data.mask_prob,
         mask_token_id=tokenizer.mask_token_id,
@@ -183,106 +231,59 @@ def train_mlm(recipe: MLMRecipeConfig, data_root: Path, *, resume: bool = True, 
         vocab_size=len(tokenizer),
     )
     eval_kwargs = {**mask_kwargs, "mask_prob": recipe.data.eval_mask_prob or recipe.data.mask_prob}
-    eval_seed = recipe.seed + _EVAL_SEED_OFFSET
-    recipe_dict = to_dict(recipe)
+    precision = resolve_precision(recipe.precision, info.device)
+    autocast = functools.partial(precision_autocast, precision, info.device)
+    model = None
 
-    log_file = out_dir / "metrics.jsonl"
-    history = resume_log(log_file, start)  # lines past the checkpoint are dropped
+    def setup():
+        nonlocal model
+        model = NomicBertForMLM(build_backbone(spec)).to(info.device)
+        if info.is_main:
+            print(
+                f"mlm: {num_parameters(model.backbone):,} backbone parameters, {precision}, "
+                f"{info.world} process(es), data {json.dumps(data.stats)}",
+                flush=True,
+            )
+        return model, MLMObjective(recipe, data, mask_kwargs, info)
 
-    def log(row: dict) -> None:
-        history.append(row)
-        with log_file.open("a") as f:
-            f.write(json.dumps(row) + "\n")
-
-    def evaluate() -> dict:
-        acc, loss = masked_accuracy(model, data.heldout, eval_kwargs, eval_seed, recipe.eval_batch_size, autocast)
+    def evaluate(module) -> dict:
+        seed = recipe.seed + _EVAL_SEED_OFFSET
+        acc, loss = masked_accuracy(module, data.heldout, eval_kwargs, seed, recipe.eval_batch_size, autocast)
         return {"eval/masked_acc": acc, "heldout_loss": loss}
 
-    def save(step: int) -> None:
-        trainer_state = {"data": data.stats, "objective": "mlm"}
-        last = history[-1] if history and history[-1]["step"] == step else {}
-        metrics = {k: v for k, v in last.items() if k.startswith("eval/")}  # an evaluation at this very step
-        save_checkpoint(
-            ckpt_dir,
-            step,
-            model.state_dict(),
-            optimizer.state_dict(),
-            scheduler,
-            trainer_state,
-            recipe_dict,
-            metrics=metrics,
-        )
-        prune_checkpoints(ckpt_dir, recipe.keep_last_checkpoints)
-
-    print(
-        f"mlm: {num_parameters(model.backbone):,} backbone parameters, {precision}, data {json.dumps(data.stats)}",
-        flush=True,
+    cfg = LoopConfig(
+        name="mlm",
+        steps=recipe.steps,
+        optim=dataclasses.replace(recipe.optim, warmup_steps=recipe.warmup_steps),
+        precision=recipe.precision,
+        on_nonfinite=recipe.on_nonfinite,
+        log_every=recipe.log_every,
+        eval_every=recipe.eval_every,
+        eval_at_start=True,
+        eval_at_end=True,
+        save_every=recipe.save_every,
+        keep_last_checkpoints=recipe.keep_last_checkpoints,
     )
-    if start == 0:
-        log({"step": 0, **evaluate()})
-    model.train()
-    micro = recipe.micro_batch_size or recipe.batch_size
-    bar = tqdm(total=recipe.steps, initial=start, desc=f"mlm ({precision})", unit="step")
-    window = {"loss": 0.0, "correct": 0, "masked": 0, "steps": 0, "t0": time.perf_counter()}
-    # CPU: freed step buffers stay mapped instead of page-faulting back in every step
-    with keep_freed_memory(dev.type == "cpu"):
-        for step in range(start, recipe.steps):
-            chunks = data.train[batch_indices(step, recipe.batch_size, len(data.train), recipe.seed)]  # (B, T)
-            generator = torch.Generator().manual_seed(recipe.seed * 1_000_003 + step)
-            inputs, labels = mask_tokens(chunks, generator=generator, **mask_kwargs)
-            optimizer.zero_grad(set_to_none=True)
-            # micro-batches accumulate sum(CE) / (masked tokens of the whole batch): the full batch's mean
-            masked = int((labels != IGNORE).sum())
-            loss, correct = torch.zeros(()), 0
-            for part in range(0, len(inputs), micro):
-                part_loss, part_correct, _ = mlm_loss(
-                    model, inputs[part : part + micro].to(dev), labels[part : part + micro].to(dev), autocast, "sum"
-                )
-                part_loss = part_loss / max(masked, 1)
-                if not math.isfinite(float(part_loss.detach())):
-                    raise TrainingError(
-                        f"mlm: loss became {float(part_loss.detach())} at step {step + 1}; stopped before updating the weights. "
-                        f"The last good checkpoint is {latest_checkpoint(ckpt_dir) or 'none (no checkpoint was written yet)'}"
-                    )
-                part_loss.backward()
-                loss, correct = loss + part_loss.detach().cpu(), correct + part_correct
-            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.optim.max_grad_norm or float("inf"))
-            optimizer.step()
-            scheduler.step()
-            done = step + 1
-            window["loss"] += float(loss)
-            window["correct"] += correct
-            window["masked"] += masked
-            window["steps"] += 1
-            bar.update(1)
-            bar.set_postfix(loss=f"{float(loss):.3f}")
-            row: dict = {}
-            if done % recipe.log_every == 0 or done == recipe.steps:
-                elapsed = time.perf_counter() - window["t0"]
-                row = {
-                    "loss": window["loss"] / window["steps"],
-                    "train_masked_acc": 100.0 * window["correct"] / max(window["masked"], 1),
-                    "lr": scheduler.get_last_lr()[0],
-                    "grad_norm": float(grad_norm),
-                    "tokens_per_s": window["steps"] * chunks.numel() / max(elapsed, 1e-9),
-                }
-                window = {"loss": 0.0, "correct": 0, "masked": 0, "steps": 0, "t0": time.perf_counter()}
-            if (recipe.eval_every and done % recipe.eval_every == 0) or done == recipe.steps:
-                row.update(evaluate())
-            if row:
-                log({"step": done, **row})
-            if recipe.save_every and done % recipe.save_every == 0 and done != recipe.steps:
-                save(done)
-    bar.close()
-    if latest is None or start < recipe.steps:
-        save(recipe.steps)
+    history = train(
+        setup,
+        cfg,
+        stage_dir=out_dir,
+        recipe_dict=to_dict(recipe),
+        info=info,
+        seed=recipe.seed,
+        resume=resume,
+        evaluator=evaluate,
+    )
     model_dir = out_dir / "model"
-    with atomic_folder(model_dir) as tmp:
-        model.backbone.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-    from embforge.train.plots import plot_history
+    log_file = out_dir / "metrics.jsonl"
+    plot = out_dir / "curves.png"
+    if info.is_main:
+        with atomic_folder(model_dir) as tmp:
+            model.backbone.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        from embforge.train.plots import plot_history
 
-    plot = plot_history({"mlm": history}, out_dir / "curves.png", loss_label="MLM loss (masked tokens, per window)")
+        plot = plot_history({"mlm": history}, plot, loss_label="MLM loss (masked tokens, per window)")
     evals = [h for h in history if "eval/masked_acc" in h]
     return {
         "masked_acc_before": evals[0]["eval/masked_acc"] if evals and evals[0]["step"] == 0 else None,

@@ -58,6 +58,7 @@ class MLMRecipeConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     warmup_fraction: float | None = None  # warm-up as a share of steps (replaces optim.warmup_steps)
     precision: Literal["auto", "fp32", "bf16"] = "auto"
+    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip the step
     log_every: int = 10
     eval_every: int = 0  # 0: evaluate before training and at the end only
     eval_batch_size: int = 32

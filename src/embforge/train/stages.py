@@ -13,7 +13,7 @@ from embforge.config import to_dict
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights
-from embforge.train.loop import train_stage
+from embforge.train.contrastive import train_stage
 from embforge.train.parallel import DistInfo, barrier, build_device, holds_weights, init_distributed
 from embforge.train.recipe import RecipeConfig
 

@@ -2,7 +2,7 @@
 
 NV-Embed-v2 (arXiv 2405.17428 v2 §4.1) mines hard negatives positive-aware: candidates scoring
 above ``max_score_ratio`` x the positive's score under a teacher are dropped, the top-k of the
-rest kept. :class:`StsMiner` is what :func:`embforge.train.loop.build_sampler` calls for such
+rest kept. :class:`StsMiner` is what :func:`embforge.train.batches.build_sampler` calls for such
 datasets (the mining itself: :func:`embforge.data.examples.mined_sts_records`).
 """
 

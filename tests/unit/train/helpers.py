@@ -17,7 +17,8 @@ from embforge.data.pairs import Example
 from embforge.data.records import TrainingRecord
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import TINY_WORDS, tiny_bert
-from embforge.train.loop import ContrastiveBatch, collate, train_stage
+from embforge.train.batches import ContrastiveBatch, collate
+from embforge.train.contrastive import train_stage
 from embforge.train.parallel import DistInfo
 from embforge.train.recipe import DataConfig, DatasetConfig, StageConfig
 
@@ -94,9 +95,9 @@ def train_on(data_dir, stage_dir, model: Embedder, stage: StageConfig, *, info: 
 @contextlib.contextmanager
 def crash_in_step(step: int):
     """Inside the block, training raises KeyboardInterrupt when it asks for the batch of ``step``."""
-    from embforge.train import loop
+    from embforge.data.pairs import BatchSampler
 
-    calls, real_next = [0], loop.BatchSampler.next_batch
+    calls, real_next = [0], BatchSampler.next_batch
 
     def crashing(self):
         calls[0] += 1
@@ -104,11 +105,11 @@ def crash_in_step(step: int):
             raise KeyboardInterrupt(f"simulated crash in step {step}")
         return real_next(self)
 
-    loop.BatchSampler.next_batch = crashing
+    BatchSampler.next_batch = crashing
     try:
         yield
     finally:
-        loop.BatchSampler.next_batch = real_next
+        BatchSampler.next_batch = real_next
 
 
 def make_batch(

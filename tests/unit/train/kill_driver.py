@@ -16,7 +16,7 @@ import torch
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: F401  (imported once, in the fork server)
 
 import embforge.atomic as atomic
-from embforge.train.loop import train_stage
+from embforge.train.contrastive import train_stage
 from embforge.train.parallel import DistInfo
 
 from .helpers import stage_config, tiny_embedder

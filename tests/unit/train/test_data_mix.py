@@ -8,14 +8,15 @@ from pathlib import Path
 import pytest
 import torch
 
-import embforge.train.loop as loop
+import embforge.train.contrastive as contrastive
 import embforge.train.sts_mining as sts_mining
 from embforge.config import from_dict
 from embforge.data.pairs import Example
 from embforge.data.records import TrainingRecord
 from embforge.errors import ConfigError
+from embforge.train.batches import build_sampler, document_prompt
 from embforge.train.checkpoint import latest_checkpoint
-from embforge.train.loop import contrastive_step, document_prompt
+from embforge.train.contrastive import contrastive_step
 from embforge.train.parallel import DistInfo
 from embforge.train.recipe import DataConfig, LossConfig, load_recipe
 
@@ -29,7 +30,7 @@ def _jsonl(path: Path, rows) -> None:
 
 
 def _train(model, stage, data_dir, out, resume=False):
-    return loop.train_stage(
+    return contrastive.train_stage(
         model, stage, data_root=data_dir, stage_dir=out, recipe_dict={}, info=DistInfo(), seed=3, resume=resume
     )
 
@@ -43,7 +44,7 @@ def test_instruction_on_documents_embeds_documents_like_instructed_queries(tmp_p
     instruction = "Retrieve semantically similar text"
     ds = {"name": "d", "path": "d.jsonl", "instruction": instruction, "instruction_on_documents": True}
     seen = {}
-    real = loop.contrastive_step
+    real = contrastive.contrastive_step
 
     def spy(wrapped, batch, *a, **k):  # before the step changes the weights
         with torch.no_grad():
@@ -56,7 +57,7 @@ def test_instruction_on_documents_embeds_documents_like_instructed_queries(tmp_p
         seen["bare"] = model.encode([rows[0]["positive"]], prompt="", precision="fp32")
         return real(wrapped, batch, *a, **k)
 
-    monkeypatch.setattr(loop, "contrastive_step", spy)
+    monkeypatch.setattr(contrastive, "contrastive_step", spy)
     data = {"batch_size": 1, "num_negatives": 1, "datasets": [ds]}
     _train(model, stage_config(steps=1, data=data), tmp_path, tmp_path / "run")
     # the positive and the negative carry the query's templated instruction, masked out of pooling as on queries
@@ -126,20 +127,20 @@ def _mixed_stage(tmp_path, **over):
 
 def test_datasets_with_their_own_num_negatives_blend_in_one_stage(tmp_path, monkeypatch):
     stage = _mixed_stage(tmp_path, steps=4, save_every=0)
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, _ = build_sampler(stage.data, tmp_path, seed=0, world=1)
     counts = {}
     for _ in range(5):
         for e in sampler.next_batch():
             counts.setdefault(stage.data.datasets[e.dataset].name, set()).add(len(e.negatives))
     assert counts == {"pairs": {3}, "cf": {1}}
     batches = []
-    real = loop.contrastive_step
+    real = contrastive.contrastive_step
 
     def spy(wrapped, batch, *a, **k):
         batches.append(batch)
         return real(wrapped, batch, *a, **k)
 
-    monkeypatch.setattr(loop, "contrastive_step", spy)
+    monkeypatch.setattr(contrastive, "contrastive_step", spy)
     rows = _train(tiny_embedder(), stage, tmp_path, tmp_path / "run")
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in rows)
     for batch in batches:  # documents: the real ones only (B + ΣN_i), no padding is embedded
@@ -177,7 +178,7 @@ def test_a_query_is_never_scored_against_padding():
     mixed = make_batch(model, recs, 2, flags, b_negatives=0)  # dataset b: no negatives at all
     with torch.no_grad():
         q, d = model(**mixed.queries), model(**mixed.docs)
-    loss = loop.make_loss_fn(mixed, cfg, DistInfo())(q, d)
+    loss = contrastive.make_loss_fn(mixed, cfg, DistInfo())(q, d)
     # by hand: without in-batch negatives, query i scores its positive against its own negatives only
     expected, neg = [], 4
     for i, flag in enumerate(flags):

@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 
-import embforge.train.loop as loop
+import embforge.train.batches as batches
+import embforge.train.contrastive as contrastive
 from embforge.errors import DataError
 from embforge.train.prefetch import Prefetcher
 
@@ -19,7 +20,7 @@ def _write(path, rows):
 
 
 def _sampler(tmp_path, data, seed=0):
-    return loop.build_sampler(stage_config(data=data).data, tmp_path, seed=seed, world=1)[0]
+    return batches.build_sampler(stage_config(data=data).data, tmp_path, seed=seed, world=1)[0]
 
 
 def _batches(sampler, n):
@@ -63,7 +64,7 @@ def test_a_batch_holds_the_drawn_negatives_after_the_positives(tmp_path):
     data = {"batch_size": 1, "num_negatives": 3, "datasets": [{"name": "d", "path": "d.jsonl"}]}
     (example,) = _sampler(tmp_path, data).next_batch()
     texts = []
-    loop.collate([example], stage_config(data=data).data, lambda t, p: texts.extend(t) or {}, "cpu")
+    contrastive.collate([example], stage_config(data=data).data, lambda t, p: texts.extend(t) or {}, "cpu")
     assert texts == ["q", "p", *example.negatives] and example.negatives != ["n0", "n1", "n2"]
 
 
@@ -204,13 +205,13 @@ def test_training_tokenises_in_the_prefetch_thread_and_evaluation_pauses_it(data
         evaluating.clear()
         return {"t": 1.0}
 
-    loop.train_stage(
+    contrastive.train_stage(
         model,
         stage_config(steps=6, eval_every=3, eval_tasks="x"),
         data_root=data_dir,
         stage_dir=tmp_path / "s",
         recipe_dict={},
-        info=loop.DistInfo(),
+        info=contrastive.DistInfo(),
         seed=0,
         resume=False,
         evaluator=evaluator,
@@ -252,20 +253,20 @@ def _own_share_worker(rank, world, port, data_dir, run_dir, crash_at, out_file):
     from .helpers import crash_in_step, rank_env
 
     rank_env(rank, world, port)
-    seen, real = [], loop.collate
+    seen, real = [], contrastive.collate
 
     def spy(examples, *a, **k):
         seen.append([[e.dataset, e.record.query] for e in examples])
         return real(examples, *a, **k)
 
-    loop.collate = spy
+    contrastive.collate = spy
     with distributed_session() as info:
         model = tiny_embedder()
         stage = stage_config(steps=6, save_every=3, log_every=3, data=OWN_SHARE)
         crashed = False
         try:
             with crash_in_step(crash_at) if crash_at else contextlib.nullcontext():
-                loop.train_stage(
+                contrastive.train_stage(
                     model, stage, data_root=Path(data_dir), stage_dir=Path(run_dir), recipe_dict={}, info=info, seed=3
                 )
         except KeyboardInterrupt:
@@ -309,13 +310,13 @@ def test_each_rank_reads_only_its_share_and_resumes_its_own_position(tmp_path):
 def test_a_data_position_of_another_reading_or_world_size_is_refused(tmp_path):
     from embforge.errors import CheckpointError
 
-    two = loop.DistInfo(rank=1, world=2)
-    assert loop._rank_sampler_state([{"a": 0}, {"b": 1}], True, two, tmp_path) == {"b": 1}
-    assert loop._rank_sampler_state({"rng": 1}, False, two, tmp_path) == {"rng": 1}
+    two = contrastive.DistInfo(rank=1, world=2)
+    assert contrastive._rank_sampler_state([{"a": 0}, {"b": 1}], True, two, tmp_path) == {"b": 1}
+    assert contrastive._rank_sampler_state({"rng": 1}, False, two, tmp_path) == {"rng": 1}
     with pytest.raises(CheckpointError, match="own_share with 3 ranks; this run reads own_share with 2"):
-        loop._rank_sampler_state([{}, {}, {}], True, two, tmp_path)
+        contrastive._rank_sampler_state([{}, {}, {}], True, two, tmp_path)
     with pytest.raises(CheckpointError, match="written with rank_reading global"):
-        loop._rank_sampler_state({"rng": 1}, True, two, tmp_path)
+        contrastive._rank_sampler_state({"rng": 1}, True, two, tmp_path)
 
 
 def test_own_share_deals_out_a_task_file_and_counts_it_once_over_the_ranks(tmp_path):
@@ -328,8 +329,8 @@ def test_own_share_deals_out_a_task_file_and_counts_it_once_over_the_ranks(tmp_p
         "datasets": [{"name": "sts", "path": "sts.jsonl", "format": "sts"}],
     }
     stage = stage_config(data=data)
-    one, one_report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
-    ranks = [loop.build_sampler(stage.data, tmp_path, seed=0, world=2, rank=r) for r in (0, 1)]
+    one, one_report = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    ranks = [batches.build_sampler(stage.data, tmp_path, seed=0, world=2, rank=r) for r in (0, 1)]
     total = DataReport()
     for _, report in ranks:
         total.merge(report)

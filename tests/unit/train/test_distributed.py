@@ -19,10 +19,10 @@ import torch.multiprocessing as mp
 
 from embforge.data.pairs import text_key
 from embforge.models.embedder import Embedder
-from embforge.train import loop
+from embforge.train import trainer
 from embforge.train.checkpoint import checkpoint_folders
+from embforge.train.contrastive import contrastive_step
 from embforge.train.distill import TeacherBatch, make_projection
-from embforge.train.loop import contrastive_step
 from embforge.train.parallel import (
     DistInfo,
     average_gradients,
@@ -234,9 +234,9 @@ def _fsdp_train_worker(rank, world, port, data_dir, stage_dir, out_file, crash_i
                 exp_avg = tensors["exp_avg"]
                 loaded[fqn] = (type(exp_avg).__name__, exp_avg.to_local().numel(), exp_avg.numel())
 
-        real_load = loop.load_sharded_states
-        loop.load_sharded_states = watched
-        loop.optimizer_loader = no_full_optimizer_state
+        real_load = trainer.load_sharded_states
+        trainer.load_sharded_states = watched
+        trainer.optimizer_loader = no_full_optimizer_state
     with distributed_session() as info:
         embedder = tiny_embedder() if rank == 0 else meta_copy(tiny_embedder())  # as build_device does
         with crash_in_step(crash_in) if crash_in else contextlib.nullcontext(), contextlib.suppress(KeyboardInterrupt):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from embforge.train.loop import contrastive_step
+from embforge.train.contrastive import contrastive_step
 from embforge.train.parallel import DistInfo
 from embforge.train.recipe import LossConfig
 

@@ -6,7 +6,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-import embforge.train.loop as loop
+import embforge.train.batches as batches
+import embforge.train.contrastive as contrastive
+import embforge.train.trainer as trainer
 from embforge.config import from_dict
 from embforge.errors import CheckpointError, DataError
 from embforge.train.checkpoint import latest_checkpoint
@@ -19,18 +21,18 @@ from .helpers import crash_in_step, stage_config, tiny_embedder
 
 def _spy_queries(monkeypatch):
     seen = []
-    real = loop.collate
+    real = contrastive.collate
 
     def spy(examples, *a, **k):
         seen.append([e.record.query for e in examples])
         return real(examples, *a, **k)
 
-    monkeypatch.setattr(loop, "collate", spy)
+    monkeypatch.setattr(contrastive, "collate", spy)
     return seen
 
 
 def _train(model, stage, data_dir, out, resume):
-    return loop.train_stage(
+    return contrastive.train_stage(
         model, stage, data_root=data_dir, stage_dir=out, recipe_dict={}, info=DistInfo(), seed=3, resume=resume
     )
 
@@ -68,7 +70,7 @@ def test_resume_continues_the_same_trajectory(data_dir, tmp_path, monkeypatch):
 
 
 def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
-    real = loop.info_nce
+    real = contrastive.info_nce
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -76,9 +78,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, m
         loss = real(*a, **k)
         return loss * float("nan") if calls["n"] > 12 else loss
 
-    monkeypatch.setattr(loop, "info_nce", poisoned)
+    monkeypatch.setattr(contrastive, "info_nce", poisoned)
     model = tiny_embedder()
-    with pytest.raises(loop.TrainingError, match=r"loss became nan at step 13.*step-00000010"):
+    with pytest.raises(trainer.TrainingError, match=r"loss became nan at step 13.*step-00000010"):
         _train(model, stage_config(), data_dir, tmp_path / "n", resume=False)
     ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
     assert ckpts == ["step-00000010"]
@@ -104,7 +106,7 @@ def test_samplers_mix_sources_as_configured(data_dir):
                 }
             }
         )
-        sampler, report = loop.build_sampler(stage.data, data_dir, seed=0, world=1)
+        sampler, report = batches.build_sampler(stage.data, data_dir, seed=0, world=1)
         assert all(check(sampler.next_batch()) for _ in range(20)), mode
     assert report.read["memory"] == 40
 
@@ -114,12 +116,12 @@ def test_no_duplicate_texts_in_a_batch(tmp_path):
         for i in range(30):
             f.write(json.dumps({"query": f"q{i % 5}", "positive": f"p{i}"}) + "\n")  # only 5 distinct queries
     stage = stage_config(data={"batch_size": 5, "datasets": [{"name": "d", "path": "d.jsonl"}]})
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     for _ in range(10):
         queries = [e.record.query for e in sampler.next_batch()]
         assert len(set(queries)) == len(queries) == 5
     stage = stage_config(data={"batch_size": 6, "datasets": [{"name": "d", "path": "d.jsonl"}]})
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     with pytest.raises(DataError, match="dataset 'd' cannot fill a batch of 6 without duplicate texts"):
         sampler.next_batch()
 
@@ -132,10 +134,10 @@ def test_label_text_documents_repeat_in_a_batch_without_in_batch_negatives(tmp_p
             f.write(json.dumps({"text": f"review number {i}", "label": i % 2}) + "\n")
     cf = {"name": "cf", "path": "cf.jsonl", "format": "classification", "label_texts": {"0": "factual", "1": "wish"}}
     stage = stage_config(data={"batch_size": 8, "num_negatives": 1, "datasets": [cf]})
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1, in_batch_negatives=False)
+    sampler, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1, in_batch_negatives=False)
     positives = [e.record.positive for e in sampler.next_batch()]
     assert len(positives) == 8 and set(positives) == {"factual", "wish"}
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)  # in-batch negatives: still refused
+    sampler, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)  # in-batch negatives: still refused
     with pytest.raises(DataError, match="without duplicate texts"):
         sampler.next_batch()
 
@@ -150,14 +152,14 @@ def test_bad_records_are_errors_or_counted(tmp_path):
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(x) + "\n" for x in lines))
     data = {"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl"}]}
     with pytest.raises(DataError, match=r"d\.jsonl:1: negative 'p1' is also a positive"):  # the default: an error
-        loop.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
+        batches.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
     stage = stage_config(data={**data, "on_bad_record": "skip"})
-    sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, report = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     assert report.read["d"] == 4
     assert dict(report.skipped["d"]) == {"positive among negatives": 1, "empty text": 1, "fewer than 1 negatives": 1}
     (tmp_path / "d.jsonl").write_text('{"query": "q", "positive": "p"}\n{"query": "q", "positive": 3}\n')
     with pytest.raises(DataError, match=r"d\.jsonl:2: field 'positive' must be a string"):
-        loop.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
+        batches.build_sampler(stage_config(data=data).data, tmp_path, seed=0, world=1)
 
 
 def test_two_stage_recipe_chains_weights_and_writes_outputs(data_dir, tmp_path):
@@ -216,7 +218,7 @@ def test_beir_folder_as_a_training_source(tmp_path):
         "query-id\tcorpus-id\tscore\nq0\td0\t1\nq1\td1\t2\nq2\td2\t0\nq3\td9\t1\n"
     )
     stage = stage_config(data={"batch_size": 2, "datasets": [{"name": "b", "path": "beir", "format": "beir"}]})
-    sampler, report = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, report = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     pairs = {(e.record.query, e.record.positive) for _ in range(3) for e in sampler.next_batch()}
     assert pairs == {("query 0", "T doc 0"), ("query 1", "T doc 1")}  # grade 0 is not a positive
     assert dict(report.skipped["b"]) == {"qrel names a document missing from the corpus": 1}
@@ -248,7 +250,7 @@ def test_evaluation_runs_every_eval_every_steps_whatever_log_every(data_dir, tmp
         return {"score": float(len(calls))}
 
     stage = stage_config(steps=6, log_every=3, save_every=0, eval_every=2, eval_tasks="unused.yaml")
-    rows = loop.train_stage(
+    rows = contrastive.train_stage(
         tiny_embedder(),
         stage,
         data_root=data_dir,
@@ -278,7 +280,7 @@ def test_logged_loss_is_the_mean_over_the_logging_window(data_dir, tmp_path):
 
 def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(data_dir, tmp_path, monkeypatch):
     _train(tiny_embedder(), stage_config(), data_dir, tmp_path / "ref", resume=False)  # the same run, unpoisoned
-    real = loop.contrastive_step
+    real = contrastive.contrastive_step
     calls = {"n": 0}
 
     def poisoned(model, *a, **k):
@@ -288,9 +290,9 @@ def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(d
             next(p for p in model.parameters() if p.grad is not None).grad.view(-1)[0] = float("nan")
         return loss
 
-    monkeypatch.setattr(loop, "contrastive_step", poisoned)
+    monkeypatch.setattr(contrastive, "contrastive_step", poisoned)
     model = tiny_embedder()
-    with pytest.raises(loop.TrainingError, match=r"gradient norm became nan at step 13.*step-00000010"):
+    with pytest.raises(trainer.TrainingError, match=r"gradient norm became nan at step 13.*step-00000010"):
         _train(model, stage_config(), data_dir, tmp_path / "n", resume=False)
     assert all(torch.isfinite(p).all() for p in model.parameters())  # the step never reached the weights
     ckpts = sorted(p.name for p in (tmp_path / "n" / "checkpoints").iterdir())
@@ -301,7 +303,7 @@ def test_nan_gradient_stops_naming_the_step_and_keeps_the_last_good_checkpoint(d
 
 
 def test_on_nonfinite_skip_drops_the_step_and_goes_on(data_dir, tmp_path, monkeypatch):
-    real = loop.info_nce
+    real = contrastive.info_nce
     calls = {"n": 0}
 
     def poisoned(*a, **k):
@@ -309,7 +311,7 @@ def test_on_nonfinite_skip_drops_the_step_and_goes_on(data_dir, tmp_path, monkey
         loss = real(*a, **k)
         return loss * float("inf") if calls["n"] == 13 else loss
 
-    monkeypatch.setattr(loop, "info_nce", poisoned)
+    monkeypatch.setattr(contrastive, "info_nce", poisoned)
     model = tiny_embedder()
     rows = _train(model, stage_config(on_nonfinite="skip"), data_dir, tmp_path / "s", resume=False)
     assert [r["step"] for r in rows] == [5, 10, 15, 20]
@@ -328,19 +330,19 @@ def test_multiple_positives_one_sampled_per_epoch_deterministically_and_resumabl
         return [{e.record.query: e.positive for e in sampler.next_batch()} for _ in range(n)]
 
     stage = stage_config(data=data)
-    sampler, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    sampler, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     seen = epochs(sampler, 12)
     assert all(len(epoch) == 6 for epoch in seen)  # every record once per epoch
     for i in range(6):
         drawn = [epoch[f"q{i}"] for epoch in seen]
         assert set(drawn) == {f"a{i}", f"b{i}", f"c{i}"}  # each positive gets its turn over 12 epochs
-    again, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    again, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     assert epochs(again, 12) == seen  # the same seed: the same positives
-    other, _ = loop.build_sampler(stage.data, tmp_path, seed=1, world=1)
+    other, _ = batches.build_sampler(stage.data, tmp_path, seed=1, world=1)
     assert [sorted(e.values()) for e in epochs(other, 12)] != [sorted(e.values()) for e in seen]
-    interrupted, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    interrupted, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     state = json.loads(json.dumps(_after(interrupted, 5)))  # a checkpoint's sampler state, through JSON
-    resumed, _ = loop.build_sampler(stage.data, tmp_path, seed=0, world=1)
+    resumed, _ = batches.build_sampler(stage.data, tmp_path, seed=0, world=1)
     resumed.load_state_dict(state)
     assert epochs(resumed, 7) == seen[5:]  # resume continues with the same positives
 
@@ -385,7 +387,7 @@ def test_training_embeds_a_text_exactly_as_inference_does(tmp_path, monkeypatch)
     prompts = {"query_prompt": "search_query: ", "document_prompt": "search_document: "}
     data = {"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl", **prompts}]}
     seen = {}
-    real = loop.contrastive_step
+    real = contrastive.contrastive_step
 
     def spy(wrapped, batch, *a, **k):  # before the step changes the weights
         with torch.no_grad():
@@ -396,7 +398,7 @@ def test_training_embeds_a_text_exactly_as_inference_does(tmp_path, monkeypatch)
         )
         return real(wrapped, batch, *a, **k)
 
-    monkeypatch.setattr(loop, "contrastive_step", spy)
+    monkeypatch.setattr(contrastive, "contrastive_step", spy)
     _train(model, stage_config(steps=1, data=data), tmp_path, tmp_path / "run", resume=False)
     for trained, inferred in zip(seen["trained"], seen["inferred"]):
         torch.testing.assert_close(trained, torch.from_numpy(inferred), atol=1e-6, rtol=0)

@@ -82,7 +82,8 @@ def test_plan_against_what_one_training_step_holds():
 
     from embforge.data.pairs import Example
     from embforge.data.records import TrainingRecord
-    from embforge.train.loop import collate, contrastive_step
+    from embforge.train.batches import collate
+    from embforge.train.contrastive import contrastive_step
     from embforge.train.parallel import DistInfo
 
     torch.manual_seed(0)
