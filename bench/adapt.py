@@ -59,7 +59,8 @@ def write_folders(out: Path) -> tuple[Path, Path, Path]:
 
 
 def scores(model, test: Path) -> dict[str, float]:
-    from embforge.eval.tasks import TaskConfig, evaluate_task
+    from embforge.eval.task_config import TaskConfig
+    from embforge.eval.tasks import evaluate_task
 
     retrieval = TaskConfig(name="MLQuestions-heldout", type="retrieval", path=str(test), split="test")
     sts = TaskConfig(name="STSB-dev", type="sts", path=str(STS / "dev.jsonl"), split="dev")

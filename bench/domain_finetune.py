@@ -55,7 +55,8 @@ def main() -> None:
     if not SHARED.is_dir():
         sys.exit(f"needs {SHARED}")
 
-    from embforge.eval.tasks import TaskConfig, evaluate_task
+    from embforge.eval.task_config import TaskConfig
+    from embforge.eval.tasks import evaluate_task
     from embforge.models.embedder import Embedder
     from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe

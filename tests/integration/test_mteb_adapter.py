@@ -12,7 +12,8 @@ from mteb.mocks.mock_tasks.sts import MockSTSTask  # noqa: E402
 
 from embforge.data.stdlib_code import collect_pairs  # noqa: E402
 from embforge.eval.mteb_adapter import to_mteb  # noqa: E402
-from embforge.eval.tasks import TaskConfig, evaluate_task  # noqa: E402
+from embforge.eval.task_config import TaskConfig  # noqa: E402
+from embforge.eval.tasks import evaluate_task  # noqa: E402
 
 
 @pytest.fixture(scope="module")

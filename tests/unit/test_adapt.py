@@ -9,7 +9,8 @@ import numpy as np
 import pytest
 
 from embforge.adapt.corpus import llm_queries, pseudo_queries, read_folder, sentences
-from embforge.adapt.pipeline import AdaptSettings, adapt, held_scores
+from embforge.adapt.pipeline import AdaptSettings, adapt
+from embforge.adapt.steps import held_scores
 from embforge.cli import main
 from embforge.errors import ConfigError, DataError
 from embforge.models.embedder import Embedder
@@ -172,7 +173,8 @@ def test_corpus_only_run_writes_a_model_a_report_and_a_plot(corpus_run, model_di
     final = Embedder.load(out / "final", device="cpu")
     # the saved model is the chosen merge: its held-back score is the one the search recorded
     from embforge.adapt.corpus import read_folder as read
-    from embforge.adapt.pipeline import Corpus, Work
+    from embforge.adapt.settings import Work
+    from embforge.adapt.steps import Corpus
 
     corpus = Corpus(read(data))
     held = Work(out / "work").read_pairs("held.jsonl")
@@ -221,7 +223,7 @@ def test_the_cli_runs_adapt(tmp_path, model_dir):
 
 
 def test_the_merge_weight_search_refines_towards_the_better_side_and_prefers_the_trained_model_within_noise():
-    from embforge.adapt.pipeline import search_weight
+    from embforge.adapt.steps import search_weight
 
     def run(curve, tolerance=1.0):
         asked = []

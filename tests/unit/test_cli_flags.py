@@ -47,7 +47,7 @@ FILLED = [
     ),
     Filled(
         ("adapt",),
-        "embforge.adapt.pipeline:AdaptSettings",
+        "embforge.adapt.settings:AdaptSettings",
         internal={
             name: "a tuned constant of the pipeline (report.json records it)"
             for name in ("temperature", "top_k", "holdout", "max_epochs", "tolerance", "eval_corpus", "labelled_share")

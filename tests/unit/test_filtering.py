@@ -8,14 +8,8 @@ import numpy as np
 import pytest
 
 from embforge.cli import main
-from embforge.data.filtering import (
-    clean_pairs,
-    clean_shards,
-    consistency_filter,
-    consistency_filter_shards,
-    consistent,
-    normalise_text,
-)
+from embforge.data.cleaning import clean_pairs, clean_shards, normalise_text
+from embforge.data.filtering import consistency_filter, consistency_filter_shards, consistent
 from embforge.errors import DataError
 
 

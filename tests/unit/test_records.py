@@ -7,7 +7,8 @@ import numpy as np
 import pytest
 
 from embforge.config import from_dict
-from embforge.data.filtering import clean_pairs, consistency_filter
+from embforge.data.cleaning import clean_pairs
+from embforge.data.filtering import consistency_filter
 from embforge.data.mining import MiningConfig, mine_file
 from embforge.errors import DataError
 from embforge.train.batches import build_sampler

@@ -9,7 +9,8 @@ import pytest
 from embforge.config import from_dict
 from embforge.errors import ConfigError, DataError
 from embforge.eval.runner import load_suite, run_suite
-from embforge.eval.tasks import TaskConfig, evaluate_task
+from embforge.eval.task_config import TaskConfig
+from embforge.eval.tasks import evaluate_task
 
 TOPICS = ["apple", "river", "engine", "violin"]
 

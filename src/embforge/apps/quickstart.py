@@ -18,7 +18,8 @@ from rich.console import Console
 from rich.table import Table
 
 from embforge.data.stdlib_code import collect_pairs, split_pairs, write_beir, write_pairs_jsonl
-from embforge.eval.tasks import TaskConfig, evaluate_task
+from embforge.eval.task_config import TaskConfig
+from embforge.eval.tasks import evaluate_task
 
 EVAL_QUERIES = 600
 TRAIN_FILE = "train.jsonl"

@@ -127,7 +127,8 @@ def add_filter(sub: Subparsers) -> None:
 
 
 def cmd_filter(args: argparse.Namespace) -> int:
-    from embforge.data.filtering import clean_shards, consistency_filter_shards
+    from embforge.data.cleaning import clean_shards
+    from embforge.data.filtering import consistency_filter_shards
     from embforge.train.parallel import distributed_session
 
     if args.filter_kind == "clean" and args.near_duplicates is not None and args.model is None:

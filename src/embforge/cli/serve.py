@@ -171,7 +171,7 @@ def _serving_instructions(args: argparse.Namespace, model: str) -> dict[str, str
     use); its task names and type names are what a request's ``task`` may pick.
     """
     from embforge.config import from_dict, read_yaml
-    from embforge.eval.tasks import InstructionTable
+    from embforge.eval.task_config import InstructionTable
     from embforge.train.recipe import recipe_path
 
     source = args.instructions

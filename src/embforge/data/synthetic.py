@@ -30,7 +30,7 @@ from pathlib import Path
 import httpx
 
 from embforge.atomic import atomic_write
-from embforge.data.filtering import normalise_text
+from embforge.data.cleaning import normalise_text
 from embforge.data.records import TrainingRecord
 from embforge.errors import EmbforgeError
 

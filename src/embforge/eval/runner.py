@@ -8,7 +8,8 @@ from typing import Any
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
-from embforge.eval.tasks import InstructionTable, TaskSuite, evaluate_task
+from embforge.eval.task_config import InstructionTable, TaskSuite
+from embforge.eval.tasks import evaluate_task
 
 
 def load_suite(

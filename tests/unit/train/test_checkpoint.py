@@ -185,7 +185,8 @@ def test_a_sharded_checkpoint_is_read_without_running_code(tmp_path):
     they name anything but tensors, plain values and the index's own classes."""
     import torch.distributed.checkpoint as dcp
 
-    from embforge.train.checkpoint import SHARDED, load_model_weights, load_sharded_states
+    from embforge.train.checkpoint import load_model_weights
+    from embforge.train.sharded_checkpoint import SHARDED, load_sharded_states
 
     saved, path = torch.nn.Linear(3, 2), tmp_path / "step-00000010"
     groups = [{"lr": 0.5, "extra": _RunsCodeWhenLoaded()}]

@@ -95,7 +95,7 @@ def test_a_checkpoint_from_the_lambda_lr_schedules_resumes_with_the_same_values(
 
 # ---------------------------------------------------------------------------- the pooling head's own LR
 def _head_optimizer(wrap: bool = False, **optim):
-    from embforge.train.trainer import build_optimizer
+    from embforge.train.schedule import build_optimizer
 
     from .helpers import tiny_lora_embedder
 
@@ -166,7 +166,7 @@ def test_a_head_schedule_resumes_exactly_from_its_json_state():
 def test_head_options_need_a_trainable_head():
     from embforge.config import from_dict
     from embforge.errors import ConfigError
-    from embforge.train.trainer import build_optimizer
+    from embforge.train.schedule import build_optimizer
 
     from .helpers import tiny_embedder
 
