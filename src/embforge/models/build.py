@@ -53,22 +53,21 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
         The Embedder, in eval mode; with ``spec.lora`` its backbone is a peft model in which
         only the adapters (and the pooling head) are trainable.
     """
-    from embforge.models import nomic_bert_config
-
     overrides = head_overrides(spec)
-    preset = spec.name_or_path in BACKBONE_PRESETS or spec.name_or_path in nomic_bert_config.PRESETS
-    if preset and str(device) != "meta":  # a preset has a shape but no weights and no tokenizer
+    preset = BACKBONE_PRESETS.get(spec.name_or_path)
+    if preset is not None and str(device) != "meta":  # a preset has a shape but no weights and no tokenizer
         raise ConfigError(
             f"backbone preset {spec.name_or_path!r} builds shapes only (device=meta, `embforge plan`); "
             "train from a model folder or a packaged model name"
         )
-    if spec.name_or_path in BACKBONE_PRESETS:
+    if preset is not None and preset.family == "transformers":
         backbone = backbone_from_config(preset_config(spec.name_or_path, **preset_overrides), device=device, init=True)
         embedder = Embedder(backbone, None, **overrides)
-    elif spec.name_or_path in nomic_bert_config.PRESETS:  # nomic-bert-2048: the encoder of Nomic Embed
+    elif preset is not None:  # nomic_bert, e.g. nomic-bert-2048: the encoder of Nomic Embed
         from embforge.models.nomic_bert import build_backbone
+        from embforge.models.nomic_bert_config import from_name
 
-        backbone = build_backbone(nomic_bert_config.from_name(spec.name_or_path, **preset_overrides), device=device)
+        backbone = build_backbone(from_name(spec.name_or_path, **preset_overrides), device=device)
         embedder = Embedder(backbone, None, **overrides)
     else:
         if preset_overrides:

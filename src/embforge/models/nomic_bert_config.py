@@ -18,6 +18,7 @@ from typing import Literal
 
 from embforge.config import did_you_mean
 from embforge.errors import ConfigError
+from embforge.models.presets import backbone_preset
 
 BERT_UNCASED_VOCAB = 30522  # bert-base-uncased WordPiece (= the packaged MiniLM's vocabulary)
 VOCAB_MULTIPLE = 64  # paper §4.1: the vocabulary is padded to a multiple of 64 (tensor-core friendly)
@@ -82,26 +83,17 @@ class NomicBertSpec:
             )
 
 
-PRESETS: dict[str, NomicBertSpec] = {
-    # arXiv 2402.01613 §4.1 / Table 6; 136,731,648 parameters without the MLM head
-    "nomic-bert-2048": NomicBertSpec(name="nomic-bert-2048"),
-}
-
-
 def from_name(name: str, **overrides) -> NomicBertSpec:
     """The preset ``name`` with fields replaced by ``overrides`` (validated).
 
     Raises:
         ConfigError: unknown preset or field (with a did-you-mean), or an impossible shape.
     """
-    if name not in PRESETS:
-        raise ConfigError(
-            f"unknown nomic-bert preset {name!r}" + did_you_mean(name, PRESETS) + f"; known: {sorted(PRESETS)}"
-        )
+    preset = backbone_preset(name, "nomic_bert")  # the one preset table, every family
     fields = {f.name for f in dataclasses.fields(NomicBertSpec)} - {"name"}
     for key in overrides:
         if key not in fields:
             raise ConfigError(f"unknown nomic-bert field {key!r}" + did_you_mean(key, fields))
-    spec = dataclasses.replace(PRESETS[name], **overrides)
+    spec = NomicBertSpec(name=name, **{**preset.fields, **overrides})
     spec.validate()
     return spec

@@ -189,3 +189,16 @@ def test_mlm_head_matches_native_masked_lm_with_zero_biases():
         where = torch.zeros_like(x, dtype=torch.bool)
         where[0, 3] = where[1, 7] = True
         torch.testing.assert_close(mlm(x, positions=where), ours[where], atol=1e-6, rtol=1e-5)  # (M, V)
+
+
+def test_one_preset_table_holds_every_backbone_family():
+    from embforge.models.presets import BACKBONE_PRESETS, backbone_preset, preset_config
+
+    assert {p.family for p in BACKBONE_PRESETS.values()} == {"transformers", "nomic_bert"}
+    assert backbone_preset("nomic-bert-2048").family == "nomic_bert" and from_name("nomic-bert-2048").num_layers == 12
+    with pytest.raises(ConfigError, match="unknown nomic-bert preset 'mistral-7b'"):
+        from_name("mistral-7b")  # in the table, but not a nomic-bert
+    with pytest.raises(ConfigError, match="unknown transformers preset 'nomic-bert-2048'"):
+        preset_config("nomic-bert-2048")
+    with pytest.raises(ConfigError, match=r"unknown backbone preset 'mistral-7'.*did you mean 'mistral-7b'"):
+        backbone_preset("mistral-7")
