@@ -11,7 +11,8 @@ stages) with stage 1 cut from 260 to ``--stage1-steps`` steps and stage 2 from 8
 ``--variants``; every other one is compared with ``latent``): ``latent`` (the recipe: 512 latents,
 8 heads, random initialisation), ``mean``, ``latent-meaninit`` (the latent head starting as exactly
 mean pooling), ``latent-headlr`` (the head at 10x the LoRA learning rate), ``last`` (the EOS
-token), and the causal decoder with ``last`` or ``mean`` pooling; each with every seed of
+token), the causal decoder with ``last`` or ``mean`` pooling, ``stage2-inbatch`` (in-batch negatives
+in stage 2) and ``stage1-no-hardneg`` (stage 1 without its hard negative); each with every seed of
 ``--seeds`` (the seed sets the head's and LoRA's initialisation and the batches). Evaluated on
 DBPedia-Subset (retrieval, nDCG@10), STS13 and BIOSSES (cosine Spearman), which no training file
 contains (tests/unit/train/test_held_out.py), and EmotionClassification (accuracy on its test
@@ -44,6 +45,14 @@ VARIANTS = {
     "last": ["model.pooling=last"],  # the EOS token's state
     "causal-last": ["model.attention=causal", "model.pooling=last"],  # the decoder as it was trained
     "causal-mean": ["model.attention=causal", "model.pooling=mean"],
+    # training factors (§3.3): stage 2 with in-batch negatives for its retrieval-like sets (SNLI, MRPC;
+    # the classification sets keep them off: their label documents repeat within a batch), and stage 1
+    # without its hard negative (in-batch negatives only)
+    "stage2-inbatch": [
+        "stages.1.loss.in_batch_negatives=true",
+        *(f"stages.1.data.datasets.{i}.in_batch_negatives=false" for i in (2, 3, 4)),
+    ],
+    "stage1-no-hardneg": ["stages.0.data.num_negatives=0"],
 }
 
 
