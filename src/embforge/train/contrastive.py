@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from embforge.data.records import DataReport
+from embforge.data.sharding import gather_over_ranks
 from embforge.errors import CheckpointError
 from embforge.losses import (
     contrastive_layout,
@@ -36,7 +37,7 @@ from embforge.train.grad_cache import grad_cache_step, split_features
 from embforge.train.parallel import DistInfo, no_sync
 from embforge.train.recipe import LossConfig, StageConfig
 from embforge.train.sts_mining import StsMiner
-from embforge.train.trainer import LoopConfig, gather_objects, train
+from embforge.train.trainer import LoopConfig, train
 
 
 def make_loss_fn(batch: ContrastiveBatch, cfg: LossConfig, info: DistInfo, projection=None):
@@ -168,7 +169,7 @@ def _rank_sampler_state(saved, own_share: bool, info: DistInfo, checkpoint: Path
 def _merged(report: DataReport, info: DistInfo) -> DataReport:
     """The data counts of every rank added up (a collective)."""
     total = DataReport()
-    for other in gather_objects(report, info):
+    for other in gather_over_ranks(report, world=info.world):
         total.merge(other)
     return total
 
@@ -255,7 +256,9 @@ class ContrastiveObjective:
     def checkpoint_state(self, position) -> tuple[dict, dict]:
         if position is None:  # nothing trained since the start: the position the sampler began at
             position = self.start_position
-        positions = gather_objects(position, self.info) if self.own_share else position  # every rank's own
+        positions = (
+            gather_over_ranks(position, world=self.info.world) if self.own_share else position
+        )  # every rank's own
         summary = (_merged(self.report, self.info) if self.own_share else self.report).summary()
         trainer_state = {"sampler": positions, "stage": self.stage.name, "data_report": summary}
         extra = {}

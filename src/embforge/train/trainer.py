@@ -122,13 +122,6 @@ def sum_over_ranks(x: torch.Tensor, info: DistInfo) -> torch.Tensor:
     return x
 
 
-def gather_objects(obj, info: DistInfo) -> list:
-    """``obj`` of every rank, in rank order (a collective)."""
-    out = [None] * info.world
-    dist.all_gather_object(out, obj)
-    return out
-
-
 class _Window:
     """The logging window: steps' losses and the objective's counters since the last row."""
 
