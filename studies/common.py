@@ -46,6 +46,14 @@ def nq_finetune_overrides(data: Path, folder: Path, seed: int, steps: int, batch
     ]
 
 
+def task_scores(model, shared: Path, tasks: list[str]) -> dict[str, float]:
+    """``model``'s main score (x100) on each of ``tasks`` of ``tasks/shared_mteb.yaml``, through ``embforge eval``'s runner."""
+    from embforge.eval.runner import load_suite, main_scores, run_suite
+
+    suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=shared)
+    return {k: float(v) for k, v in main_scores(run_suite(model, suite, root, batch_size=64, only=tasks)).items()}
+
+
 def run_all(seeds: str, variants, run: Callable[[str, int], dict]) -> list[dict]:
     """``run(variant, seed)`` for every seed and variant, seed by seed (finished runs are the study's to reuse)."""
     runs = []

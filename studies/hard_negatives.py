@@ -35,7 +35,6 @@ import time
 from pathlib import Path
 
 from common import (
-    REPO,
     bar_plot,
     compare_table,
     nq_finetune_overrides,
@@ -43,6 +42,7 @@ from common import (
     shared_root,
     study_parser,
     summarise,
+    task_scores,
     write_outputs,
 )
 
@@ -101,16 +101,9 @@ def run_one(variant: str, seed: int, steps: int, files: dict, data: Path, work: 
     run_recipe(recipe, data)
     train_s = time.perf_counter() - start
     result = {"variant": variant, "seed": seed, "overrides": overrides, "train_s": round(train_s, 1)}
-    result["scores"] = evaluate(Embedder.load(folder / "final", device="cpu"), shared)
+    result["scores"] = task_scores(Embedder.load(folder / "final", device="cpu"), shared, TASKS)
     done.write_text(json.dumps(result, indent=1))
     return result
-
-
-def evaluate(model, shared: Path) -> dict[str, float]:
-    from embforge.eval.runner import load_suite, main_scores, run_suite
-
-    suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=shared)
-    return {k: float(v) for k, v in main_scores(run_suite(model, suite, root, batch_size=64, only=TASKS)).items()}
 
 
 def main() -> None:
@@ -129,7 +122,7 @@ def main() -> None:
     files = prepare(shared, data)
     base_file = work / "base.json"
     if not base_file.is_file():
-        base_file.write_text(json.dumps(evaluate(Embedder.load("all-MiniLM-L6-v2", device="cpu"), shared)))
+        base_file.write_text(json.dumps(task_scores(Embedder.load("all-MiniLM-L6-v2", device="cpu"), shared, TASKS)))
     base = json.loads(base_file.read_text())
     runs = run_all(args.seeds, variants, lambda v, seed: run_one(v, seed, args.steps, files, data, work, shared))
     n, rows = summarise(runs, variants, TASKS)

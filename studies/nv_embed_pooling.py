@@ -32,7 +32,16 @@ import json
 import time
 from pathlib import Path
 
-from common import REPO, bar_plot, compare_table, run_all, shared_root, study_parser, summarise, write_outputs
+from common import (
+    bar_plot,
+    compare_table,
+    run_all,
+    shared_root,
+    study_parser,
+    summarise,
+    task_scores,
+    write_outputs,
+)
 
 RECIPE = "nv_embed/cpu_smollm2.yaml"
 TASKS = ["DBPedia-Subset", "STS13", "BIOSSES", "EmotionClassification"]
@@ -57,7 +66,6 @@ VARIANTS = {
 
 
 def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared: Path) -> dict:
-    from embforge.eval.runner import load_suite, main_scores, run_suite
     from embforge.models.embedder import Embedder
     from embforge.train.recipe import load_recipe, recipe_path
     from embforge.train.stages import run_recipe
@@ -81,8 +89,7 @@ def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared:
     run_recipe(recipe, shared)
     train_s = time.perf_counter() - start
     model = Embedder.load(folder / "final", device="cpu")
-    suite, root = load_suite(REPO / "tasks" / "shared_mteb.yaml", data_root=shared)
-    scores = {k: float(v) for k, v in main_scores(run_suite(model, suite, root, batch_size=64, only=TASKS)).items()}
+    scores = task_scores(model, shared, TASKS)
     result = {"variant": variant, "seed": seed, "overrides": overrides, "train_s": round(train_s, 1), "scores": scores}
     done.write_text(json.dumps(result, indent=1))
     return result

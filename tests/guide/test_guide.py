@@ -55,7 +55,11 @@ TINY: dict[str, list[tuple[str, str]]] = {
         ),
     ],
     "nomic-embed.md": [
-        ("cpu_twin_mlm.yaml", "cpu_twin_mlm.yaml --set steps=3 --set eval_every=0 --set data.heldout_max_chunks=8"),
+        (
+            "cpu_twin_mlm.yaml",
+            "cpu_twin_mlm.yaml --set stages.0.steps=3 --set stages.0.eval_every=0 "
+            "--set stages.0.mlm.heldout_max_chunks=8",
+        ),
         ("steps: 60", "steps: 2"),
         (
             "cpu_twin_finetune.yaml \\",

@@ -182,11 +182,10 @@ def run_nomic_cpu(out_dir: Path, shared: Path, tasks_file: Path) -> dict:
     from embforge.eval.runner import load_suite
     from embforge.eval.tasks import eval_retrieval_dims
     from embforge.models.embedder import Embedder
-    from embforge.train.mlm import train_mlm
-    from embforge.train.mlm_recipe import MLMRecipeConfig
+    from embforge.train.mlm import mlm_summary
     from embforge.train.plots import plot_matryoshka
     from embforge.train.recipe import load_recipe, recipe_path
-    from embforge.train.stages import run_recipe
+    from embforge.train.stages import run_recipe, stage_dirs
 
     console = Console()
     out_dir = out_dir.resolve()
@@ -194,12 +193,12 @@ def run_nomic_cpu(out_dir: Path, shared: Path, tasks_file: Path) -> dict:
     summary: dict = {"data": prepare_data(shared, data, console)}
 
     mlm_recipe, _ = load_recipe(
-        recipe_path(RECIPES[0]),
-        [f"data_root={shared.resolve()}", f"output_dir={out_dir / 'mlm'}"],
-        schema=MLMRecipeConfig,
+        recipe_path(RECIPES[0]), [f"data_root={shared.resolve()}", f"output_dir={out_dir / 'mlm'}"]
     )
-    summary["mlm"] = train_mlm(mlm_recipe, shared.resolve(), device="cpu")
-    start = summary["mlm"]["model"]
+    run_recipe(mlm_recipe, shared.resolve(), device="cpu")
+    start = out_dir / "mlm" / "final"
+    history = read_jsonl(stage_dirs(mlm_recipe)[0] / "metrics.jsonl")
+    summary["mlm"] = {**mlm_summary(history), "model": str(start)}
     stages = {}
     for key, recipe_name in zip(("contrastive", "finetune"), RECIPES[1:]):
         overrides = [f"data_root={data}", f"output_dir={out_dir / key}", f"model.name_or_path={start}"]

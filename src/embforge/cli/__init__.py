@@ -36,7 +36,6 @@ COMMANDS = (
     adapt.add_adapt,
     training.add_distill,
     training.add_merge,
-    training.add_pretrain_mlm,
     training.add_plan,
     demos.add_nomic_cpu,
     demos.add_quickstart,

@@ -1,9 +1,8 @@
-"""``embforge train``, ``distill``, ``merge``, ``pretrain-mlm`` and ``plan``: recipes run, planned and merged."""
+"""``embforge train``, ``distill``, ``merge`` and ``plan``: recipes run, planned and merged."""
 
 from __future__ import annotations
 
 import argparse
-import json
 
 from embforge.cli.common import Subparsers, add_precision_arg
 
@@ -11,7 +10,11 @@ MERGE_METHODS = ("linear", "slerp", "task_arithmetic", "ties", "dare_linear", "d
 
 
 def add_train(sub: Subparsers) -> None:
-    p = sub.add_parser("train", help="run a multi-stage training recipe (also under torchrun)")
+    p = sub.add_parser(
+        "train",
+        aliases=["pretrain-mlm"],  # the pre-0.2 command of MLM recipes, which are now recipes like any other
+        help="run a multi-stage training recipe: mlm and contrastive stages (also under torchrun)",
+    )
     p.add_argument("recipe", help="recipe YAML")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument(
@@ -19,6 +22,7 @@ def add_train(sub: Subparsers) -> None:
         action="store_true",
         help="start fresh: refuse (instead of resuming) if output_dir already holds checkpoints",
     )
+    p.add_argument("--device", default=None, help="one process: cpu, cuda, ... (default: cuda if available)")
     p.set_defaults(func=cmd_train)
 
 
@@ -29,7 +33,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     recipe, data_root = load_recipe(args.recipe, args.set)
     with distributed_session() as info:  # under torchrun: join the group, and leave it cleanly
-        run_recipe(recipe, data_root, resume=not args.no_resume, info=info)
+        run_recipe(recipe, data_root, resume=not args.no_resume, info=info, device=args.device)
     print(f"final model: {recipe.output_dir}/final")
     return 0
 
@@ -137,32 +141,6 @@ def cmd_merge(args: argparse.Namespace) -> int:
         dtype=args.dtype or "float32",
     )
     print(f"merged {len(args.models)} models ({args.method}) into {out}")
-    return 0
-
-
-def add_pretrain_mlm(sub: Subparsers) -> None:
-    p = sub.add_parser(
-        "pretrain-mlm", help="MLM pre-training of a nomic-bert from scratch (an `objective: mlm` recipe)"
-    )
-    p.add_argument("recipe", help="MLM recipe YAML, e.g. src/embforge/recipes/nomic_embed/cpu_mlm.yaml")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
-    p.add_argument("--no-resume", action="store_true", help="refuse (instead of resuming) if checkpoints exist")
-    p.add_argument("--device", default=None, help="one process: cpu, cuda, ... (default: cuda if available)")
-    p.set_defaults(func=cmd_pretrain_mlm)
-
-
-def cmd_pretrain_mlm(args: argparse.Namespace) -> int:
-    from embforge.train.mlm import train_mlm
-    from embforge.train.mlm_recipe import MLMRecipeConfig
-    from embforge.train.parallel import distributed_session
-    from embforge.train.recipe import load_recipe
-
-    recipe, data_root = load_recipe(args.recipe, args.set, schema=MLMRecipeConfig)
-    with distributed_session() as info:  # under torchrun: DDP, each process its slice of every batch
-        summary = train_mlm(recipe, data_root, resume=not args.no_resume, device=args.device, info=info)
-    if not info.is_main:
-        return 0
-    print(json.dumps(summary, indent=2))
     return 0
 
 

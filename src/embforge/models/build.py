@@ -41,13 +41,14 @@ def head_overrides(spec: ModelConfig) -> dict:
     return out
 
 
-def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **preset_overrides) -> Embedder:
+def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu") -> Embedder:
     """Build the model a recipe describes.
 
     Args:
         spec: the recipe's ``model:`` block.
-        device: ``cpu``/``cuda``/... or ``meta`` (shapes only: no memory, no weights read).
-        **preset_overrides: config fields replacing a preset's (e.g. ``num_hidden_layers=2``).
+        device: ``cpu``/``cuda``/... or ``meta`` (shapes only: no memory, no weights read). A backbone
+            preset (``spec.preset_overrides`` replacing its fields) builds with random weights: on a
+            real device only with ``spec.tokenizer`` (to train from scratch).
 
     Returns:
         The Embedder, in eval mode; with ``spec.lora`` its backbone is a peft model in which
@@ -55,24 +56,12 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
     """
     overrides = head_overrides(spec)
     preset = BACKBONE_PRESETS.get(spec.name_or_path)
-    if preset is not None and str(device) != "meta":  # a preset has a shape but no weights and no tokenizer
-        raise ConfigError(
-            f"backbone preset {spec.name_or_path!r} builds shapes only (device=meta, `embforge plan`); "
-            "train from a model folder or a packaged model name"
-        )
-    if preset is not None and preset.family == "transformers":
-        backbone = backbone_from_config(preset_config(spec.name_or_path, **preset_overrides), device=device, init=True)
-        embedder = Embedder(backbone, None, **overrides)
-    elif preset is not None:  # nomic_bert, e.g. nomic-bert-2048: the encoder of Nomic Embed
-        from embforge.models.nomic_bert import build_backbone
-        from embforge.models.nomic_bert_config import from_name
-
-        backbone = build_backbone(from_name(spec.name_or_path, **preset_overrides), device=device)
-        embedder = Embedder(backbone, None, **overrides)
-    else:
-        if preset_overrides:
-            raise ConfigError("config overrides apply to backbone presets only")
+    if preset is None:
+        if spec.preset_overrides or spec.tokenizer:
+            raise ConfigError("model.preset_overrides and model.tokenizer apply to backbone presets only")
         embedder = Embedder.load(spec.name_or_path, device=device, new_head=spec.new_head, **overrides)
+    else:
+        embedder = _from_preset(spec, preset, spec.preset_overrides or {}, device, overrides)
     if spec.lora is not None:
         if is_peft(embedder.backbone):  # the folder kept its adapter (merge_on_save: false): train it on
             check_adapter(embedder.backbone, spec.lora, spec.name_or_path)
@@ -85,6 +74,34 @@ def build_embedder(spec: ModelConfig, *, device: str | torch.device = "cpu", **p
     if spec.gradient_checkpointing:
         enable_gradient_checkpointing(embedder.backbone)
     return embedder.eval()
+
+
+def _from_preset(spec: ModelConfig, preset, config: dict, device, overrides: dict) -> Embedder:
+    """A preset's backbone with random weights: shapes only (meta), or with ``spec.tokenizer`` a model to
+    train from scratch (an mlm stage first)."""
+    meta = str(device) == "meta"
+    if not meta and spec.tokenizer is None:
+        raise ConfigError(
+            f"backbone preset {spec.name_or_path!r} has no weights and no tokenizer: give model.tokenizer to "
+            "train it from random initialisation (an mlm stage), or start from a model folder or packaged name "
+            "(without a tokenizer a preset builds shapes only: device=meta, `embforge plan`)"
+        )
+    from embforge.models.tokenizers import nomic_tokenizer
+
+    if preset.family == "transformers":
+        backbone = backbone_from_config(preset_config(spec.name_or_path, **config), device=device, init=True)
+        tokenizer = None if meta else nomic_tokenizer(spec.tokenizer)
+    else:  # nomic_bert, e.g. nomic-bert-2048: the encoder of Nomic Embed
+        from embforge.models.nomic_bert import build_backbone
+        from embforge.models.nomic_bert_config import from_name
+
+        shape = from_name(spec.name_or_path, **config)
+        backbone = build_backbone(shape, device=device)
+        tokenizer = None if meta else nomic_tokenizer(spec.tokenizer, max_seq_len=shape.max_seq_len)
+    vocab = backbone.get_input_embeddings().num_embeddings
+    if tokenizer is not None and len(tokenizer) > vocab:
+        raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the preset's vocabulary only {vocab}")
+    return Embedder(backbone, tokenizer, **overrides)
 
 
 def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:

@@ -7,7 +7,7 @@ one function that turns a spec into a model is :func:`embforge.models.build.buil
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 PoolingName = Literal["mean", "cls", "last", "latent", "self_attention"]
 HeadInit = Literal["random", "mean"]
@@ -58,6 +58,11 @@ class ModelConfig:
     """What model to train, and how it turns tokens into one vector."""
 
     name_or_path: str  # known model name, backbone preset (meta/random init) or folder (the starting weights)
+    # a backbone preset only: config fields replacing the preset's (e.g. {num_layers: 4, hidden_size: 128})
+    preset_overrides: dict[str, Any] | None = None
+    # a backbone preset only: the tokenizer (a packaged model name or a folder) with which the preset is
+    # built with random weights to train from scratch (an mlm stage); without it a preset is shapes only
+    tokenizer: str | None = None
     attention: Literal["bidirectional", "causal"] | None = None  # decoders; None: what the model folder says
     pooling: PoolingName | PoolingConfig | None = None  # None: what the model folder says
     normalize: bool | None = None

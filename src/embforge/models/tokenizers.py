@@ -8,10 +8,11 @@ from embforge.models.registry import resolve_model_path
 
 
 def nomic_tokenizer(name_or_path: str | Path = "all-MiniLM-L6-v2", max_seq_len: int | None = None):
-    """The bert-base-uncased WordPiece tokenizer (30,522 tokens) nomic-bert uses.
+    """A local tokenizer (a packaged model's or a folder's); by default the bert-base-uncased
+    WordPiece tokenizer (30,522 tokens) nomic-bert uses.
 
     The packaged all-MiniLM-L6-v2 carries exactly that vocabulary, so no download is
-    needed; any local folder with a tokenizer works too.
+    needed; any local folder with a tokenizer works too (a backbone preset's ``model.tokenizer``).
 
     Args:
         max_seq_len: sets ``model_max_length`` (truncation length), e.g. 2048.

@@ -1,5 +1,6 @@
-"""MLM pre-training of nomic-bert from scratch (paper §4.1): an objective for the one training loop
-(:func:`embforge.train.trainer.train`), in one process or under ``torchrun`` (DDP).
+"""MLM pre-training of nomic-bert (paper §4.1): a recipe stage with ``objective: mlm``, an objective
+for the one training loop (:func:`embforge.train.trainer.train`), in one process or under
+``torchrun`` (DDP).
 
 Per step: take ``batch_size`` packed chunks (a seeded permutation per epoch), mask them
 with a generator seeded by (seed, step), predict the masked tokens (logits only at
@@ -7,8 +8,8 @@ masked positions), cross-entropy, AdamW step, LR schedule. Before training, ever
 ``eval_every`` steps and at the end, the masked-token accuracy on the held-back slice
 (fixed masks) goes to ``metrics.jsonl`` and ``curves.png``. Checkpoints are atomic
 (:mod:`embforge.train.checkpoint`); since batches and masks are functions of the step,
-a resumed run continues the same trajectory. The backbone is exported to
-``<output_dir>/model`` as a transformers folder (``AutoModel`` loads it).
+a resumed run continues the same trajectory. The stage's model (the backbone, without the MLM
+head) is saved like any stage's, and the next stage continues from it in memory.
 """
 
 from __future__ import annotations
@@ -17,14 +18,10 @@ import contextlib
 import dataclasses
 import functools
 import json
-import random
 from pathlib import Path
 
-import numpy as np
 import torch
 
-from embforge.atomic import atomic_folder
-from embforge.config import to_dict
 from embforge.data.mlm import (
     IGNORE,
     expand_files,
@@ -36,16 +33,16 @@ from embforge.data.mlm import (
 )
 from embforge.errors import ConfigError, DataError
 from embforge.modeling.pooling import num_parameters
-from embforge.models.nomic_bert import NomicBertForMLM, build_backbone
-from embforge.models.nomic_bert_config import from_name
-from embforge.models.tokenizers import nomic_tokenizer
+from embforge.models.nomic_bert import NomicBertForMLM
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
-from embforge.train.mlm_recipe import MLMDataConfig, MLMRecipeConfig
+from embforge.train.mlm_recipe import MLMConfig
 from embforge.train.parallel import DistInfo, no_sync
+from embforge.train.recipe import StageConfig
 from embforge.train.trainer import LoopConfig, train
 
 _EVAL_SEED_OFFSET = 7919  # the held-back masks use their own fixed seed
+_HEAD_SEED_OFFSET = 104_729  # and the MLM head's initialisation its own
 
 
 @dataclasses.dataclass
@@ -55,7 +52,7 @@ class MLMData:
     stats: dict
 
 
-def load_mlm_data(cfg: MLMDataConfig, data_root: Path, tokenizer) -> MLMData:
+def load_mlm_data(cfg: MLMConfig, data_root: Path, tokenizer) -> MLMData:
     """Read, split (whole documents held back), tokenise and pack the recipe's text files."""
     docs: list[str] = []
     for path in expand_files(cfg.files, data_root):
@@ -137,19 +134,19 @@ class MLMObjective:
     is the full batch's mean however the batch is split (DDP's averaging undone by ``world``).
     """
 
-    def __init__(self, recipe: MLMRecipeConfig, data: MLMData, mask_kwargs: dict, info: DistInfo):
-        if recipe.batch_size % info.world:
-            raise ConfigError(f"batch_size {recipe.batch_size} is not divisible by the {info.world} processes")
-        self.recipe, self.data, self.mask_kwargs, self.info = recipe, data, mask_kwargs, info
-        self.per_rank = recipe.batch_size // info.world
-        self.micro = min(recipe.micro_batch_size or self.per_rank, self.per_rank)
+    def __init__(self, cfg: MLMConfig, seed: int, data: MLMData, mask_kwargs: dict, info: DistInfo):
+        if cfg.batch_size % info.world:
+            raise ConfigError(f"mlm.batch_size {cfg.batch_size} is not divisible by the {info.world} processes")
+        self.cfg, self.seed, self.data, self.mask_kwargs, self.info = cfg, seed, data, mask_kwargs, info
+        self.per_rank = cfg.batch_size // info.world
+        self.micro = min(cfg.micro_batch_size or self.per_rank, self.per_rank)
         self.next_step = 0
         self.extra_parameters: list[torch.nn.Parameter] = []
 
     def draw(self) -> tuple[tuple[torch.Tensor, torch.Tensor, int], None]:
-        step, seed = self.next_step, self.recipe.seed
+        step, seed = self.next_step, self.seed
         self.next_step += 1
-        chunks = self.data.train[batch_indices(step, self.recipe.batch_size, len(self.data.train), seed)]  # (B, T)
+        chunks = self.data.train[batch_indices(step, self.cfg.batch_size, len(self.data.train), seed)]  # (B, T)
         generator = torch.Generator().manual_seed(seed * 1_000_003 + step)
         inputs, labels = mask_tokens(chunks, generator=generator, **self.mask_kwargs)
         masked = int((labels != IGNORE).sum())  # of the whole batch
@@ -188,109 +185,108 @@ class MLMObjective:
         pass
 
 
-def train_mlm(
-    recipe: MLMRecipeConfig,
-    data_root: Path,
-    *,
-    resume: bool = True,
-    device: str | None = None,
-    info: DistInfo | None = None,
-) -> dict:
-    """Pre-train a nomic-bert with MLM; return a summary (accuracy before/after, paths).
+def mlm_model(embedder: torch.nn.Module, seed: int = 0) -> NomicBertForMLM:
+    """``embedder``'s backbone with a new MLM head (on the backbone's device); the backbone is shared.
 
-    Under ``torchrun`` (``info`` from :func:`~embforge.train.parallel.distributed_session`) the
-    model is DDP-wrapped and each process trains on its slice of every batch: the same trajectory
-    as one process.
-
-    Args:
-        recipe: the validated recipe.
-        data_root: the recipe's text files are relative to it.
-        resume: continue from the newest checkpoint in ``<output_dir>/checkpoints``;
-            false refuses to start over existing checkpoints.
-        device: one process: default CUDA if available, else CPU.
-        info: rank, world size and device (default: one process on ``device``).
+    The head is initialised from its own seed: the stage reseeds torch with the seed the backbone
+    was built with, and a head drawn from that stream again would copy the backbone's first weights.
     """
-    if info is None:
-        info = DistInfo(device=torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu")))
-    elif device is not None and info.world > 1:
-        raise ConfigError("--device applies to one process; under torchrun each rank uses its own device")
-    elif device is not None:
-        info = dataclasses.replace(info, device=torch.device(device))
-    out_dir = Path(recipe.output_dir)
-    random.seed(recipe.seed)
-    np.random.seed(recipe.seed)
-    spec = from_name(recipe.model.preset, **recipe.model.overrides)
-    tokenizer = nomic_tokenizer(recipe.model.tokenizer, max_seq_len=spec.max_seq_len)
-    if len(tokenizer) > spec.vocab_size:
-        raise ConfigError(f"the tokenizer has {len(tokenizer)} tokens but the model vocabulary only {spec.vocab_size}")
-    data = load_mlm_data(recipe.data, data_root, tokenizer)
+    backbone = embedder.backbone
+    if getattr(backbone.config, "model_type", None) != "nomic_bert":
+        raise ConfigError(
+            f"an mlm stage trains a nomic-bert backbone; this model's is {type(backbone).__name__} "
+            "(start from a nomic_bert preset, e.g. model.name_or_path: nomic-bert-2048 with model.tokenizer)"
+        )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + _HEAD_SEED_OFFSET)
+        return NomicBertForMLM(backbone).to(next(backbone.parameters()).device)
+
+
+def train_mlm_stage(
+    embedder: torch.nn.Module,
+    stage: StageConfig,
+    *,
+    data_root: Path,
+    stage_dir: Path,
+    recipe_dict: dict,
+    info: DistInfo,
+    seed: int,
+    parallel: str = "ddp",
+    resume: bool = True,
+) -> list[dict]:
+    """Train ``embedder``'s backbone in place with MLM for one stage (``objective: mlm``); return the
+    logged metrics (masked-token accuracy on the held-back text before training, every
+    ``eval_every`` steps and at the end, as ``eval/masked_acc``).
+
+    Under ``torchrun`` the model is DDP-wrapped and each process trains on its slice of every
+    batch: the same trajectory as one process. The MLM head is new for the stage and kept in its
+    checkpoints, not in the saved model.
+    """
+    if parallel != "ddp" and info.world > 1:
+        raise ConfigError(f"stage {stage.name!r}: mlm stages run under DDP (parallel: ddp), not {parallel}")
+    cfg = stage.mlm
+    tokenizer = embedder.tokenizer
+    data = load_mlm_data(cfg, data_root, tokenizer)
     mask_kwargs = dict(
-        mask_prob=recipe.data.mask_prob,
+        mask_prob=cfg.mask_prob,
         mask_token_id=tokenizer.mask_token_id,
         special_ids=tokenizer.all_special_ids,
         vocab_size=len(tokenizer),
     )
-    eval_kwargs = {**mask_kwargs, "mask_prob": recipe.data.eval_mask_prob or recipe.data.mask_prob}
-    precision = resolve_precision(recipe.precision, info.device)
+    eval_kwargs = {**mask_kwargs, "mask_prob": cfg.eval_mask_prob or cfg.mask_prob}
+    precision = resolve_precision(stage.precision, info.device)
     autocast = functools.partial(precision_autocast, precision, info.device)
-    model = None
 
     def setup():
-        nonlocal model
-        model = NomicBertForMLM(build_backbone(spec)).to(info.device)
+        model = mlm_model(embedder, seed)
         if info.is_main:
             print(
                 f"mlm: {num_parameters(model.backbone):,} backbone parameters, {precision}, "
                 f"{info.world} process(es), data {json.dumps(data.stats)}",
                 flush=True,
             )
-        return model, MLMObjective(recipe, data, mask_kwargs, info)
+        return model, MLMObjective(cfg, seed, data, mask_kwargs, info)
 
     def evaluate(module) -> dict:
-        seed = recipe.seed + _EVAL_SEED_OFFSET
-        acc, loss = masked_accuracy(module, data.heldout, eval_kwargs, seed, recipe.eval_batch_size, autocast)
+        batch = cfg.eval_batch_size
+        acc, loss = masked_accuracy(module, data.heldout, eval_kwargs, seed + _EVAL_SEED_OFFSET, batch, autocast)
         return {"eval/masked_acc": acc, "heldout_loss": loss}
 
-    cfg = LoopConfig(
-        name="mlm",
-        steps=recipe.steps,
-        optim=dataclasses.replace(recipe.optim, warmup_steps=recipe.warmup_steps),
-        precision=recipe.precision,
-        on_nonfinite=recipe.on_nonfinite,
-        log_every=recipe.log_every,
-        eval_every=recipe.eval_every,
+    loop = LoopConfig(
+        name=f"stage {stage.name!r} (mlm)",
+        steps=stage.steps,
+        optim=stage.optim,
+        precision=stage.precision,
+        on_nonfinite=stage.on_nonfinite,
+        log_every=stage.log_every,
+        eval_every=stage.eval_every,
         eval_at_start=True,
         eval_at_end=True,
-        save_every=recipe.save_every,
-        keep_last_checkpoints=recipe.keep_last_checkpoints,
+        save_every=stage.save_every,
+        keep_last_checkpoints=stage.keep_last_checkpoints,
+        best_metric="eval/masked_acc",
+        eval_timeout_s=stage.eval_timeout_s,
     )
     history = train(
         setup,
-        cfg,
-        stage_dir=out_dir,
-        recipe_dict=to_dict(recipe),
+        loop,
+        stage_dir=stage_dir,
+        recipe_dict=recipe_dict,
         info=info,
-        seed=recipe.seed,
+        seed=seed,
+        parallel=parallel,
         resume=resume,
         evaluator=evaluate,
     )
-    model_dir = out_dir / "model"
-    log_file = out_dir / "metrics.jsonl"
-    plot = out_dir / "curves.png"
     if info.is_main:
-        with atomic_folder(model_dir) as tmp:
-            model.backbone.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-        from embforge.train.plots import plot_history
+        print(f"stage {stage.name}: mlm {json.dumps(mlm_summary(history))}", flush=True)
+    return history
 
-        plot = plot_history({"mlm": history}, plot, loss_label="MLM loss (masked tokens, per window)")
+
+def mlm_summary(history: list[dict]) -> dict:
+    """Masked-token accuracy on the held-back text before and after an MLM stage (from its logged rows)."""
     evals = [h for h in history if "eval/masked_acc" in h]
     return {
         "masked_acc_before": evals[0]["eval/masked_acc"] if evals and evals[0]["step"] == 0 else None,
         "masked_acc_after": evals[-1]["eval/masked_acc"] if evals else None,
-        "steps": recipe.steps,
-        "data": data.stats,
-        "metrics": str(log_file),
-        "plot": str(plot),
-        "model": str(model_dir),
     }

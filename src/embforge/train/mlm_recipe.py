@@ -1,31 +1,33 @@
-"""The MLM pre-training recipe schema (``objective: mlm``): plain dataclasses, no torch.
+"""An MLM stage's settings (``objective: mlm``, its ``mlm:`` block), and the conversion of the
+pre-0.2 MLM recipe files (a top-level ``objective: mlm``) into the one recipe schema.
 
-Read strictly like the contrastive recipes (unknown keys are errors with a did-you-mean,
-``--set`` overrides get the same checks)::
+An MLM stage is a stage of an ordinary recipe (:class:`~embforge.train.recipe.RecipeConfig`), so
+MLM → contrastive → fine-tune is one file and one ``embforge train``::
 
-    recipe, data_root = load_recipe("cpu_mlm.yaml", ["steps=10"], schema=MLMRecipeConfig)
+    model: {name_or_path: nomic-bert-2048, preset_overrides: {num_layers: 4}, tokenizer: all-MiniLM-L6-v2}
+    stages:
+      - {name: mlm, objective: mlm, steps: 300, mlm: {files: [wikitext2/wiki.valid.tokens], batch_size: 32}}
+      - {name: contrastive, steps: 60, data: {...}}
+
+Plain dataclasses, no torch.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+import warnings
+from dataclasses import dataclass
+from typing import Literal
 
 from embforge.errors import ConfigError
-from embforge.models.nomic_bert_config import from_name
-from embforge.train.recipe import OptimConfig
 
 
 @dataclass
-class MLMModelConfig:
-    preset: str = "nomic-bert-2048"  # a preset of embforge.models.nomic_bert_config
-    overrides: dict[str, Any] = field(default_factory=dict)  # preset fields to replace (num_layers: 4, ...)
-    tokenizer: str = "all-MiniLM-L6-v2"  # bert-base-uncased WordPiece: a known model name or a folder
+class MLMConfig:
+    """What an MLM stage reads and how it masks and batches it (Nomic Embed §4.1)."""
 
-
-@dataclass
-class MLMDataConfig:
     files: list[str]  # text files (globs allowed), relative to data_root
+    batch_size: int  # chunks per optimizer step (all ranks together)
+    micro_batch_size: int = 0  # chunks per forward pass, gradients accumulated (0: a rank's whole share)
     format: Literal["wikitext", "text", "jsonl"] = "text"
     text_field: str = "text"  # jsonl: the field holding the text
     chunk_len: int = 2048  # tokens per packed chunk, [CLS] and [SEP] included
@@ -33,6 +35,7 @@ class MLMDataConfig:
     heldout_max_chunks: int = 0  # evaluate on at most this many held-back chunks (0: all)
     mask_prob: float = 0.3
     eval_mask_prob: float | None = None  # None: mask_prob
+    eval_batch_size: int = 32  # chunks per forward pass when scoring the held-back slice
 
     def validate(self, path: str) -> None:
         if not self.files:
@@ -45,53 +48,59 @@ class MLMDataConfig:
             raise ConfigError(f"{path}.heldout_fraction must be in (0, 1), got {self.heldout_fraction}")
         if self.chunk_len < 8 or self.heldout_max_chunks < 0:
             raise ConfigError(f"{path}: chunk_len must be >= 8 and heldout_max_chunks >= 0")
+        if self.batch_size < 1 or self.eval_batch_size < 1:
+            raise ConfigError(f"{path}: batch_size and eval_batch_size must be >= 1")
+        if not 0 <= self.micro_batch_size <= self.batch_size:
+            raise ConfigError(f"{path}.micro_batch_size must be in [0, batch_size], got {self.micro_batch_size}")
 
 
-@dataclass
-class MLMRecipeConfig:
-    objective: Literal["mlm"]
-    model: MLMModelConfig
-    data: MLMDataConfig
-    steps: int
-    batch_size: int  # chunks per optimizer step
-    micro_batch_size: int = 0  # chunks per forward pass, gradients accumulated (0: batch_size)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    warmup_fraction: float | None = None  # warm-up as a share of steps (replaces optim.warmup_steps)
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
-    on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip the step
-    log_every: int = 10
-    eval_every: int = 0  # 0: evaluate before training and at the end only
-    eval_batch_size: int = 32
-    save_every: int = 0  # 0: checkpoint only at the end
-    keep_last_checkpoints: int = 3  # the newest checkpoints kept (plus the best eval/masked_acc); 0: keep all
-    output_dir: str = "runs/mlm"
-    data_root: str = "."  # relative to the recipe file
-    seed: int = 0
+# the old layout's keys, by where they go: the stage's own fields, the mlm block, the run's fields
+_STAGE_KEYS = ("steps", "optim", "precision", "on_nonfinite", "log_every", "eval_every", "save_every")
+_STAGE_KEYS += ("keep_last_checkpoints",)
+_MLM_KEYS = ("batch_size", "micro_batch_size", "eval_batch_size")
+_RUN_KEYS = ("output_dir", "data_root", "seed")
+_MODEL_KEYS = {"preset": "name_or_path", "overrides": "preset_overrides", "tokenizer": "tokenizer"}
 
-    def validate(self, path: str) -> None:
-        where = path or "recipe"
-        if self.steps < 1 or self.batch_size < 1 or self.eval_batch_size < 1 or self.log_every < 1:
-            raise ConfigError(f"{where}: steps, batch_size, eval_batch_size and log_every must be >= 1")
-        if self.keep_last_checkpoints < 0:
-            raise ConfigError(f"{where}.keep_last_checkpoints must be >= 0 (0 keeps every checkpoint)")
-        if self.micro_batch_size < 0 or self.micro_batch_size > self.batch_size:
-            raise ConfigError(f"{where}.micro_batch_size must be in [0, batch_size], got {self.micro_batch_size}")
-        if self.warmup_fraction is not None:
-            if not 0 <= self.warmup_fraction < 1:
-                raise ConfigError(f"{where}.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
-            if self.optim.warmup_steps:
-                raise ConfigError(f"{where}: set warmup_fraction or optim.warmup_steps, not both")
-        try:
-            spec = from_name(self.model.preset, **self.model.overrides)
-        except ConfigError as exc:
-            raise ConfigError(f"{where}.model: {exc}") from exc
-        if self.data.chunk_len > spec.max_trained_len:
-            raise ConfigError(
-                f"{where}.data.chunk_len {self.data.chunk_len} exceeds the model's max_trained_len {spec.max_trained_len}"
-            )
 
-    @property
-    def warmup_steps(self) -> int:
-        if self.warmup_fraction is None:
-            return self.optim.warmup_steps
-        return round(self.warmup_fraction * self.steps)
+def is_old_mlm_recipe(raw: dict) -> bool:
+    """Whether ``raw`` is a recipe in the pre-0.2 MLM layout (``objective: mlm`` at the top)."""
+    return isinstance(raw, dict) and "objective" in raw and "stages" not in raw
+
+
+def convert_old_mlm_recipe(raw: dict, where: str) -> dict:
+    """The pre-0.2 MLM layout as a one-stage recipe of the current schema (warns, naming the file).
+
+    ``model: {preset, overrides, tokenizer}`` becomes ``model: {name_or_path, preset_overrides,
+    tokenizer}``; ``data`` and the batch sizes become the stage's ``mlm:`` block; ``warmup_fraction``
+    becomes ``optim.warmup_fraction``; the stage is named ``mlm``. Keys that do not belong to the old
+    layout are errors (the strict reading of the converted recipe names them).
+    """
+    if raw.get("objective") != "mlm":
+        raise ConfigError(
+            f"{where}: objective: {raw.get('objective')!r} at the top level; objective is a stage's field"
+        )
+    old = {k: v for k, v in raw.items() if k != "objective"}
+    model_old = dict(old.pop("model", None) or {})
+    model = {new: model_old.pop(key) for key, new in _MODEL_KEYS.items() if key in model_old}
+    model.setdefault("name_or_path", "nomic-bert-2048")  # the old layout's defaults
+    model.setdefault("tokenizer", "all-MiniLM-L6-v2")
+    model.update(model_old)  # anything else: reported by the strict reading
+    stage: dict = {"name": "mlm", "objective": "mlm"}
+    stage.update({k: old.pop(k) for k in _STAGE_KEYS if k in old})
+    mlm = dict(old.pop("data", None) or {})
+    mlm.update({k: old.pop(k) for k in _MLM_KEYS if k in old})
+    stage["mlm"] = mlm
+    if "warmup_fraction" in old:
+        stage["optim"] = {**(stage.get("optim") or {}), "warmup_fraction": old.pop("warmup_fraction")}
+    recipe = {"model": model, "stages": [stage], **{k: old.pop(k) for k in _RUN_KEYS if k in old}}
+    recipe.setdefault("output_dir", "runs/mlm")
+    recipe.update(old)  # unknown keys: reported by the strict reading
+    warnings.warn(
+        f"{where}: an MLM recipe in the pre-0.2 layout (top-level objective: mlm), read as a one-stage recipe; "
+        "update it to `model: {name_or_path: <preset>, preset_overrides: {...}, tokenizer: ...}` and "
+        "`stages: [{name: mlm, objective: mlm, steps, optim, mlm: {files, batch_size, ...}}]` "
+        "(docs/training.md, 'MLM pre-training'); its model is now saved to <output_dir>/final",
+        FutureWarning,
+        stacklevel=3,
+    )
+    return recipe

@@ -106,10 +106,13 @@ def plan_stage(
     trainable = sum(p.numel() for p in embedder.parameters() if p.requires_grad)
     frozen = num_parameters(embedder) - trainable
     shard = gpus if parallel == "fsdp" else 1
-    per_rank = stage.data.batch_size
-    texts = per_rank * (2 + stage.data.max_negatives)  # query + positive + negatives (the padded batch)
-    texts_per_pass = min(texts, stage.grad_cache_chunk) if stage.grad_cache_chunk else texts
-    tokens = texts_per_pass * embedder.max_seq_len
+    if stage.objective == "mlm":  # packed chunks: a rank's share of the batch, in micro-batches
+        share = -(-stage.mlm.batch_size // gpus)
+        tokens = min(stage.mlm.micro_batch_size or share, share) * stage.mlm.chunk_len
+    else:
+        texts = stage.data.batch_size * (2 + stage.data.max_negatives)  # query + positive + negatives, per rank
+        texts_per_pass = min(texts, stage.grad_cache_chunk) if stage.grad_cache_chunk else texts
+        tokens = texts_per_pass * embedder.max_seq_len
     layer = decoder_layer_bytes_per_token(config, lora_rank, list(lora_targets or []), w)
     head = head_bytes_per_token(embedder.pooler, config.hidden_size, w)
     layers = config.num_hidden_layers

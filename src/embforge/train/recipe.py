@@ -7,14 +7,16 @@ through the same checks (``--set stages.1.optim.lr=1e-5``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
-from typing import Literal, TypeVar
+from typing import Literal
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
+from embforge.models.presets import BACKBONE_PRESETS
 from embforge.models.spec import ModelConfig
+from embforge.train.mlm_recipe import MLMConfig, convert_old_mlm_recipe, is_old_mlm_recipe
 
 DEFAULT_SHUFFLE_BUFFER = 10_000  # records a stream's shuffle buffer holds unless told
 
@@ -191,6 +193,7 @@ class OptimConfig:
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     warmup_steps: int = 0
+    warmup_fraction: float | None = None  # warm-up as a share of the stage's steps (instead of warmup_steps)
     schedule: Literal["linear", "cosine", "constant"] = "linear"
     max_grad_norm: float = 1.0  # 0 disables clipping
     # the pooling head's parameters (e.g. NV-Embed's latent attention, trained fully beside LoRA) in
@@ -203,7 +206,18 @@ class OptimConfig:
         """Whether the pooling head has its own optimizer groups (head_lr or head_warmup_steps set)."""
         return self.head_lr is not None or self.head_warmup_steps is not None
 
+    def resolved(self, steps: int) -> OptimConfig:
+        """These settings with ``warmup_fraction`` turned into ``warmup_steps`` for a stage of ``steps``."""
+        if self.warmup_fraction is None:
+            return self
+        return replace(self, warmup_steps=round(self.warmup_fraction * steps), warmup_fraction=None)
+
     def validate(self, path: str) -> None:
+        if self.warmup_fraction is not None:
+            if not 0 <= self.warmup_fraction < 1:
+                raise ConfigError(f"{path}.warmup_fraction must be in [0, 1), got {self.warmup_fraction}")
+            if self.warmup_steps:
+                raise ConfigError(f"{path}: set warmup_fraction or warmup_steps, not both")
         if self.warmup_steps < 0 or (self.head_warmup_steps is not None and self.head_warmup_steps < 0):
             raise ConfigError(f"{path}: warmup_steps and head_warmup_steps must be >= 0")
         if self.head_lr is not None and self.head_lr <= 0:
@@ -214,7 +228,11 @@ class OptimConfig:
 class StageConfig:
     name: str
     steps: int
-    data: DataConfig
+    # contrastive: pairs and negatives through the pooling head (needs `data`); mlm: masked-token
+    # prediction on packed text through the backbone (a nomic-bert; needs `mlm`)
+    objective: Literal["contrastive", "mlm"] = "contrastive"
+    data: DataConfig | None = None  # objective: contrastive
+    mlm: MLMConfig | None = None  # objective: mlm
     loss: LossConfig = field(default_factory=LossConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_accum_steps: int = 1
@@ -233,9 +251,22 @@ class StageConfig:
     on_nonfinite: Literal["stop", "skip"] = "stop"  # a NaN/Inf loss or gradient: stop the run, or skip the step
 
     def validate(self, path: str) -> None:
+        if self.objective == "contrastive" and (self.data is None or self.mlm is not None):
+            raise ConfigError(f"{path}: a contrastive stage needs a data block and no mlm block")
+        if self.objective == "mlm":
+            contrastive_only = {"data": self.data is not None, "loss": self.loss != LossConfig()}
+            contrastive_only.update(grad_cache_chunk=bool(self.grad_cache_chunk), eval_tasks=bool(self.eval_tasks))
+            contrastive_only.update(grad_accum_steps=self.grad_accum_steps != 1, best_metric=bool(self.best_metric))
+            wrong = [k for k, v in contrastive_only.items() if v]
+            if self.mlm is None or wrong:
+                raise ConfigError(
+                    f"{path}: an mlm stage needs an mlm block (files, batch_size, ...)"
+                    + (f" and takes no {', '.join(wrong)} (contrastive settings)" if wrong else "")
+                    + "; its evaluation is the masked-token accuracy on the held-back text"
+                )
         if self.steps < 1 or self.grad_accum_steps < 1 or self.grad_cache_chunk < 0:
             raise ConfigError(f"{path}: steps and grad_accum_steps must be >= 1, grad_cache_chunk >= 0")
-        if self.eval_every and not self.eval_tasks:
+        if self.eval_every and not self.eval_tasks and self.objective == "contrastive":
             raise ConfigError(f"{path}: eval_every needs eval_tasks")
         if self.eval_timeout_s <= 0:
             raise ConfigError(f"{path}.eval_timeout_s must be > 0")
@@ -258,6 +289,22 @@ class RecipeConfig:
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
+        preset = BACKBONE_PRESETS.get(self.model.name_or_path)
+        if preset is not None and preset.family == "nomic_bert":  # check the fields and the chunk length now
+            from embforge.models.nomic_bert_config import from_name
+
+            try:
+                spec = from_name(self.model.name_or_path, **(self.model.preset_overrides or {}))
+            except ConfigError as exc:
+                raise ConfigError(f"{path or 'recipe'}.model: {exc}") from exc
+            for i, stage in enumerate(self.stages):
+                if stage.mlm is not None and stage.mlm.chunk_len > spec.max_trained_len:
+                    raise ConfigError(
+                        f"{path or 'recipe'}.stages.{i}.mlm.chunk_len {stage.mlm.chunk_len} exceeds the model's "
+                        f"max_trained_len {spec.max_trained_len}"
+                    )
+        elif self.model.preset_overrides and preset is None:
+            raise ConfigError(f"{path or 'recipe'}.model.preset_overrides: apply to backbone presets only")
 
 
 def recipe_path(name: str) -> Path:
@@ -265,14 +312,18 @@ def recipe_path(name: str) -> Path:
     return Path(str(resources.files("embforge") / "recipes" / name))
 
 
-R = TypeVar("R")
+def load_recipe(path: str | Path, overrides: list[str] = ()) -> tuple[RecipeConfig, Path]:
+    """Read a recipe strictly; return it and the resolved data root.
 
-
-def load_recipe(path: str | Path, overrides: list[str] = (), schema: type[R] = RecipeConfig) -> tuple[R, Path]:
-    """Read a recipe strictly into ``schema``; return it and the resolved data root."""
+    A file in the pre-0.2 MLM layout (``objective: mlm`` at the top) is read as a one-stage recipe
+    (with a FutureWarning saying how to update it); ``overrides`` apply to the file as written.
+    """
     path = Path(path)
     try:
-        recipe = from_dict(schema, apply_overrides(read_yaml(path), overrides))
+        raw = apply_overrides(read_yaml(path), overrides)
+        if is_old_mlm_recipe(raw):
+            raw = convert_old_mlm_recipe(raw, str(path))
+        recipe = from_dict(RecipeConfig, raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: {exc}") from exc
     root = Path(recipe.data_root)

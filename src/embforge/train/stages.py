@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 from pathlib import Path
 
@@ -10,10 +11,12 @@ import torch
 
 from embforge.atomic import check_writable
 from embforge.config import to_dict
+from embforge.errors import ConfigError
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.train.checkpoint import latest_checkpoint, load_model_weights
 from embforge.train.contrastive import train_stage
+from embforge.train.mlm import mlm_model, train_mlm_stage
 from embforge.train.parallel import DistInfo, barrier, build_device, holds_weights, init_distributed
 from embforge.train.recipe import RecipeConfig
 
@@ -37,8 +40,19 @@ def save_model(embedder: Embedder, recipe: RecipeConfig, folder: Path) -> Path:
     return embedder.save(folder, merge_lora=lora.merge_on_save if lora else True, dtype=recipe.model.save_dtype)
 
 
-def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, info: DistInfo | None = None) -> Embedder:
+def run_recipe(
+    recipe: RecipeConfig,
+    data_root: Path,
+    *,
+    resume: bool = True,
+    info: DistInfo | None = None,
+    device: str | None = None,
+) -> Embedder:
     """Train every stage in order and save ``<output_dir>/final`` (a sentence-transformers folder).
+
+    A stage trains its ``objective``: ``contrastive`` (:func:`~embforge.train.contrastive.train_stage`)
+    or ``mlm`` (:func:`~embforge.train.mlm.train_mlm_stage`, the backbone with a new MLM head), so
+    MLM → contrastive → fine-tune is one recipe.
 
     With ``resume``, finished stages are skipped (their final checkpoint is loaded) and an
     unfinished stage continues from its newest checkpoint. Each stage continues from the
@@ -47,32 +61,31 @@ def run_recipe(recipe: RecipeConfig, data_root: Path, *, resume: bool = True, in
     handoff when that folder kept its LoRA adapter (``lora.merge_on_save: false``).
     """
     info = info or init_distributed()
+    if device is not None:
+        if info.world > 1:
+            raise ConfigError("--device applies to one process; under torchrun each rank uses its own device")
+        info = dataclasses.replace(info, device=torch.device(device))
     if info.is_main:
         check_writable(recipe.output_dir)  # fail before any training, not at the first save
     random.seed(recipe.seed)
     np.random.seed(recipe.seed)
     torch.manual_seed(recipe.seed)
-    embedder = build_embedder(recipe.model, device=build_device(info, recipe.parallel))
+    embedder = build_embedder(recipe.model, device=info.device if device else build_device(info, recipe.parallel))
     recipe_dict = to_dict(recipe)
     histories: dict[str, list[dict]] = {}
     for i, (stage, folder) in enumerate(zip(recipe.stages, stage_dirs(recipe))):
         latest = latest_checkpoint(folder / "checkpoints") if resume else None
         if latest is not None and latest.name == f"step-{stage.steps:08d}":
             if holds_weights(embedder):  # an FSDP rank > 0 holds a meta model
-                load_model_weights(latest, embedder)  # this stage already finished
+                # this stage already finished (an mlm stage's checkpoint holds the backbone and its MLM head)
+                load_model_weights(latest, mlm_model(embedder) if stage.objective == "mlm" else embedder)
             continue
-        histories[stage.name] = train_stage(
-            embedder,
-            stage,
-            data_root=data_root,
-            stage_dir=folder,
-            recipe_dict=recipe_dict,
-            info=info,
-            seed=recipe.seed + 1000 * i,
-            parallel=recipe.parallel,
-            resume=resume,
-            evaluator=_evaluator(stage, data_root),
-        )
+        where = dict(data_root=data_root, stage_dir=folder, recipe_dict=recipe_dict, info=info)
+        where.update(seed=recipe.seed + 1000 * i, parallel=recipe.parallel, resume=resume)
+        if stage.objective == "mlm":
+            histories[stage.name] = train_mlm_stage(embedder, stage, **where)
+        else:
+            histories[stage.name] = train_stage(embedder, stage, evaluator=_evaluator(stage, data_root), **where)
         if info.is_main:
             save_model(embedder, recipe, folder / "model")
         barrier()

@@ -187,8 +187,9 @@ def _train(module, objective, cfg, stage_dir, recipe_dict, info, parallel, resum
         objective.load(latest, None)
     model = wrap_model(module, info, parallel)
     extra = objective.extra_parameters
-    optimizer = build_optimizer(model, cfg.optim, extra)
-    scheduler = build_scheduler(optimizer, cfg.optim, cfg.steps)
+    optim = cfg.optim.resolved(cfg.steps)  # warmup_fraction -> warmup_steps
+    optimizer = build_optimizer(model, optim, extra)
+    scheduler = build_scheduler(optimizer, optim, cfg.steps)
     start = 0
     if latest is not None:
         if sharded:  # each rank reads only its own shards of the weights and optimizer state

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import embforge.train.host_memory as host_memory
-import embforge.train.mlm as mlm
 import embforge.train.trainer as trainer
 from embforge.train.host_memory import keep_freed_memory
 
 from .helpers import stage_config, tiny_embedder, train_on
-from .test_mlm import corpus, recipe  # noqa: F401 (corpus is a fixture)
+from .test_mlm import corpus, recipe, train_mlm  # noqa: F401 (corpus is a fixture)
 
 LIBC = host_memory.glibc()
 pytestmark = pytest.mark.skipif(
@@ -141,6 +140,6 @@ def test_cpu_training_loops_keep_freed_memory(data_dir, corpus, tmp_path, monkey
     entered = _spy(monkeypatch, trainer)  # the one loop both objectives run in
     train_on(data_dir, tmp_path / "run", tiny_embedder(), stage_config(steps=2, save_every=0))
     assert entered == [True]
-    mlm.train_mlm(recipe(corpus, tmp_path / "mlm", steps=2, eval_every=0), corpus, device="cpu")
+    train_mlm(recipe(corpus, tmp_path / "mlm", steps=2, eval_every=0), corpus)
     assert entered == [True, True]
     assert host_memory._depth == 0 and new_mmaps_for_a_big_block() == 1  # both left it afterwards

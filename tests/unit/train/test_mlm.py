@@ -1,4 +1,5 @@
-"""MLM pre-training: the loop learns, logs, plots, checkpoints, resumes and exports."""
+"""MLM stages (``objective: mlm``): the loop learns, logs, plots, checkpoints, resumes and saves;
+MLM → contrastive is one recipe; pre-0.2 MLM recipe files still load."""
 
 import json
 import random
@@ -13,15 +14,18 @@ from safetensors.torch import load_file
 from embforge.cli import main
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import CheckpointError, ConfigError
+from embforge.models.embedder import Embedder
 from embforge.models.tiny import tiny_bert
-from embforge.train.mlm import batch_indices, train_mlm
-from embforge.train.mlm_recipe import MLMRecipeConfig
-from embforge.train.recipe import load_recipe
+from embforge.train.mlm import batch_indices, mlm_summary
+from embforge.train.recipe import RecipeConfig, load_recipe
+from embforge.train.stages import run_recipe
+
+from .helpers import tiny_embedder
 
 RECIPES = sorted(
     p
     for p in Path(str(resources.files("embforge") / "recipes")).rglob("*.yaml")
-    if read_yaml(p).get("objective") == "mlm"
+    if any(s.get("objective") == "mlm" for s in read_yaml(p).get("stages", []))
 )
 SENTENCES = [
     "the cat runs fast",
@@ -54,69 +58,114 @@ def corpus(tmp_path_factory):
     return root
 
 
-def recipe(corpus, out, **changes) -> MLMRecipeConfig:
+def recipe_dict(corpus, out, **changes) -> dict:
+    """A one-stage MLM recipe on the tiny corpus; ``changes``: dotted keys of the stage (``steps``,
+    ``mlm.batch_size``, ...) or of the recipe (``model.…``, ``seed``)."""
     data = {
-        "objective": "mlm",
         "output_dir": str(out),
-        "model": {"overrides": dict(TINY_MODEL), "tokenizer": str(corpus / "tokenizer")},
-        "data": {"files": ["corpus.txt"], "format": "text", "chunk_len": 32, "heldout_fraction": 0.1},
-        "steps": 60,
-        "batch_size": 16,
-        "warmup_fraction": 0.1,
-        "optim": {"lr": 3e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-5},
-        "precision": "fp32",
-        "log_every": 5,
-        "eval_every": 20,
+        "data_root": str(corpus),
+        "model": {
+            "name_or_path": "nomic-bert-2048",
+            "preset_overrides": dict(TINY_MODEL),
+            "tokenizer": str(corpus / "tokenizer"),
+        },
+        "stages": [
+            {
+                "name": "mlm",
+                "objective": "mlm",
+                "steps": 60,
+                "mlm": {
+                    "files": ["corpus.txt"],
+                    "format": "text",
+                    "chunk_len": 32,
+                    "heldout_fraction": 0.1,
+                    "batch_size": 16,
+                },
+                "optim": {"lr": 3e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-5, "warmup_fraction": 0.1},
+                "precision": "fp32",
+                "log_every": 5,
+                "eval_every": 20,
+            }
+        ],
     }
     for key, value in changes.items():
-        apply_overrides(data, [f"{key}={json.dumps(value)}"])
-    return from_dict(MLMRecipeConfig, data)
+        where = key if key.split(".")[0] in ("model", "seed", "output_dir") else f"stages.0.{key}"
+        apply_overrides(data, [f"{where}={json.dumps(value)}"])
+    return data
 
 
-def test_mlm_learns_logs_plots_and_exports(corpus, tmp_path):
-    summary = train_mlm(recipe(corpus, tmp_path / "run"), corpus, device="cpu")
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+def recipe(corpus, out, **changes) -> RecipeConfig:
+    return from_dict(RecipeConfig, recipe_dict(corpus, out, **changes))
+
+
+def train_mlm(recipe: RecipeConfig, corpus, resume: bool = True) -> list[dict]:
+    """Run the recipe on one CPU process; the MLM stage's logged rows."""
+    run_recipe(recipe, corpus, resume=resume, device="cpu")
+    return [json.loads(line) for line in (Path(recipe.output_dir) / "01-mlm" / "metrics.jsonl").open()]
+
+
+def test_mlm_learns_logs_plots_and_saves(corpus, tmp_path):
+    rows = train_mlm(recipe(corpus, tmp_path / "run"), corpus)
     assert rows[0]["step"] == 0 and "loss" not in rows[0]
     acc = {r["step"]: r["eval/masked_acc"] for r in rows if "eval/masked_acc" in r}
-    assert list(acc) == [0, 20, 40, 60] and summary["masked_acc_after"] == acc[60]
+    assert list(acc) == [0, 20, 40, 60] and mlm_summary(rows) == {
+        "masked_acc_before": acc[0],
+        "masked_acc_after": acc[60],
+    }
     # from chance, past the unigram plateau (predicting the commonest token, ~11 % here) by step 60
     assert acc[0] < 2 and acc[60] > 14 and acc[60] > acc[20] + 3
     assert rows[-1]["loss"] < rows[1]["loss"]
-    assert Path(summary["plot"]).stat().st_size > 1000
-    assert (tmp_path / "run" / "checkpoints" / "step-00000060" / "model.safetensors").is_file()
-    from transformers import AutoModel
-
-    exported = AutoModel.from_pretrained(summary["model"], local_files_only=True)  # a plain transformers folder
-    assert type(exported).__name__ == "NomicBertModel"
-    state = load_file(str(tmp_path / "run" / "checkpoints" / "step-00000060" / "model.safetensors"))
+    assert (tmp_path / "run" / "curves.png").stat().st_size > 1000
+    checkpoint = tmp_path / "run" / "01-mlm" / "checkpoints" / "step-00000060" / "model.safetensors"
+    state = load_file(str(checkpoint))
+    assert any(k.startswith("head.") for k in state)  # the MLM head trains in the stage's checkpoints ...
+    saved = Embedder.load(tmp_path / "run" / "final", device="cpu")  # ... and the model is the backbone alone
+    assert type(saved.backbone).__name__ == "NomicBertModel" and saved.pooler.config() == {"name": "mean"}
     backbone = {k.removeprefix("backbone."): v for k, v in state.items() if k.startswith("backbone.")}
-    assert all(torch.equal(exported.state_dict()[k], v) for k, v in backbone.items())
+    own = saved.backbone.state_dict()
+    assert backbone and all(torch.equal(own[k], v) for k, v in backbone.items() if k in own)
+    assert set(own) <= set(backbone)
 
 
 def test_resume_continues_the_same_trajectory(corpus, tmp_path):
     straight = recipe(corpus, tmp_path / "a", steps=6, eval_every=0, log_every=1)
-    train_mlm(straight, corpus, device="cpu")
+    train_mlm(straight, corpus)
     split = recipe(corpus, tmp_path / "b", steps=6, eval_every=0, log_every=1, save_every=3)
-    train_mlm(split, corpus, device="cpu")
-    shutil.rmtree(tmp_path / "b" / "checkpoints" / "step-00000006")  # as if it had crashed after step 3's checkpoint
-    shutil.rmtree(tmp_path / "b" / "model")
-    train_mlm(split, corpus, device="cpu")  # resumes from step 3
-    a = load_file(str(tmp_path / "a" / "checkpoints" / "step-00000006" / "model.safetensors"))
-    b = load_file(str(tmp_path / "b" / "checkpoints" / "step-00000006" / "model.safetensors"))
+    train_mlm(split, corpus)
+    stage = tmp_path / "b" / "01-mlm"
+    shutil.rmtree(stage / "checkpoints" / "step-00000006")  # as if it had crashed after step 3's checkpoint
+    shutil.rmtree(stage / "model")
+    shutil.rmtree(tmp_path / "b" / "final")
+    train_mlm(split, corpus)  # resumes from step 3
+    last = "01-mlm/checkpoints/step-00000006/model.safetensors"
+    a, b = load_file(str(tmp_path / "a" / last)), load_file(str(tmp_path / "b" / last))
     assert all(torch.equal(a[k], b[k]) for k in a)
-    losses = lambda run: [r["loss"] for r in map(json.loads, (tmp_path / run / "metrics.jsonl").open()) if "loss" in r]  # noqa: E731
+
+    def losses(run: str) -> list[float]:
+        rows = map(json.loads, (tmp_path / run / "01-mlm" / "metrics.jsonl").open())
+        return [r["loss"] for r in rows if "loss" in r]
+
     assert losses("a") == losses("b")
     with pytest.raises(CheckpointError, match="already holds checkpoints"):
-        train_mlm(split, corpus, resume=False, device="cpu")
+        train_mlm(split, corpus, resume=False)
 
 
 def test_micro_batches_give_the_full_batch_gradient(corpus, tmp_path):
-    train_mlm(recipe(corpus, tmp_path / "full", steps=2, eval_every=0), corpus, device="cpu")
-    train_mlm(recipe(corpus, tmp_path / "micro", steps=2, eval_every=0, micro_batch_size=4), corpus, device="cpu")
-    a = load_file(str(tmp_path / "full" / "checkpoints" / "step-00000002" / "model.safetensors"))
-    b = load_file(str(tmp_path / "micro" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    train_mlm(recipe(corpus, tmp_path / "full", steps=2, eval_every=0), corpus)
+    train_mlm(recipe(corpus, tmp_path / "micro", steps=2, eval_every=0, **{"mlm.micro_batch_size": 4}), corpus)
+    last = "01-mlm/checkpoints/step-00000002/model.safetensors"
+    a, b = load_file(str(tmp_path / "full" / last)), load_file(str(tmp_path / "micro" / last))
     for k in a:
         torch.testing.assert_close(a[k], b[k], atol=2e-6, rtol=1e-5)
+
+
+def test_warmup_fraction_is_a_share_of_the_stage_steps(corpus, tmp_path):
+    lrs = lambda rows: [r["lr"] for r in rows if "lr" in r]  # noqa: E731
+    short = {"steps": 4, "eval_every": 0, "log_every": 1}
+    by_fraction = train_mlm(recipe(corpus, tmp_path / "f", **short, **{"optim.warmup_fraction": 0.5}), corpus)
+    by_steps = recipe(corpus, tmp_path / "s", **short, **{"optim.warmup_fraction": None, "optim.warmup_steps": 2})
+    # the rate after each step: 2 warm-up steps ((s + 1) / 2 of 3e-3), then linear decay over the other 2
+    assert lrs(by_fraction) == lrs(train_mlm(by_steps, corpus)) == pytest.approx([3e-3, 3e-3, 1.5e-3, 0.0])
 
 
 def test_batches_cover_each_epoch_once():
@@ -127,42 +176,106 @@ def test_batches_cover_each_epoch_once():
 
 def test_recipe_errors_name_the_key(corpus, tmp_path):
     with pytest.raises(ConfigError, match=r"model: unknown nomic-bert field 'num_layer'"):
-        recipe(corpus, tmp_path, **{"model.overrides.num_layer": 2})
-    with pytest.raises(ConfigError, match="chunk_len 128 exceeds the model's max_trained_len 64"):
-        recipe(corpus, tmp_path, **{"data.chunk_len": 128})
-    with pytest.raises(ConfigError, match="warmup_fraction or optim.warmup_steps, not both"):
+        recipe(corpus, tmp_path, **{"model.preset_overrides.num_layer": 2})
+    with pytest.raises(ConfigError, match=r"stages.0.mlm.chunk_len 128 exceeds the model's max_trained_len 64"):
+        recipe(corpus, tmp_path, **{"mlm.chunk_len": 128})
+    with pytest.raises(ConfigError, match="warmup_fraction or warmup_steps, not both"):
         recipe(corpus, tmp_path, **{"optim.warmup_steps": 3})
+    with pytest.raises(ConfigError, match="an mlm stage needs an mlm block .* takes no data, grad_cache_chunk"):
+        recipe(corpus, tmp_path, data={"datasets": [{"name": "x", "path": "x.jsonl"}]}, grad_cache_chunk=4)
+    with pytest.raises(ConfigError, match="a contrastive stage needs a data block and no mlm block"):
+        recipe(corpus, tmp_path, objective="contrastive")
+    no_tokenizer = recipe(corpus, tmp_path, **{"model.tokenizer": None})
+    with pytest.raises(ConfigError, match="has no weights and no tokenizer: give model.tokenizer"):
+        run_recipe(no_tokenizer, corpus, device="cpu")
+
+
+def test_an_mlm_stage_needs_a_nomic_bert(corpus, tmp_path):
+    tiny_embedder().save(tmp_path / "bert")
+    data = recipe_dict(corpus, tmp_path / "run", steps=1)
+    data["model"] = {"name_or_path": str(tmp_path / "bert")}
+    with pytest.raises(ConfigError, match="an mlm stage trains a nomic-bert backbone; this model's is BertModel"):
+        run_recipe(from_dict(RecipeConfig, data), corpus, device="cpu")
+
+
+def test_mlm_then_contrastive_is_one_recipe(corpus, tmp_path):
+    """MLM → contrastive in one file and one ``embforge train``: stage 2 continues from stage 1's
+    backbone in memory, and a resumed run skips the finished MLM stage (its checkpoint holds the head)."""
+    pairs = [{"query": s, "positive": s.replace("the ", "a ")} for s in SENTENCES]
+    (corpus / "pairs.jsonl").write_text("".join(json.dumps(p) + "\n" for p in pairs))
+    data = recipe_dict(corpus, tmp_path / "run", steps=3, eval_every=0, log_every=1)
+    contrastive = {"name": "pairs", "steps": 2, "precision": "fp32", "log_every": 1}
+    contrastive["data"] = {"batch_size": 4, "datasets": [{"name": "pairs", "path": "pairs.jsonl"}]}
+    data["stages"].append(contrastive)
+    (tmp_path / "two.yaml").write_text(json.dumps(data))
+    assert main(["train", str(tmp_path / "two.yaml"), "--device", "cpu"]) == 0
+    mlm_state = load_file(str(tmp_path / "run" / "01-mlm" / "checkpoints" / "step-00000003" / "model.safetensors"))
+    pairs_dir = tmp_path / "run" / "02-pairs"
+    rows = [json.loads(x) for x in (pairs_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["loss"] > 0 for r in rows)
+    # stage 2 started from stage 1's trained backbone, not from a new random one: its first step moved
+    # the weights by one AdamW step from stage 1's (lr 2e-5 x at most ~1 per weight), not by init noise
+    final = Embedder.load(tmp_path / "run" / "final", device="cpu").backbone.state_dict()
+    start = {k.removeprefix("backbone."): v for k, v in mlm_state.items() if k.startswith("backbone.")}
+    assert max(float((final[k] - start[k]).abs().max()) for k in final) < 1e-3
+    before = (pairs_dir / "metrics.jsonl").read_text()
+    assert main(["train", str(tmp_path / "two.yaml"), "--device", "cpu"]) == 0  # both stages finished: skipped
+    assert (pairs_dir / "metrics.jsonl").read_text() == before
+
+
+def test_old_mlm_recipe_files_load_with_a_warning(corpus, tmp_path):
+    """A pre-0.2 MLM file (top-level ``objective: mlm``) reads as the same one-stage recipe, overrides
+    written against its old layout included; the warning says how to update it."""
+    old = {
+        "objective": "mlm",
+        "output_dir": str(tmp_path / "old"),
+        "data_root": str(corpus),
+        "model": {"overrides": TINY_MODEL, "tokenizer": str(corpus / "tokenizer")},
+        "data": {"files": ["corpus.txt"], "format": "text", "chunk_len": 32, "heldout_fraction": 0.1},
+        "steps": 60,
+        "batch_size": 16,
+        "warmup_fraction": 0.1,
+        "optim": {"lr": 3e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-5},
+        "precision": "fp32",
+        "log_every": 5,
+        "eval_every": 20,
+    }
+    (tmp_path / "old.yaml").write_text(json.dumps(old))
+    with pytest.warns(FutureWarning, match=r"pre-0.2 layout .*`stages: \[\{name: mlm, objective: mlm"):
+        converted, _ = load_recipe(tmp_path / "old.yaml", ["steps=7", "micro_batch_size=4"])
+    assert converted == recipe(corpus, tmp_path / "old", steps=7, **{"mlm.micro_batch_size": 4})
+    old["data"]["chunk_len"] = 128
+    (tmp_path / "bad.yaml").write_text(json.dumps({**old, "stepz": 3}))
+    with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="unknown key 'stepz'"):
+        load_recipe(tmp_path / "bad.yaml")
 
 
 def test_shipped_mlm_recipes_load_and_train_at_tiny_size(corpus, tmp_path):
     assert [p.name for p in RECIPES] == ["cpu_mlm.yaml", "cpu_twin_mlm.yaml", "mlm.yaml"]
     for path in RECIPES:
-        full, _ = load_recipe(path, schema=MLMRecipeConfig)
-        assert full.optim.betas == [0.9, 0.98] and full.optim.eps == 1e-6 and full.optim.weight_decay == 1e-5
-        assert full.data.mask_prob == 0.3 and full.warmup_fraction == 0.06
+        full, _ = load_recipe(path)
+        stage = full.stages[0]
+        assert stage.optim.betas == [0.9, 0.98] and stage.optim.eps == 1e-6 and stage.optim.weight_decay == 1e-5
+        assert stage.mlm.mask_prob == 0.3 and stage.optim.warmup_fraction == 0.06
         out = tmp_path / path.stem
         overrides = [
             f"output_dir={out}",
             f"data_root={corpus}",
-            "data.files=[corpus.txt]",
-            "data.format=text",
-            "data.chunk_len=32",
-            "data.heldout_fraction=0.1",
+            "stages.0.mlm.files=[corpus.txt]",
+            "stages.0.mlm.format=text",
+            "stages.0.mlm.chunk_len=32",
+            "stages.0.mlm.heldout_fraction=0.1",
             f"model.tokenizer={corpus / 'tokenizer'}",
-            f"model.overrides={json.dumps(TINY_MODEL)}",
-            "steps=2",
-            "batch_size=4",
-            "micro_batch_size=2",
-            "precision=fp32",
-            "log_every=1",
-            "eval_every=0",
+            f"model.preset_overrides={json.dumps(TINY_MODEL)}",
+            "stages.0.steps=2",
+            "stages.0.mlm.batch_size=4",
+            "stages.0.mlm.micro_batch_size=2",
+            "stages.0.precision=fp32",
+            "stages.0.log_every=1",
+            "stages.0.eval_every=0",
         ]
-        assert main(["pretrain-mlm", str(path), *[a for o in overrides for a in ("--set", o)]]) == 0
-        assert (out / "model" / "config.json").is_file()
-    full, _ = load_recipe(RECIPES[2], schema=MLMRecipeConfig)
-    assert (full.data.chunk_len, full.batch_size, full.optim.lr, full.model.preset) == (
-        2048,
-        4096,
-        5e-4,
-        "nomic-bert-2048",
-    )
+        assert main(["train", str(path), "--device", "cpu", *[a for o in overrides for a in ("--set", o)]]) == 0
+        assert (out / "final" / "config.json").is_file()
+    full, _ = load_recipe(RECIPES[2])
+    assert (full.stages[0].mlm.chunk_len, full.stages[0].mlm.batch_size, full.stages[0].optim.lr) == (2048, 4096, 5e-4)
+    assert full.model.name_or_path == "nomic-bert-2048"

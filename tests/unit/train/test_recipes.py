@@ -20,8 +20,9 @@ from .helpers import records, tiny_embedder
 RECIPES = sorted(
     p
     for p in Path(str(resources.files("embforge") / "recipes")).rglob("*.yaml")
-    if "stages" in read_yaml(p) and read_yaml(p).get("objective") != "mlm"
-)  # training recipes; MLM recipes (objective: mlm) are tested in test_mlm.py, instruction tables are not recipes
+    if "stages" in read_yaml(p)
+    and all(s.get("objective", "contrastive") == "contrastive" for s in read_yaml(p)["stages"])
+)  # contrastive recipes; recipes with mlm stages are tested in test_mlm.py, instruction tables are not recipes
 
 
 def test_recipe_count():

@@ -1,4 +1,4 @@
-"""`torchrun -m embforge train` and `pretrain-mlm` on 2 CPU processes follow the 1-process trajectory."""
+"""`torchrun -m embforge train` (contrastive and mlm stages) on 2 CPU processes follows the 1-process trajectory."""
 
 import json
 import os
@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .helpers import free_port, records, run_ok, tiny_embedder
-from .test_mlm import TINY_MODEL, corpus  # noqa: F401 (corpus is a fixture)
+from .test_mlm import corpus, recipe_dict  # noqa: F401 (corpus is a fixture)
 
 RECIPE = """
 model: {{name_or_path: {model}, max_seq_len: 32}}
@@ -83,34 +83,19 @@ def test_two_process_mlm_matches_one_process(corpus, tmp_path):  # noqa: F811
     """Each process trains on its half of every batch (in micro-batches of 2): the 1-process trajectory."""
     torchrun = _torchrun()
     for name in ("one", "two"):
-        recipe = {
-            "objective": "mlm",
-            "output_dir": str(tmp_path / name),
-            "data_root": str(corpus),
-            "model": {"overrides": TINY_MODEL, "tokenizer": str(corpus / "tokenizer")},
-            "data": {"files": ["corpus.txt"], "format": "text", "chunk_len": 32, "heldout_fraction": 0.1},
-            "steps": 4,
-            "batch_size": 8,
-            "micro_batch_size": 2,
-            "optim": {"lr": 3e-3},
-            "precision": "fp32",
-            "log_every": 1,
-            "eval_every": 2,
-            "save_every": 2,
-        }
+        recipe = recipe_dict(corpus, tmp_path / name, steps=4, log_every=1, eval_every=2, save_every=2)
+        recipe["stages"][0]["mlm"].update(batch_size=8, micro_batch_size=2)
+        recipe["stages"][0]["optim"] = {"lr": 3e-3}
         (tmp_path / f"{name}.yaml").write_text(json.dumps(recipe))
-    run_ok([sys.executable, "-m", "embforge", "pretrain-mlm", "one.yaml", "--device", "cpu"], tmp_path)
+    run_ok([sys.executable, "-m", "embforge", "train", "one.yaml", "--device", "cpu"], tmp_path)
     port = str(free_port())
-    run_ok(
-        [torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "embforge", "pretrain-mlm", "two.yaml"],
-        tmp_path,
-    )
-    last = "checkpoints/step-00000004/model.safetensors"
+    run_ok([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "embforge", "train", "two.yaml"], tmp_path)
+    last = "01-mlm/checkpoints/step-00000004/model.safetensors"
     _same_run(
-        (tmp_path / "one" / "metrics.jsonl", tmp_path / "one" / last),
-        (tmp_path / "two" / "metrics.jsonl", tmp_path / "two" / last),
+        (tmp_path / "one" / "01-mlm" / "metrics.jsonl", tmp_path / "one" / last),
+        (tmp_path / "two" / "01-mlm" / "metrics.jsonl", tmp_path / "two" / last),
     )
-    rows = [json.loads(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
+    rows = [json.loads(x) for x in (tmp_path / "two" / "01-mlm" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "eval/masked_acc" in r] == [0, 2, 4]
     assert all(r["examples_per_s"] > 0 for r in rows[1:])  # counted over both processes
-    assert (tmp_path / "two" / "model" / "config.json").is_file()
+    assert (tmp_path / "two" / "final" / "config.json").is_file()
