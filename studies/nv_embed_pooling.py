@@ -12,7 +12,8 @@ stages) with stage 1 cut from 260 to ``--stage1-steps`` steps and stage 2 from 8
 8 heads, random initialisation), ``mean``, ``latent-meaninit`` (the latent head starting as exactly
 mean pooling), ``latent-headlr`` (the head at 10x the LoRA learning rate), ``last`` (the EOS
 token), the causal decoder with ``last`` or ``mean`` pooling, ``stage2-inbatch`` (in-batch negatives
-in stage 2) and ``stage1-no-hardneg`` (stage 1 without its hard negative); each with every seed of
+in stage 2), ``stage1-no-hardneg`` (stage 1 without its hard negative) and ``one-stage-blend`` (one
+stage of both stages' steps on all their datasets blended, :func:`one_stage_blend`); each with every seed of
 ``--seeds`` (the seed sets the head's and LoRA's initialisation and the batches). Evaluated on
 DBPedia-Subset (retrieval, nDCG@10), STS13 and BIOSSES (cosine Spearman), which no training file
 contains (tests/unit/train/test_held_out.py), and EmotionClassification (accuracy on its test
@@ -62,7 +63,28 @@ VARIANTS = {
         *(f"stages.1.data.datasets.{i}.in_batch_negatives=false" for i in (2, 3, 4)),
     ],
     "stage1-no-hardneg": ["stages.0.data.num_negatives=0"],
+    "one-stage-blend": None,  # one stage of both stages' steps on every dataset blended (one_stage_blend)
 }
+
+
+def one_stage_blend(steps: tuple[int, int]) -> list[str]:
+    """The recipe as one stage (NV-Embed §3.3's alternative to two): stage 1's retrieval sets and stage 2's
+    others drawn together for ``sum(steps)`` steps, with stage 1's loss and learning rate; stage 2's SNLI
+    weight split over stage 1's two SNLI files; in-batch negatives on for the retrieval-like sets (SNLI,
+    MRPC), off for the classification sets (their label documents repeat within a batch)."""
+    from embforge.config import read_yaml
+    from embforge.train.recipe import recipe_path
+
+    first, second = read_yaml(recipe_path(RECIPE))["stages"]
+    snli_weight = next(d["weight"] for d in second["data"]["datasets"] if d["name"] == "snli")
+    datasets = [{**d, "weight": snli_weight / 2} for d in first["data"]["datasets"]]
+    for d in second["data"]["datasets"]:
+        if d["name"] != "snli":
+            datasets.append({**d, "in_batch_negatives": d.get("format") == "sts"})
+    total = sum(steps)
+    stage = {**first, "name": "blend", "steps": total, "data": {**first["data"], "datasets": datasets}}
+    stage["optim"] = {**first["optim"], "warmup_steps": max(1, round(20 * total / 260))}
+    return [f"stages={json.dumps([stage])}"]
 
 
 def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared: Path) -> dict:
@@ -82,7 +104,7 @@ def run_one(variant: str, seed: int, steps: tuple[int, int], work: Path, shared:
         f"stages.0.optim.warmup_steps={max(1, round(20 * steps[0] / 260))}",
         f"stages.1.steps={steps[1]}",
         f"stages.1.optim.warmup_steps={max(1, round(8 * steps[1] / 80))}",
-        *VARIANTS[variant],
+        *(one_stage_blend(steps) if variant == "one-stage-blend" else VARIANTS[variant]),
     ]
     recipe, _ = load_recipe(recipe_path(RECIPE), overrides)
     start = time.perf_counter()

@@ -13,6 +13,7 @@ row blocks; disk: k float32 copies while it runs, removed after.
 from __future__ import annotations
 
 import itertools
+import json
 import shutil
 import tempfile
 from pathlib import Path
@@ -84,9 +85,14 @@ def average_checkpoints(
     work = Path(tempfile.mkdtemp(prefix=f".{output.name}.average-", dir=output.parent))
     try:
         embedder = build_embedder(recipe.model)
+        target = embedder
+        if json.loads((chosen[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("objective") == "mlm":
+            from embforge.train.mlm import mlm_model
+
+            target = mlm_model(embedder)  # an mlm stage's checkpoints hold its MLM head too (not averaged out)
         folders = []
         for checkpoint in chosen:
-            load_model_weights(checkpoint, embedder)
+            load_model_weights(checkpoint, target)
             folders.append(embedder.save(work / checkpoint.name, merge_lora=True, dtype="float32"))
         del embedder
         return merge(

@@ -197,7 +197,7 @@ def mlm_model(embedder: torch.nn.Module, seed: int = 0) -> NomicBertForMLM:
             f"an mlm stage trains a nomic-bert backbone; this model's is {type(backbone).__name__} "
             "(start from a nomic_bert preset, e.g. model.name_or_path: nomic-bert-2048 with model.tokenizer)"
         )
-    with torch.random.fork_rng(devices=[]):
+    with torch.random.fork_rng():  # CPU and CUDA generators restored afterwards
         torch.manual_seed(seed + _HEAD_SEED_OFFSET)
         return NomicBertForMLM(backbone).to(next(backbone.parameters()).device)
 
@@ -225,6 +225,9 @@ def train_mlm_stage(
     if parallel != "ddp" and info.world > 1:
         raise ConfigError(f"stage {stage.name!r}: mlm stages run under DDP (parallel: ddp), not {parallel}")
     cfg = stage.mlm
+    trained_len = getattr(embedder.backbone.config, "max_position_embeddings", None)  # nomic-bert: the trained length
+    if trained_len is not None and cfg.chunk_len > trained_len:
+        raise ConfigError(f"stage {stage.name!r}: mlm.chunk_len {cfg.chunk_len} exceeds the model's trained length {trained_len}")
     tokenizer = embedder.tokenizer
     data = load_mlm_data(cfg, data_root, tokenizer)
     mask_kwargs = dict(

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import warnings
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 from embforge.errors import ConfigError
@@ -64,7 +65,7 @@ _MODEL_KEYS = {"preset": "name_or_path", "overrides": "preset_overrides", "token
 
 def is_old_mlm_recipe(raw: dict) -> bool:
     """Whether ``raw`` is a recipe in the pre-0.2 MLM layout (``objective: mlm`` at the top)."""
-    return isinstance(raw, dict) and "objective" in raw and "stages" not in raw
+    return isinstance(raw, dict) and "objective" in raw
 
 
 def convert_old_mlm_recipe(raw: dict, where: str) -> dict:
@@ -77,7 +78,12 @@ def convert_old_mlm_recipe(raw: dict, where: str) -> dict:
     """
     if raw.get("objective") != "mlm":
         raise ConfigError(
-            f"{where}: objective: {raw.get('objective')!r} at the top level; objective is a stage's field"
+            f"objective: {raw.get('objective')!r} at the top level; objective is a stage's field"
+        )
+    if "stages" in raw:
+        raise ConfigError(
+            "a pre-0.2 MLM recipe (top-level objective: mlm) with a stages key: write --set overrides "
+            "against the file's own layout (steps=..., data.chunk_len=...), or update the file to the stages layout"
         )
     old = {k: v for k, v in raw.items() if k != "objective"}
     model_old = dict(old.pop("model", None) or {})
@@ -94,6 +100,12 @@ def convert_old_mlm_recipe(raw: dict, where: str) -> dict:
         stage["optim"] = {**(stage.get("optim") or {}), "warmup_fraction": old.pop("warmup_fraction")}
     recipe = {"model": model, "stages": [stage], **{k: old.pop(k) for k in _RUN_KEYS if k in old}}
     recipe.setdefault("output_dir", "runs/mlm")
+    old_checkpoints = Path(str(recipe["output_dir"])) / "checkpoints"
+    if old_checkpoints.is_dir() and any(old_checkpoints.iterdir()):
+        raise ConfigError(
+            f"{old_checkpoints} holds checkpoints of the pre-0.2 MLM layout; the stage now keeps them in "
+            f"{old_checkpoints.parent / '01-mlm' / 'checkpoints'}: move the folder there to resume the run"
+        )
     recipe.update(old)  # unknown keys: reported by the strict reading
     warnings.warn(
         f"{where}: an MLM recipe in the pre-0.2 layout (top-level objective: mlm), read as a one-stage recipe; "

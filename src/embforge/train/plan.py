@@ -109,12 +109,18 @@ def plan_stage(
     if stage.objective == "mlm":  # packed chunks: a rank's share of the batch, in micro-batches
         share = -(-stage.mlm.batch_size // gpus)
         tokens = min(stage.mlm.micro_batch_size or share, share) * stage.mlm.chunk_len
+        hidden = config.hidden_size
+        trainable += hidden * hidden + 2 * hidden  # the MLM head: dense + LayerNorm (its decoder is the embeddings)
+        trainable -= sum(p.numel() for p in embedder.pooler.parameters() if p.requires_grad)  # the pooler idles
+        # per token: the head's dense output, activation and norm; per masked token: the logits in the
+        # activation dtype and the cross-entropy's float32 copy and gradient
+        head = 3 * hidden * w + stage.mlm.mask_prob * config.vocab_size * (w + 2 * master)
     else:
         texts = stage.data.batch_size * (2 + stage.data.max_negatives)  # query + positive + negatives, per rank
         texts_per_pass = min(texts, stage.grad_cache_chunk) if stage.grad_cache_chunk else texts
         tokens = texts_per_pass * embedder.max_seq_len
+        head = head_bytes_per_token(embedder.pooler, config.hidden_size, w)
     layer = decoder_layer_bytes_per_token(config, lora_rank, list(lora_targets or []), w)
-    head = head_bytes_per_token(embedder.pooler, config.hidden_size, w)
     layers = config.num_hidden_layers
     residual = config.hidden_size * w  # a layer's input: all that checkpointing keeps per layer
     return StagePlan(
@@ -124,8 +130,8 @@ def plan_stage(
         trainable_weights=trainable * master // shard,
         gradients=trainable * master // shard,
         optimizer=2 * trainable * master // shard,  # AdamW exp_avg + exp_avg_sq, float32 like the masters
-        activations=tokens * (layers * layer + head),
-        activations_checkpointed=tokens * (layers * residual + layer + head),
+        activations=int(tokens * (layers * layer + head)),
+        activations_checkpointed=int(tokens * (layers * residual + layer + head)),
     )
 
 

@@ -256,7 +256,9 @@ class StageConfig:
         if self.objective == "mlm":
             contrastive_only = {"data": self.data is not None, "loss": self.loss != LossConfig()}
             contrastive_only.update(grad_cache_chunk=bool(self.grad_cache_chunk), eval_tasks=bool(self.eval_tasks))
-            contrastive_only.update(grad_accum_steps=self.grad_accum_steps != 1, best_metric=bool(self.best_metric))
+            contrastive_only.update(eval_only=self.eval_only is not None, best_metric=bool(self.best_metric))
+            contrastive_only.update(grad_accum_steps=self.grad_accum_steps != 1)
+            contrastive_only["optim.head_lr / head_warmup_steps"] = self.optim.separate_head  # no pooling head trains
             wrong = [k for k, v in contrastive_only.items() if v]
             if self.mlm is None or wrong:
                 raise ConfigError(
@@ -264,8 +266,8 @@ class StageConfig:
                     + (f" and takes no {', '.join(wrong)} (contrastive settings)" if wrong else "")
                     + "; its evaluation is the masked-token accuracy on the held-back text"
                 )
-        if self.steps < 1 or self.grad_accum_steps < 1 or self.grad_cache_chunk < 0:
-            raise ConfigError(f"{path}: steps and grad_accum_steps must be >= 1, grad_cache_chunk >= 0")
+        if self.steps < 1 or self.grad_accum_steps < 1 or self.grad_cache_chunk < 0 or self.log_every < 1:
+            raise ConfigError(f"{path}: steps, grad_accum_steps and log_every must be >= 1, grad_cache_chunk >= 0")
         if self.eval_every and not self.eval_tasks and self.objective == "contrastive":
             raise ConfigError(f"{path}: eval_every needs eval_tasks")
         if self.eval_timeout_s <= 0:
@@ -289,7 +291,21 @@ class RecipeConfig:
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
             raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
+        where = path or "recipe"
         preset = BACKBONE_PRESETS.get(self.model.name_or_path)
+        mlm_stages = [i for i, s in enumerate(self.stages) if s.objective == "mlm"]
+        if mlm_stages and self.parallel != "ddp":
+            raise ConfigError(f"{where}.parallel: mlm stages (stages.{mlm_stages[0]}) run under ddp, not {self.parallel}")
+        if mlm_stages and preset is not None and preset.family != "nomic_bert":
+            raise ConfigError(
+                f"{where}.stages.{mlm_stages[0]}: an mlm stage trains a nomic-bert; {self.model.name_or_path!r} "
+                f"is a {preset.family} preset"
+            )
+        if preset is not None and self.model.tokenizer is not None and self.model.lora is not None:
+            raise ConfigError(
+                f"{where}.model.lora: {self.model.name_or_path!r} is built with random weights here; LoRA would "
+                "train adapters on a frozen random backbone (train it fully, or start from trained weights)"
+            )
         if preset is not None and preset.family == "nomic_bert":  # check the fields and the chunk length now
             from embforge.models.nomic_bert_config import from_name
 

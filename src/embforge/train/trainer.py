@@ -70,7 +70,7 @@ class TrainingError(EmbforgeError):
 
 @dataclass(frozen=True)
 class LoopConfig:
-    """When the loop does what (a contrastive stage's or the MLM recipe's settings)."""
+    """When the loop does what (a contrastive or an mlm stage's settings)."""
 
     name: str  # in messages and on the progress bar
     steps: int

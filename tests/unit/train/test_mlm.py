@@ -190,6 +190,50 @@ def test_recipe_errors_name_the_key(corpus, tmp_path):
         run_recipe(no_tokenizer, corpus, device="cpu")
 
 
+def test_mlm_stage_settings_that_cannot_apply_fail_at_load(corpus, tmp_path):
+    for change, message in [
+        ({"eval_only": ["STS13"]}, "takes no eval_only"),
+        ({"best_metric": "eval/STS13"}, "takes no best_metric"),
+        ({"optim.head_lr": 1e-3}, r"takes no optim.head_lr / head_warmup_steps"),
+        ({"log_every": 0}, "log_every must be >= 1"),
+        ({"model.name_or_path": "smollm2-135m", "model.preset_overrides": None}, "an mlm stage trains a nomic-bert"),
+        ({"model.lora": {"r": 4}}, "LoRA would train adapters on a frozen random backbone"),
+    ]:
+        with pytest.raises(ConfigError, match=message):
+            recipe(corpus, tmp_path, **change)
+    data = recipe_dict(corpus, tmp_path)
+    data["parallel"] = "fsdp"
+    with pytest.raises(ConfigError, match=r"parallel: mlm stages \(stages.0\) run under ddp, not fsdp"):
+        from_dict(RecipeConfig, data)
+
+
+def test_the_mlm_head_does_not_copy_the_backbone_init(corpus):
+    """The stage reseeds torch with the seed the backbone was built from; the head has its own seed."""
+    from embforge.models.build import build_embedder
+    from embforge.train.mlm import mlm_model
+
+    spec = recipe(corpus, corpus / "unused").model
+    torch.manual_seed(0)
+    embedder = build_embedder(spec)
+    torch.manual_seed(0)
+    head = mlm_model(embedder, seed=0).head.dense.weight.flatten()
+    firsts = [p.flatten()[: len(head)] for p in embedder.backbone.parameters() if p.numel() >= len(head)]
+    assert not any(torch.allclose(head[: len(f)], f) for f in firsts)
+    assert torch.equal(mlm_model(embedder, seed=0).head.dense.weight.flatten(), head)  # and is reproducible
+
+
+def test_checkpoints_of_an_mlm_stage_average(corpus, tmp_path):
+    from embforge.train.averaging import average_checkpoints
+
+    train_mlm(recipe(corpus, tmp_path / "run", steps=4, eval_every=0, save_every=2), corpus)
+    out = average_checkpoints(tmp_path / "run" / "01-mlm", tmp_path / "avg", last=2)
+    a = load_file(str(tmp_path / "run" / "01-mlm" / "checkpoints" / "step-00000002" / "model.safetensors"))
+    b = load_file(str(tmp_path / "run" / "01-mlm" / "checkpoints" / "step-00000004" / "model.safetensors"))
+    averaged = Embedder.load(out, device="cpu").backbone.state_dict()
+    key = "embeddings.word_embeddings.weight"
+    torch.testing.assert_close(averaged[key], (a[f"backbone.{key}"] + b[f"backbone.{key}"]) / 2)
+
+
 def test_an_mlm_stage_needs_a_nomic_bert(corpus, tmp_path):
     tiny_embedder().save(tmp_path / "bert")
     data = recipe_dict(corpus, tmp_path / "run", steps=1)
@@ -221,6 +265,16 @@ def test_mlm_then_contrastive_is_one_recipe(corpus, tmp_path):
     before = (pairs_dir / "metrics.jsonl").read_text()
     assert main(["train", str(tmp_path / "two.yaml"), "--device", "cpu"]) == 0  # both stages finished: skipped
     assert (pairs_dir / "metrics.jsonl").read_text() == before
+    # only the mlm stage finished: it is reloaded (backbone and head) and stage 2 retrains bit-identically
+    last = pairs_dir / "checkpoints" / "step-00000002" / "model.safetensors"
+    first_run = load_file(str(last))
+    shutil.rmtree(pairs_dir)
+    shutil.rmtree(tmp_path / "run" / "final")
+    assert main(["train", str(tmp_path / "two.yaml"), "--device", "cpu"]) == 0
+    again = load_file(str(last))
+    assert first_run.keys() == again.keys() and all(torch.equal(first_run[k], again[k]) for k in first_run)
+    losses = [json.loads(x)["loss"] for x in (pairs_dir / "metrics.jsonl").read_text().splitlines()]
+    assert losses == [r["loss"] for r in rows]
 
 
 def test_old_mlm_recipe_files_load_with_a_warning(corpus, tmp_path):
@@ -230,22 +284,40 @@ def test_old_mlm_recipe_files_load_with_a_warning(corpus, tmp_path):
         "objective": "mlm",
         "output_dir": str(tmp_path / "old"),
         "data_root": str(corpus),
-        "model": {"overrides": TINY_MODEL, "tokenizer": str(corpus / "tokenizer")},
-        "data": {"files": ["corpus.txt"], "format": "text", "chunk_len": 32, "heldout_fraction": 0.1},
+        "seed": 3,
+        "model": {"preset": "nomic-bert-2048", "overrides": TINY_MODEL, "tokenizer": str(corpus / "tokenizer")},
+        "data": {
+            "files": ["corpus.txt"],
+            "format": "text",
+            "chunk_len": 32,
+            "heldout_fraction": 0.1,
+            "mask_prob": 0.25,
+        },
         "steps": 60,
         "batch_size": 16,
+        "eval_batch_size": 8,
         "warmup_fraction": 0.1,
         "optim": {"lr": 3e-3, "betas": [0.9, 0.98], "eps": 1e-6, "weight_decay": 1e-5},
         "precision": "fp32",
+        "on_nonfinite": "skip",
         "log_every": 5,
         "eval_every": 20,
+        "save_every": 10,
+        "keep_last_checkpoints": 2,
     }
     (tmp_path / "old.yaml").write_text(json.dumps(old))
     with pytest.warns(FutureWarning, match=r"pre-0.2 layout .*`stages: \[\{name: mlm, objective: mlm"):
         converted, _ = load_recipe(tmp_path / "old.yaml", ["steps=7", "micro_batch_size=4"])
-    assert converted == recipe(corpus, tmp_path / "old", steps=7, **{"mlm.micro_batch_size": 4})
-    old["data"]["chunk_len"] = 128
-    (tmp_path / "bad.yaml").write_text(json.dumps({**old, "stepz": 3}))
+    changed = {"seed": 3, "steps": 7, "mlm.micro_batch_size": 4, "mlm.mask_prob": 0.25, "mlm.eval_batch_size": 8}
+    changed.update(on_nonfinite="skip", save_every=10, keep_last_checkpoints=2)
+    assert converted == recipe(corpus, tmp_path / "old", **changed)
+    with pytest.raises(ConfigError, match="with a stages key: write --set overrides against the file's own layout"):
+        load_recipe(tmp_path / "old.yaml", ["stages.0.steps=5"])
+    (tmp_path / "old" / "checkpoints" / "step-00000010").mkdir(parents=True)  # a run begun before the change
+    moved = r"old/checkpoints holds checkpoints of the pre-0.2 MLM layout; .*/old/01-mlm/checkpoints: move the folder"
+    with pytest.raises(ConfigError, match=moved):
+        load_recipe(tmp_path / "old.yaml")
+    (tmp_path / "bad.yaml").write_text(json.dumps({**old, "output_dir": str(tmp_path / "bad"), "stepz": 3}))
     with pytest.warns(FutureWarning), pytest.raises(ConfigError, match="unknown key 'stepz'"):
         load_recipe(tmp_path / "bad.yaml")
 

@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from .helpers import free_port, records, run_ok, tiny_embedder
-from .test_mlm import corpus, recipe_dict  # noqa: F401 (corpus is a fixture)
+from .test_mlm import TINY_MODEL, corpus, recipe_dict  # noqa: F401 (corpus is a fixture)
 
 RECIPE = """
 model: {{name_or_path: {model}, max_seq_len: 32}}
@@ -80,14 +80,30 @@ def test_two_process_torchrun_matches_one_process(tmp_path, parallel):
 
 
 def test_two_process_mlm_matches_one_process(corpus, tmp_path):  # noqa: F811
-    """Each process trains on its half of every batch (in micro-batches of 2): the 1-process trajectory."""
+    """Each process trains on its half of every batch (in micro-batches of 2): the 1-process trajectory.
+    The 1-process run reads the same recipe in the pre-0.2 MLM layout through the old command name."""
     torchrun = _torchrun()
-    for name in ("one", "two"):
-        recipe = recipe_dict(corpus, tmp_path / name, steps=4, log_every=1, eval_every=2, save_every=2)
-        recipe["stages"][0]["mlm"].update(batch_size=8, micro_batch_size=2)
-        recipe["stages"][0]["optim"] = {"lr": 3e-3}
-        (tmp_path / f"{name}.yaml").write_text(json.dumps(recipe))
-    run_ok([sys.executable, "-m", "embforge", "train", "one.yaml", "--device", "cpu"], tmp_path)
+    recipe = recipe_dict(corpus, tmp_path / "two", steps=4, log_every=1, eval_every=2, save_every=2)
+    recipe["stages"][0]["mlm"].update(batch_size=8, micro_batch_size=2)
+    recipe["stages"][0]["optim"] = {"lr": 3e-3}
+    (tmp_path / "two.yaml").write_text(json.dumps(recipe))
+    old_layout = {
+        "objective": "mlm",
+        "output_dir": str(tmp_path / "one"),
+        "data_root": str(corpus),
+        "model": {"overrides": TINY_MODEL, "tokenizer": str(corpus / "tokenizer")},
+        "data": {"files": ["corpus.txt"], "format": "text", "chunk_len": 32, "heldout_fraction": 0.1},
+        "steps": 4,
+        "batch_size": 8,
+        "micro_batch_size": 2,
+        "optim": {"lr": 3e-3},
+        "precision": "fp32",
+        "log_every": 1,
+        "eval_every": 2,
+        "save_every": 2,
+    }
+    (tmp_path / "one.yaml").write_text(json.dumps(old_layout))
+    run_ok([sys.executable, "-m", "embforge", "pretrain-mlm", "one.yaml", "--device", "cpu"], tmp_path)
     port = str(free_port())
     run_ok([torchrun, "--nproc-per-node", "2", "--master-port", port, "-m", "embforge", "train", "two.yaml"], tmp_path)
     last = "01-mlm/checkpoints/step-00000004/model.safetensors"
