@@ -24,6 +24,9 @@ from embforge.errors import ConfigError
 
 T = TypeVar("T")
 
+# a PyTorch model's numeric precision (embforge.precision: what ``auto`` resolves to), the one list of its names
+PrecisionName = Literal["auto", "fp32", "bf16"]
+
 
 def did_you_mean(word: str, choices: typing.Iterable[str]) -> str:
     """Return ``" (did you mean 'x'?)"`` for the closest of ``choices``, or ``""``."""

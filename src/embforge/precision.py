@@ -7,12 +7,14 @@ weights, reductions, the loss and the returned embeddings stay float32.
 from __future__ import annotations
 
 import contextlib
+import typing
 
 import torch
 
+from embforge.config import PrecisionName
 from embforge.errors import ConfigError
 
-PRECISIONS = ("auto", "fp32", "bf16")
+PRECISIONS: tuple[str, ...] = typing.get_args(PrecisionName)
 
 
 def cpu_has_native_bf16() -> bool:

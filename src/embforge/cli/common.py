@@ -6,8 +6,10 @@ Stdlib and embforge.errors only at import time: every handler imports its heavy 
 from __future__ import annotations
 
 import argparse
+import typing
 from pathlib import Path
 
+from embforge.config import PrecisionName
 from embforge.errors import ConfigError
 
 Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers returns: each group adds its commands
@@ -31,7 +33,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 def add_precision_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--precision",
-        choices=["auto", "fp32", "bf16"],  # embforge.precision.PRECISIONS (not imported: it imports torch)
+        choices=typing.get_args(PrecisionName),
         default=None,
         help="PyTorch models: auto (default) = bf16 autocast where the device runs bf16 natively, else fp32",
     )

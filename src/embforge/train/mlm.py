@@ -227,7 +227,9 @@ def train_mlm_stage(
     cfg = stage.mlm
     trained_len = getattr(embedder.backbone.config, "max_position_embeddings", None)  # nomic-bert: the trained length
     if trained_len is not None and cfg.chunk_len > trained_len:
-        raise ConfigError(f"stage {stage.name!r}: mlm.chunk_len {cfg.chunk_len} exceeds the model's trained length {trained_len}")
+        raise ConfigError(
+            f"stage {stage.name!r}: mlm.chunk_len {cfg.chunk_len} exceeds the model's trained length {trained_len}"
+        )
     tokenizer = embedder.tokenizer
     data = load_mlm_data(cfg, data_root, tokenizer)
     mask_kwargs = dict(

@@ -77,9 +77,7 @@ def convert_old_mlm_recipe(raw: dict, where: str) -> dict:
     layout are errors (the strict reading of the converted recipe names them).
     """
     if raw.get("objective") != "mlm":
-        raise ConfigError(
-            f"objective: {raw.get('objective')!r} at the top level; objective is a stage's field"
-        )
+        raise ConfigError(f"objective: {raw.get('objective')!r} at the top level; objective is a stage's field")
     if "stages" in raw:
         raise ConfigError(
             "a pre-0.2 MLM recipe (top-level objective: mlm) with a stages key: write --set overrides "

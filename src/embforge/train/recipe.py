@@ -12,7 +12,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Literal
 
-from embforge.config import apply_overrides, from_dict, read_yaml
+from embforge.config import PrecisionName, apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
 from embforge.models.presets import BACKBONE_PRESETS
 from embforge.models.spec import ModelConfig
@@ -136,7 +136,7 @@ class DistillConfig:
     embedding_weight: float = 1.0
     kl_weight: float = 1.0  # KL(teacher ‖ student) of each query's softmax over its candidates; 0: off
     teacher_temperature: float | None = None  # τ of the teacher's softmax; None: the loss's temperature
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # the teacher's inference precision
+    precision: PrecisionName = "auto"  # the teacher's inference precision
     batch_size: int = 64  # texts per teacher forward pass
     # teacher embeddings cache: <cache_dir>/<teacher digest>/; None: $EMBFORGE_CACHE/teacher-embeddings
     cache_dir: str | None = None
@@ -237,7 +237,7 @@ class StageConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     grad_accum_steps: int = 1
     grad_cache_chunk: int = 0  # > 0: GradCache with this many texts per forward pass
-    precision: Literal["auto", "fp32", "bf16"] = "auto"  # auto: bf16 autocast where the device supports it
+    precision: PrecisionName = "auto"  # auto: bf16 autocast where the device supports it
     log_every: int = 10
     save_every: int = 0  # 0: checkpoint only at the end of the stage
     keep_last_checkpoints: int = 3  # the newest checkpoints kept (plus the best one); 0: keep every checkpoint
@@ -295,7 +295,9 @@ class RecipeConfig:
         preset = BACKBONE_PRESETS.get(self.model.name_or_path)
         mlm_stages = [i for i, s in enumerate(self.stages) if s.objective == "mlm"]
         if mlm_stages and self.parallel != "ddp":
-            raise ConfigError(f"{where}.parallel: mlm stages (stages.{mlm_stages[0]}) run under ddp, not {self.parallel}")
+            raise ConfigError(
+                f"{where}.parallel: mlm stages (stages.{mlm_stages[0]}) run under ddp, not {self.parallel}"
+            )
         if mlm_stages and preset is not None and preset.family != "nomic_bert":
             raise ConfigError(
                 f"{where}.stages.{mlm_stages[0]}: an mlm stage trains a nomic-bert; {self.model.name_or_path!r} "

@@ -29,6 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
+from embforge.config import PrecisionName
 from embforge.errors import EmbforgeError
 from embforge.precision import autocast as precision_autocast
 from embforge.precision import resolve_precision
@@ -75,7 +76,7 @@ class LoopConfig:
     name: str  # in messages and on the progress bar
     steps: int
     optim: OptimConfig
-    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    precision: PrecisionName = "auto"
     grad_accum_steps: int = 1
     on_nonfinite: Literal["stop", "skip"] = "stop"
     log_every: int = 10
