@@ -20,6 +20,7 @@ def study_parser(doc: str, name: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", default=str(REPO / "docs" / "studies" / name))
     parser.add_argument("--work", default=str(REPO / "runs" / "studies" / name))
     parser.add_argument("--data-root", default=os.environ.get("EMBFORGE_DATA", str(REPO.parent / "shared" / "data")))
+    parser.add_argument("--cached-only", action="store_true", help="tabulate the finished runs only; train nothing")
     return parser
 
 
@@ -54,11 +55,17 @@ def task_scores(model, shared: Path, tasks: list[str]) -> dict[str, float]:
     return {k: float(v) for k, v in main_scores(run_suite(model, suite, root, batch_size=64, only=tasks)).items()}
 
 
-def run_all(seeds: str, variants, run: Callable[[str, int], dict]) -> list[dict]:
-    """``run(variant, seed)`` for every seed and variant, seed by seed (finished runs are the study's to reuse)."""
+def run_all(seeds: str, variants, run: Callable[[str, int], dict], cached_only: Path | None = None) -> list[dict]:
+    """``run(variant, seed)`` for every seed and variant, seed by seed (finished runs are the study's to reuse).
+
+    ``cached_only``: the study's work folder; only runs finished there (``<variant>-seed<seed>/scores.json``)
+    are taken, nothing is trained (a table of what has run so far)."""
     runs = []
     for seed in (int(s) for s in seeds.split(",")):
         for variant in variants:
+            if cached_only is not None and not (cached_only / f"{variant}-seed{seed}" / "scores.json").is_file():
+                print(f"== {variant} seed {seed}: not run (--cached-only)", flush=True)
+                continue
             print(f"== {variant} seed {seed}", flush=True)
             runs.append(run(variant, seed))
     return runs
@@ -83,30 +90,40 @@ def write_outputs(out: Path, table: str, payload: dict) -> None:
     (out / "runs.json").write_text(json.dumps(payload, indent=1))
 
 
-def compare_table(rows: dict[str, dict[str, tuple[float, float]]], ref: str, n: int, base: dict | None = None) -> str:
-    """Tasks down, variants across (mean ± std), each variant's difference from ``ref`` and whether it
-    exceeds the seed spread; ``base``: a column of the untrained model's scores."""
+def compare_table(
+    rows: dict[str, dict[str, tuple[float, float]]], ref: str, n: dict[str, int], base: dict | None = None
+) -> str:
+    """Tasks down, variants across (mean ± std over ``n[variant]`` seeds), each variant's difference from
+    ``ref`` and whether it exceeds the seed spread; ``base``: a column of the untrained model's scores."""
     tasks = list(rows[ref])
-    head = (["base"] if base else []) + [f"{v} (n={n})" for v in rows]
+    head = (["base"] if base else []) + [f"{v} (n={n[v]})" for v in rows]
     lines = ["| task | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
     for t in tasks:
         cells = [f"{base[t]:.2f}"] if base else []
         for v, cell in rows.items():
             m, s = cell[t]
-            delta = (
-                ""
-                if v == ref
-                else f" ({m - rows[ref][t][0]:+.2f} vs {ref}; beyond: {beyond_spread(cell[t], rows[ref][t], n)})"
-            )
+            beyond = beyond_spread(cell[t], rows[ref][t], min(n[v], n[ref]))
+            delta = "" if v == ref else f" ({m - rows[ref][t][0]:+.2f} vs {ref}; beyond: {beyond})"
             cells.append(f"{m:.2f} ± {s:.2f}{delta}")
         lines.append(f"| {t} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
-def summarise(runs: list[dict], variants: list[str], tasks: list[str]) -> tuple[int, dict]:
-    """The number of seeds and, per variant and task, the mean ± std of ``run["scores"][task]``."""
-    n = len({r["seed"] for r in runs})
-    return n, {v: {t: mean_std([r["scores"][t] for r in runs if r["variant"] == v]) for t in tasks} for v in variants}
+def summarise(runs: list[dict], variants: list[str], tasks: list[str]) -> tuple[dict[str, int], dict]:
+    """Per variant, its number of seeds and, per task, the mean ± std of ``run["scores"][task]``
+    (variants without a finished run are left out)."""
+    variants = [v for v in variants if any(r["variant"] == v for r in runs)]
+    counts = {v: sum(r["variant"] == v for r in runs) for v in variants}
+    return counts, {
+        v: {t: mean_std([r["scores"][t] for r in runs if r["variant"] == v]) for t in tasks} for v in variants
+    }
+
+
+def seeds_line(counts: dict[str, int]) -> str:
+    """``3 seeds per variant``, or the count of each variant where they differ."""
+    if len(set(counts.values())) == 1:
+        return f"{next(iter(counts.values()))} seeds per variant"
+    return "seeds per variant: " + ", ".join(f"{v} {n}" for v, n in counts.items())
 
 
 def bar_plot(rows: dict[str, dict[str, tuple[float, float]]], title: str, path: Path, base: dict | None = None) -> None:

@@ -39,6 +39,7 @@ from common import (
     compare_table,
     nq_finetune_overrides,
     run_all,
+    seeds_line,
     shared_root,
     study_parser,
     summarise,
@@ -124,10 +125,15 @@ def main() -> None:
     if not base_file.is_file():
         base_file.write_text(json.dumps(task_scores(Embedder.load("all-MiniLM-L6-v2", device="cpu"), shared, TASKS)))
     base = json.loads(base_file.read_text())
-    runs = run_all(args.seeds, variants, lambda v, seed: run_one(v, seed, args.steps, files, data, work, shared))
+    runs = run_all(
+        args.seeds,
+        variants,
+        lambda v, seed: run_one(v, seed, args.steps, files, data, work, shared),
+        work if args.cached_only else None,
+    )
     n, rows = summarise(runs, variants, TASKS)
     pairs = sum(1 for _ in (data / files["mined"]).open(encoding="utf-8"))
-    header = f"{pairs:,} NQ pairs, {args.steps} steps of batch {BATCH}; {n} seeds per variant; x100.\n\n"
+    header = f"{pairs:,} NQ pairs, {args.steps} steps of batch {BATCH}; {seeds_line(n)}; x100.\n\n"
     table = header + compare_table(rows, "mined", n, base)
     write_outputs(out, table, {"steps": args.steps, "batch": BATCH, "pairs": pairs, "base": base, "runs": runs})
     bar_plot(rows, "Hard negatives for a MiniLM fine-tune on NQ", out / "negatives.png", base)

@@ -166,7 +166,8 @@ def main() -> None:
     if not base_file.is_file():
         base_file.write_text(json.dumps(evaluate(Embedder.load("all-MiniLM-L6-v2", device="cpu"), shared)))
     base = json.loads(base_file.read_text())
-    runs = run_all(args.seeds, VARIANTS, lambda variant, seed: run_one(variant, seed, args.steps, data, work, shared))
+    run = lambda variant, seed: run_one(variant, seed, args.steps, data, work, shared)  # noqa: E731
+    runs = run_all(args.seeds, VARIANTS, run, work if args.cached_only else None)
     table, rows = summarise(runs, base)
     write_outputs(out, table, {"steps": args.steps, "base": base, "runs": runs})
     plot(rows, base, out / "matryoshka.png")

@@ -36,7 +36,17 @@ import json
 import time
 from pathlib import Path
 
-from common import bar_plot, compare_table, run_all, shared_root, study_parser, summarise, task_scores, write_outputs
+from common import (
+    bar_plot,
+    compare_table,
+    run_all,
+    seeds_line,
+    shared_root,
+    study_parser,
+    summarise,
+    task_scores,
+    write_outputs,
+)
 
 TASKS = ["MLQuestions", "DBPedia-Subset", "STS13", "BIOSSES", "EmotionClassification"]
 VARIANTS = ("filtered-mlm", "raw-mlm", "filtered-random")
@@ -129,14 +139,19 @@ def main() -> None:
     out, work = Path(args.out), Path(args.work).resolve()
     data = work / "data"
     sizes = prepare(shared, data)
-    runs = run_all(args.seeds, variants, lambda v, seed: run_one(v, seed, sizes, data, work, shared))
+    runs = run_all(
+        args.seeds,
+        variants,
+        lambda v, seed: run_one(v, seed, sizes, data, work, shared),
+        work if args.cached_only else None,
+    )
     n, rows = summarise(runs, variants, TASKS)
     kept = ", ".join(f"{k} {sizes['filtered'][k]:,} of {sizes['raw'][k]:,}" for k in sizes["raw"])
     mlm = [r["mlm"]["masked_acc_after"] for r in runs if "mlm" in r and r["variant"] == VARIANTS[0]]
     header = (
         f"Contrastive 60 steps of batch 128 on four sources (pairs kept by the filter: {kept}); "
         f"MLM masked-token accuracy after 300 steps: {', '.join(f'{a:.2f}' for a in mlm)} %; "
-        f"{n} seeds per variant; x100.\n\n"
+        f"{seeds_line(n)}; x100.\n\n"
     )
     table = header + compare_table(rows, VARIANTS[0], n)
     write_outputs(out, table, {"sizes": sizes, "runs": runs})

@@ -37,6 +37,7 @@ from common import (
     bar_plot,
     compare_table,
     run_all,
+    seeds_line,
     shared_root,
     study_parser,
     summarise,
@@ -129,9 +130,14 @@ def main() -> None:
     variants = args.variants.split(",")
     if "latent" not in variants or not set(variants) <= set(VARIANTS):
         parser.error(f"--variants: names from {list(VARIANTS)}, 'latent' among them (the others are compared with it)")
-    runs = run_all(args.seeds, variants, lambda variant, seed: run_one(variant, seed, steps, work, shared))
+    runs = run_all(
+        args.seeds,
+        variants,
+        lambda variant, seed: run_one(variant, seed, steps, work, shared),
+        work if args.cached_only else None,
+    )
     n, rows = summarise(runs, variants, TASKS)
-    table = f"{steps[0]} + {steps[1]} steps; {n} seeds per variant; x100.\n\n" + compare_table(rows, "latent", n)
+    table = f"{steps[0]} + {steps[1]} steps; {seeds_line(n)}; x100.\n\n" + compare_table(rows, "latent", n)
     out = Path(args.out)
     write_outputs(out, table, {"steps": list(steps), "runs": runs})
     bar_plot(rows, "NV-Embed pooling and attention on SmolLM2-135M", out / "pooling.png")
