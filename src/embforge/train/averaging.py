@@ -13,13 +13,17 @@ row blocks; disk: k float32 copies while it runs, removed after.
 from __future__ import annotations
 
 import itertools
-import json
 import shutil
 import tempfile
 from pathlib import Path
 
 from embforge.errors import ConfigError
-from embforge.train.checkpoint import checkpoint_folders, intact_checkpoints, load_model_weights
+from embforge.train.checkpoint import (
+    checkpoint_folders,
+    intact_checkpoints,
+    load_model_weights,
+    read_trainer_state,
+)
 from embforge.train.recipe import load_recipe
 
 
@@ -86,7 +90,7 @@ def average_checkpoints(
     try:
         embedder = build_embedder(recipe.model)
         target = embedder
-        if json.loads((chosen[-1] / "trainer_state.json").read_text(encoding="utf-8")).get("objective") == "mlm":
+        if read_trainer_state(chosen[-1]).get("objective") == "mlm":
             from embforge.train.mlm import mlm_model
 
             target = mlm_model(embedder)  # an mlm stage's checkpoints hold its MLM head too (not averaged out)

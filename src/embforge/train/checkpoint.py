@@ -213,9 +213,14 @@ def latest_checkpoint(folder: Path) -> Path | None:
     return next(intact_checkpoints(folder), None)
 
 
+def read_trainer_state(path: Path) -> dict:
+    """A checkpoint's ``trainer_state.json``: step, scheduler, data position, objective, eval scores."""
+    return json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+
+
 def _score(path: Path, metric: str | None) -> float | None:
     try:
-        metrics = json.loads((path / "trainer_state.json").read_text(encoding="utf-8")).get("metrics", {})
+        metrics = read_trainer_state(path).get("metrics", {})
     except (OSError, ValueError):
         return None
     if metric is not None:
@@ -313,7 +318,7 @@ def load_training_state(path: Path, load_optimizer, scheduler) -> dict:
             raise CheckpointError(f"checkpoint {path} is incomplete: {name} is missing")
     if load_optimizer is not None:
         load_optimizer(_load_tensors_only(path / "optimizer.pt"))
-    state = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    state = read_trainer_state(path)
     restore_scheduler(scheduler, state["scheduler"])
     _set_rng_state(_load_tensors_only(path / "rng.pt"))
     return state

@@ -288,10 +288,10 @@ class RecipeConfig:
     parallel: Literal["ddp", "fsdp"] = "ddp"  # used when launched by torchrun with > 1 process
 
     def validate(self, path: str) -> None:
+        where = path or "recipe"
         names = [s.name for s in self.stages]
         if not names or len(set(names)) != len(names):
-            raise ConfigError(f"{path or 'recipe'}.stages: need at least one stage, with unique names; got {names}")
-        where = path or "recipe"
+            raise ConfigError(f"{where}.stages: need at least one stage, with unique names; got {names}")
         preset = BACKBONE_PRESETS.get(self.model.name_or_path)
         mlm_stages = [i for i, s in enumerate(self.stages) if s.objective == "mlm"]
         if mlm_stages and self.parallel != "ddp":
@@ -314,15 +314,13 @@ class RecipeConfig:
             try:
                 spec = from_name(self.model.name_or_path, **(self.model.preset_overrides or {}))
             except ConfigError as exc:
-                raise ConfigError(f"{path or 'recipe'}.model: {exc}") from exc
+                raise ConfigError(f"{where}.model: {exc}") from exc
             for i, stage in enumerate(self.stages):
                 if stage.mlm is not None and stage.mlm.chunk_len > spec.max_trained_len:
                     raise ConfigError(
-                        f"{path or 'recipe'}.stages.{i}.mlm.chunk_len {stage.mlm.chunk_len} exceeds the model's "
+                        f"{where}.stages.{i}.mlm.chunk_len {stage.mlm.chunk_len} exceeds the model's "
                         f"max_trained_len {spec.max_trained_len}"
                     )
-        elif self.model.preset_overrides and preset is None:
-            raise ConfigError(f"{path or 'recipe'}.model.preset_overrides: apply to backbone presets only")
 
 
 def recipe_path(name: str) -> Path:

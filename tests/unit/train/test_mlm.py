@@ -240,6 +240,10 @@ def test_an_mlm_stage_needs_a_nomic_bert(corpus, tmp_path):
     data["model"] = {"name_or_path": str(tmp_path / "bert")}
     with pytest.raises(ConfigError, match="an mlm stage trains a nomic-bert backbone; this model's is BertModel"):
         run_recipe(from_dict(RecipeConfig, data), corpus, device="cpu")
+    for key in ("preset_overrides", "tokenizer"):  # a folder has its own shape and tokenizer
+        data["model"] = {"name_or_path": str(tmp_path / "bert"), key: {"num_layers": 2} if key != "tokenizer" else "x"}
+        with pytest.raises(ConfigError, match="model.preset_overrides and model.tokenizer apply to backbone presets"):
+            run_recipe(from_dict(RecipeConfig, data), corpus, device="cpu")
 
 
 def test_mlm_then_contrastive_is_one_recipe(corpus, tmp_path):
