@@ -42,6 +42,7 @@ def worker(shape: str, length: int) -> dict:
     import numpy as np
     import torch
 
+    from embforge.modeling.head import HeadSpec
     from embforge.models.embedder import Embedder
     from embforge.models.nomic_bert import build_backbone
     from embforge.models.nomic_bert_config import from_name
@@ -49,7 +50,7 @@ def worker(shape: str, length: int) -> dict:
 
     torch.manual_seed(0)
     spec = from_name("nomic-bert-2048", **SHAPES[shape])  # max_seq_len 8,192, NTK factor 2 beyond 2,048
-    model = Embedder(build_backbone(spec), nomic_tokenizer(), max_seq_len=spec.max_seq_len).eval()
+    model = Embedder(build_backbone(spec), nomic_tokenizer(), HeadSpec(max_seq_len=spec.max_seq_len)).eval()
     ids = model.tokenize([long_text()])["input_ids"]
     assert ids.shape[1] == spec.max_seq_len, ids.shape  # the text is long enough to fill the context
     text = model.tokenizer.decode(ids[0, 1 : length - 1])  # [CLS] + body + [SEP] = length tokens

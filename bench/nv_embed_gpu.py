@@ -107,7 +107,7 @@ def flops_per_token(recipe_path: Path, data: Path, batch: int, negatives: int, c
     embedder = build_embedder(recipe.model, device="cuda")
     embedder.train()
     rows = [json.loads(line) for line in data.open(encoding="utf-8")][:batch]
-    queries = embedder.tokenize([r["query"] for r in rows], prompt=embedder.instruction_prompt(INSTRUCTION))
+    queries = embedder.tokenize([r["query"] for r in rows], prompt=embedder.head.instruction_prompt(INSTRUCTION))
     docs = embedder.tokenize([t for r in rows for t in [r["positive"], *r["negatives"][:negatives]]])
     real = int(queries["attention_mask"].sum() + docs["attention_mask"].sum())
     padded = queries["attention_mask"].numel() + docs["attention_mask"].numel()

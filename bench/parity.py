@@ -85,6 +85,7 @@ def real_texts(n: int, long: int = 0, long_words: int = 0) -> list[str]:
 def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
     import torch
 
+    from embforge.modeling.head import HeadSpec
     from embforge.models.build import apply_lora
     from embforge.models.embedder import Embedder
     from embforge.models.nomic_bert import build_backbone
@@ -112,9 +113,11 @@ def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
             model = Embedder(
                 build_backbone(spec),
                 nomic_tokenizer(),
-                max_seq_len=2 * trained,
-                prompts={"query": "search_query: ", "document": "search_document: "},
-                matryoshka_rule="layer_norm",
+                HeadSpec(
+                    max_seq_len=2 * trained,
+                    prompts={"query": "search_query: ", "document": "search_document: "},
+                    matryoshka_rule="layer_norm",
+                ),
             )
             # Python source runs about 3 WordPiece tokens a word: these fill the window, past the trained length
             case_texts = texts + real_texts(0, long=6, long_words=trained // 2)
@@ -126,14 +129,18 @@ def build_cases(work: Path, quick: bool, only: list[str]) -> list[Case]:
             model = Embedder(
                 backbone,
                 tokenizer,
-                pooling={"name": "latent", "num_latents": 16, "num_heads": 2, "head_dim": 32} if decoder else "last",
-                attention="bidirectional" if decoder else "causal",
-                pool_prompt=not decoder,
-                add_eos=True,
-                padding_side="right" if decoder else "left",
-                prompts={"query": INSTRUCTION},
-                instruction_template="Instruct: {instruction}\nQuery: ",
-                max_seq_len=128,
+                HeadSpec(
+                    pooling={"name": "latent", "num_latents": 16, "num_heads": 2, "head_dim": 32}
+                    if decoder
+                    else "last",
+                    attention="bidirectional" if decoder else "causal",
+                    pool_prompt=not decoder,
+                    add_eos=True,
+                    padding_side="right" if decoder else "left",
+                    prompts={"query": INSTRUCTION},
+                    instruction_template="Instruct: {instruction}\nQuery: ",
+                    max_seq_len=128,
+                ),
             )
             prompts, case_texts = [None, "query"], texts
             if name == "nv-adapter":

@@ -71,11 +71,12 @@ def _free_port() -> int:
 
 def _prepare(work: Path) -> Path:
     """A tiny saved model, a training file and three mining shards under ``work``; returns the model folder."""
+    from embforge.modeling.head import HeadSpec
     from embforge.models.embedder import Embedder
     from embforge.models.tiny import TINY_WORDS, tiny_bert
 
     model, tokenizer = tiny_bert(0)
-    model_dir = Embedder(model, tokenizer, max_seq_len=32).save(work / "tiny")
+    model_dir = Embedder(model, tokenizer, HeadSpec(max_seq_len=32)).save(work / "tiny")
     rng = random.Random(0)
 
     def sentence(n: int) -> str:

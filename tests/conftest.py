@@ -33,16 +33,16 @@ def _seed():
 
 @pytest.fixture(scope="session")
 def tiny_embedder():
+    from embforge.modeling.head import HeadSpec
     from embforge.models.embedder import Embedder
 
     model, tokenizer = tiny_bert()
     emb = Embedder(
         model,
         tokenizer,
-        pooling="mean",
-        normalize=True,
-        max_seq_len=64,
-        prompts={"query": "query: ", "document": "document: "},
+        HeadSpec(
+            pooling="mean", normalize=True, max_seq_len=64, prompts={"query": "query: ", "document": "document: "}
+        ),
     )
     return emb.eval()
 

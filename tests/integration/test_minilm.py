@@ -42,7 +42,7 @@ def test_saved_folder_loads_in_sentence_transformers(minilm, real_sentences, tmp
     reloaded = st.SentenceTransformer(str(path), device="cpu")
     texts = real_sentences[:64]
     assert np.allclose(reloaded.encode(texts, convert_to_numpy=True), minilm.encode(texts, precision="fp32"), atol=1e-6)
-    assert reloaded.max_seq_length == minilm.max_seq_len == 256
+    assert reloaded.max_seq_length == minilm.head.max_seq_len == 256
 
 
 def test_matryoshka_truncation_of_real_model(minilm, real_sentences):

@@ -32,7 +32,7 @@ def test_prompts_follow_mteb_prompt_types(tiny_embedder):
     seen = []
 
     class Spy:
-        prompts = tiny_embedder.prompts
+        prompts = tiny_embedder.head.prompts
 
         def encode(self, texts, batch_size=32, prompt_name=None):
             seen.append(prompt_name)

@@ -147,8 +147,8 @@ def test_models_lists_the_served_model(client, minilm):
     (info,) = client.models.list().data
     assert info.id == MODEL
     extra = info.model_extra["embforge"]
-    assert extra["dimensions"] == minilm.hidden_size and extra["max_input_tokens"] == minilm.max_seq_len
-    assert extra["prompts"] == minilm.prompts
+    assert extra["dimensions"] == minilm.hidden_size and extra["max_input_tokens"] == minilm.head.max_seq_len
+    assert extra["prompts"] == minilm.head.prompts
 
 
 def test_error_paths_through_the_client(server, client):

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from embforge.errors import ConfigError, InputError, ModelNotFoundError
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 
 TEXTS = ["sort a list", "open the file and read data", "the cat runs fast", "a", "find a match in the text string"]
@@ -61,7 +62,7 @@ def test_save_load_round_trip_and_atomic_replace(tiny_embedder, tmp_path):
     files = {p.name for p in path.iterdir()}
     assert {"modules.json", "config.json", "model.safetensors", "sentence_bert_config.json", "1_Pooling"} <= files
     again = Embedder.load(path, device="cpu")
-    assert again.prompts == tiny_embedder.prompts and again.max_seq_len == 64
+    assert again.head.prompts == tiny_embedder.head.prompts and again.head.max_seq_len == 64
     assert np.allclose(again.encode(TEXTS), tiny_embedder.encode(TEXTS), atol=1e-6)
     (path / "stale.txt").write_text("old")
     tiny_embedder.save(path)  # replaces the folder as a whole
@@ -84,7 +85,7 @@ def test_saved_folder_loads_in_sentence_transformers(tiny_model_dir, tiny_embedd
 
 @pytest.mark.parametrize("pooling", ["cls", "last"])
 def test_other_poolings_round_trip(tiny_embedder, tmp_path, pooling):
-    emb = Embedder(tiny_embedder.backbone, tiny_embedder.tokenizer, pooling=pooling, max_seq_len=64)
+    emb = Embedder(tiny_embedder.backbone, tiny_embedder.tokenizer, HeadSpec(pooling=pooling, max_seq_len=64))
     loaded = Embedder.load(emb.save(tmp_path / pooling), device="cpu")
     assert loaded.pooler.name == pooling
     assert np.allclose(loaded.encode(TEXTS), emb.encode(TEXTS), atol=1e-6)

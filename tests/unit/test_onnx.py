@@ -27,7 +27,7 @@ TEXTS = ["sort a list", "the cat runs fast", "read the file " * 30, "x"]
 def test_export_reproduces_embedder_encode(tiny_embedder, onnx_dir):
     assert is_onnx_folder(onnx_dir) and not is_onnx_folder(onnx_dir.parent)
     onnx = OnnxEmbedder.load(onnx_dir)
-    assert (onnx.hidden_size, onnx.max_seq_len, onnx.prompts) == (64, 64, tiny_embedder.prompts)
+    assert (onnx.hidden_size, onnx.head.max_seq_len, onnx.head.prompts) == (64, 64, tiny_embedder.head.prompts)
     for kwargs in ({}, {"prompt_name": "query"}, {"dimensions": 16}, {"batch_size": 1}):
         np.testing.assert_allclose(
             onnx.encode(TEXTS, **kwargs), tiny_embedder.encode(TEXTS, **kwargs, precision="fp32"), atol=1e-5

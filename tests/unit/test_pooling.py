@@ -18,12 +18,3 @@ def test_poolings_use_the_mask_for_either_padding_side():
 def test_mean_of_fully_masked_row_is_zero_not_nan():
     out = Pooling("mean")(torch.ones(1, 3, 2), torch.zeros(1, 3))
     assert torch.equal(out, torch.zeros(1, 2))
-
-
-def test_the_recipe_schema_names_every_pooling_the_modeling_package_builds():
-    import typing
-
-    from embforge.modeling.pooling import POOLING_NAMES
-    from embforge.models.spec import PoolingName
-
-    assert typing.get_args(PoolingName) == POOLING_NAMES

@@ -160,12 +160,10 @@ def test_instructions_reach_queries_of_models_that_take_them(tmp_path):
     ]
 
     from embforge.eval import tasks as T
+    from embforge.modeling.head import HeadSpec
 
-    class WithTemplate:
-        prompts = {}
-
-        def instruction_prompt(self, instruction):
-            return f"Instruct: {instruction}\nQuery: "
+    class WithTemplate:  # an embforge model: what it does comes from its head spec
+        head = HeadSpec(instruction_template="Instruct: {instruction}\nQuery: ")
 
     assert T._symmetric_prompt(WithTemplate(), suite.tasks[0]) == {"prompt": "Instruct: Find the special one\nQuery: "}
     assert T._symmetric_prompt(object(), suite.tasks[0]) == {}  # a model without instructions ignores them

@@ -166,7 +166,7 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
     # 5: plan
     weights = batch_shares(mined["rows"], settings)
     if "plan" not in state:
-        probe = train_recipe(settings, output, 10, mined["files"], weights, base.prompts)
+        probe = train_recipe(settings, output, 10, mined["files"], weights, base.head.prompts)
         rows = work.read_pairs(next(iter(mined["files"].values())))
         step_s = measure_step_s(base, rows, settings, probe)
         eval_texts = min(len(corpus.texts), settings.eval_corpus) + len(held)
@@ -191,7 +191,7 @@ def adapt(settings: AdaptSettings, output: str | Path) -> dict:
     start = time.perf_counter()
     finals = []
     for run in range(plan["runs"]):
-        recipe = train_recipe(settings, output, plan["steps"], mined["files"], weights, base.prompts, run)
+        recipe = train_recipe(settings, output, plan["steps"], mined["files"], weights, base.head.prompts, run)
         run_recipe(recipe, work.folder, resume=True)
         finals.append(Path(recipe.output_dir) / "final")
     tuned_dir = finals[0]

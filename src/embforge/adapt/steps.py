@@ -15,6 +15,7 @@ import numpy as np
 from embforge.adapt.corpus import AdaptData, Pair
 from embforge.adapt.settings import AdaptSettings
 from embforge.errors import DataError
+from embforge.modeling.head import prompts_of
 
 
 class Corpus:
@@ -28,7 +29,7 @@ class Corpus:
 
 def side_prompt(model, side: str) -> str | None:
     """The model's prompt name for ``side`` (``query`` / ``document``) where it has one, else None."""
-    return side if side in getattr(model, "prompts", {}) else None
+    return side if side in prompts_of(model) else None
 
 
 def encode(model, texts: list[str], side: str, batch_size: int = 64, show: bool = True) -> np.ndarray:

@@ -224,7 +224,7 @@ def run_nomic_cpu(out_dir: Path, shared: Path, tasks_file: Path) -> dict:
     (task,) = [t for t in suite.tasks if t.name == CURVE_TASK]
     dims = [final.hidden_size // 2**i for i in range(4)]  # 128, 64, 32, 16
     curve = eval_retrieval_dims(final, task, root / task.path, dims, batch_size=64)
-    summary["matryoshka"] = {"task": CURVE_TASK, "rule": final.matryoshka_rule, "ndcg_at_10": curve}
+    summary["matryoshka"] = {"task": CURVE_TASK, "rule": final.head.matryoshka_rule, "ndcg_at_10": curve}
     summary["plot"] = str(plot_matryoshka(curve, out_dir / "matryoshka.png", title=f"{CURVE_TASK} (dev), nDCG@10"))
     atomic_write(out_dir / "summary.json", lambda tmp: tmp.write_text(json.dumps(summary, indent=2)))
     _print_summary(summary, console)

@@ -1,6 +1,6 @@
 """What several command groups share: the model flags and loading, ``--on-bad-record`` and shards.
 
-Stdlib and embforge.errors only at import time: every handler imports its heavy parts itself.
+Stdlib, embforge.errors and the (stdlib-only) head spec's name lists at import time: every handler imports its heavy parts itself.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from pathlib import Path
 
 from embforge.config import PrecisionName
 from embforge.errors import ConfigError
+from embforge.modeling.head import ATTENTIONS, PARAMETER_FREE_POOLINGS
 
 Subparsers = argparse._SubParsersAction  # what ArgumentParser.add_subparsers returns: each group adds its commands
 
@@ -20,13 +21,11 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--max-seq-len", type=int, default=None, help="override the model's max sequence length")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda if available)")
-    p.add_argument("--pooling", choices=["mean", "cls", "last"], default=None, help="override the model's pooling")
+    p.add_argument("--pooling", choices=PARAMETER_FREE_POOLINGS, default=None, help="override the model's pooling")
     p.add_argument(
         "--new-head", action="store_true", help="with --pooling: replace the folder's trained head (else an error)"
     )
-    p.add_argument(
-        "--attention", choices=["bidirectional", "causal"], default=None, help="decoders: override the attention"
-    )
+    p.add_argument("--attention", choices=ATTENTIONS, default=None, help="decoders: override the attention")
     add_precision_arg(p)
 
 

@@ -68,7 +68,7 @@ def cmd_calibrate(args: argparse.Namespace) -> int:
     model = load_inference_model(args)
     full = model.encode(texts, batch_size=args.batch_size, prompt_name=args.prompt_name, show_progress=True)
     widths = [int(d) for d in args.dimensions.split(",")] if args.dimensions else []
-    calibration = calibrate(full, widths, bool(model.normalize), args.prompt_name)
+    calibration = calibrate(full, widths, bool(model.head.normalize), args.prompt_name)
     out = calibration.save(args.output or args.model)
     print(f"wrote int8/uint8 ranges for {sorted(calibration.ranges)} dimensions from {len(texts)} texts to {out}")
     return 0

@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from embforge.data.io import save_npy
+from embforge.modeling.head import head_of
 from embforge.vectors import l2_normalise
 
 
@@ -39,13 +40,14 @@ def teacher_identity(teacher: Any) -> str:
     """
     name = str(getattr(teacher, "name_or_path", "") or type(teacher).__qualname__)
     folder = Path(name)
-    parts = [name, str(getattr(teacher, "max_seq_len", "")), str(getattr(teacher, "pooling", ""))]
+    head = head_of(teacher)
+    max_len = head.max_seq_len if head is not None else getattr(teacher, "max_seq_len", "")
+    parts = [name, str(max_len), str(getattr(teacher, "pooling", ""))]
     precision = getattr(teacher, "inference_precision", None)  # bf16 and fp32 embeddings differ slightly
     if precision is not None:
         parts.append(precision)
-    settings = getattr(teacher, "head_settings", None)
-    if callable(settings):
-        parts.append(repr(sorted(settings().items())))
+    if head is not None:
+        parts.append(repr(sorted(head.to_dict().items())))
     if callable(getattr(teacher, "state_dict", None)):
         parts.append(weights_digest(teacher))
     elif folder.is_dir():

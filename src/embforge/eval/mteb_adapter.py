@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from embforge.modeling.head import prompts_of
 from embforge.optional import require
 
 
@@ -26,7 +27,7 @@ def to_mteb(model: Any, name: str = "embforge/model", revision: str = "local") -
     class EmbforgeMtebEncoder(abs_encoder.AbsEncoder):
         def __init__(self) -> None:
             self.model = model
-            self.model_prompts = dict(getattr(model, "prompts", {}) or {})
+            self.model_prompts = prompts_of(model)
             self.mteb_model_meta = mteb_models.ModelMeta.create_empty(overwrites={"name": name, "revision": revision})
 
         def encode(self, inputs, *, task_metadata, hf_split, hf_subset, prompt_type=None, **kwargs) -> np.ndarray:

@@ -28,6 +28,7 @@ from embforge.data.io import load_beir, read_jsonl, require_file
 from embforge.errors import ConfigError, DataError
 from embforge.eval import metrics
 from embforge.eval.task_config import MAIN_SCORE, TaskConfig
+from embforge.modeling.head import instruction_prompt_of, prompts_of
 from embforge.vectors import l2_normalise
 
 
@@ -44,13 +45,12 @@ def _side_prompt(model: Any, explicit: str | None, side: str) -> str | None:
     """The task's prompt for a side, else the model's own ``query``/``document`` prompt."""
     if explicit is not None:
         return explicit
-    return side if side in (getattr(model, "prompts", None) or {}) else None
+    return side if side in prompts_of(model) else None
 
 
 def _instruction(model: Any, task: TaskConfig) -> dict[str, str]:
     """The task's instruction as the model formats it (NV-Embed), if both exist."""
-    make = getattr(model, "instruction_prompt", None)
-    prompt = make(task.instruction) if task.instruction is not None and make is not None else None
+    prompt = instruction_prompt_of(model, task.instruction) if task.instruction is not None else None
     return {"prompt": prompt} if prompt is not None else {}
 
 

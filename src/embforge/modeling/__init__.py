@@ -5,6 +5,7 @@ and flat, into every embforge model folder, where transformers' remote-code load
 sentence-transformers through it) follows their relative imports:
 
 - ``modeling_embforge.py``: ``EmbforgeConfig``, ``EmbforgeModel``, ``EmbforgeSTModule`` (the entry point);
+- ``head.py``: ``HeadSpec``, the one description of an embedding head (standard library only);
 - ``embedding.py``: the embedding, defined once (backbone -> pooling -> normalisation);
 - ``attention.py``: bidirectional / causal attention of decoders on padded batches;
 - ``packing.py``: unpadded (packed) batches and their variable-length attention;
@@ -13,12 +14,13 @@ sentence-transformers through it) follows their relative imports:
 - ``tokenization.py``: the one tokeniser and padder (standard library only);
 - ``lora.py``: a LoRA adapter kept apart in the folder, merged when it loads.
 
-This file is not copied, and imports nothing: ``embforge.modeling.tokenization`` loads
-without torch (the ONNX Runtime path).
+This file is not copied, and imports nothing: ``embforge.modeling.head`` and
+``embforge.modeling.tokenization`` load without torch (the ONNX Runtime path).
 """
 
 MODELING_FILES = (
     "modeling_embforge.py",
+    "head.py",
     "embedding.py",
     "attention.py",
     "packing.py",

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import is_decoder, padded_decoder_forward
+from .head import MATRYOSHKA_RULES, HeadSpec
 from .packing import (
     ROTARY_ENCODER_TYPES,
     enable_packed_attention,
@@ -22,8 +23,6 @@ from .packing import (
 )
 from .pooling import pool
 from .rotary import apply_dynamic_ntk
-
-MATRYOSHKA_RULES = ("truncate", "layer_norm")
 
 
 def prepare_backbone(backbone: nn.Module) -> nn.Module:
@@ -89,9 +88,8 @@ def embed(
     attention_mask: torch.Tensor,
     pooling_mask: torch.Tensor | None = None,
     *,
-    bidirectional: bool = True,
-    normalize: bool = True,
-    matryoshka_rule: str = "truncate",
+    head: HeadSpec,
+    normalize: bool | None = None,
     unpad: bool | None = None,
     **extra,
 ) -> torch.Tensor:
@@ -100,18 +98,18 @@ def embed(
     Args:
         input_ids / attention_mask / pooling_mask: (B, T), from :class:`.tokenization.TextEncoder`;
             ``pooling_mask`` None pools every real token.
-        bidirectional: decoders only: the causal mask removed (NV-Embed) or kept.
-        matryoshka_rule: ``truncate`` (pooled vectors as they are) or ``layer_norm``
-            (:func:`matryoshka_norm` on the pooled vectors before L2 normalisation).
+        head: the model's :class:`.head.HeadSpec`: its attention (decoders: the causal mask removed
+            or kept), Matryoshka rule (:func:`matryoshka_norm` before L2 normalisation) and normalisation.
+        normalize: None: the head's; False: leave the vectors unnormalised (to shorten them first).
         unpad: run the backbone on real tokens only (None: wherever supported, see :func:`backbone_forward`).
 
     Returns:
-        (B, D) embeddings in the pooler's dtype, L2-normalised if ``normalize``.
+        (B, D) embeddings in the pooler's dtype, L2-normalised if the head (or ``normalize``) says so.
     """
-    hidden = backbone_forward(backbone, input_ids, attention_mask, bidirectional=bidirectional, unpad=unpad, **extra)
-    return states_to_embeddings(
-        pooler, hidden, attention_mask, pooling_mask, normalize=normalize, matryoshka_rule=matryoshka_rule
+    hidden = backbone_forward(
+        backbone, input_ids, attention_mask, bidirectional=head.bidirectional, unpad=unpad, **extra
     )
+    return states_to_embeddings(pooler, hidden, attention_mask, pooling_mask, head=head, normalize=normalize)
 
 
 def states_to_embeddings(
@@ -120,14 +118,14 @@ def states_to_embeddings(
     attention_mask: torch.Tensor,
     pooling_mask: torch.Tensor | None = None,
     *,
-    normalize: bool = True,
-    matryoshka_rule: str = "truncate",
+    head: HeadSpec,
+    normalize: bool | None = None,
 ) -> torch.Tensor:
-    """Last hidden states (B, T, D) -> embeddings (B, D): pooling, the Matryoshka rule, L2 norm.
+    """Last hidden states (B, T, D) -> embeddings (B, D): pooling, the head's Matryoshka rule, L2 norm.
 
     Row-wise: rows may be pooled in groups (a server's rows of several LoRA adapters, each with
     its own head) and give what one call over all of them gives.
     """
     pooled = pool(pooler, hidden, attention_mask if pooling_mask is None else pooling_mask, attention_mask)
-    pooled = matryoshka_norm(pooled, matryoshka_rule)
-    return F.normalize(pooled, dim=-1) if normalize else pooled
+    pooled = matryoshka_norm(pooled, head.matryoshka_rule)
+    return F.normalize(pooled, dim=-1) if (head.normalize if normalize is None else normalize) else pooled

@@ -22,65 +22,33 @@ from transformers import AutoConfig, AutoModel, AutoTokenizer, PretrainedConfig,
 from transformers.utils import ModelOutput
 
 from .embedding import embed, prepare_backbone
+from .head import HeadSpec
 from .lora import load_and_merge
 from .pooling import build_pooler
-from .tokenization import TextEncoder, TokenizerSettings
+from .tokenization import TextEncoder, TokenizerSettings, token_ids
 
 
 class EmbforgeConfig(PretrainedConfig):
-    """A backbone config (nested) + everything that turns its states into an embedding.
+    """A backbone config (nested) + the head spec that turns its states into an embedding.
 
     Args:
         backbone: the backbone's config as a dict (``model_type`` and its fields).
-        pooling: the pooler's settings (``pooling.build_pooler``).
-        bidirectional: decoders: the causal mask removed (NV-Embed) or kept.
-        normalize: L2-normalise the embeddings.
-        matryoshka_rule: ``truncate`` or ``layer_norm`` (``embedding.matryoshka_norm``).
-        tokenization: :class:`.tokenization.TokenizerSettings` as a dict.
-        prompts / default_prompt_name: named prompts, e.g. ``{"query": "search_query: "}``.
-        instruction_template: how a task instruction becomes a query prompt, or None.
+        head: the model's :class:`.head.HeadSpec` as a dict (what the folder's ``embforge.json`` holds).
     """
 
     model_type = "embforge"
 
-    def __init__(
-        self,
-        backbone: dict | None = None,
-        pooling: dict | None = None,
-        bidirectional: bool = True,
-        normalize: bool = True,
-        matryoshka_rule: str = "truncate",
-        tokenization: dict | None = None,
-        prompts: dict | None = None,
-        default_prompt_name: str | None = None,
-        instruction_template: str | None = None,
-        **kwargs,
-    ):
+    def __init__(self, backbone: dict | None = None, head: dict | None = None, **kwargs):
         self.backbone = dict(backbone or {})
-        self.pooling = dict(pooling or {"name": "mean"})
-        self.bidirectional = bidirectional
-        self.normalize = normalize
-        self.matryoshka_rule = matryoshka_rule
-        self.tokenization = dict(tokenization or {"max_len": 512})
-        self.prompts = dict(prompts or {})
-        self.default_prompt_name = default_prompt_name
-        self.instruction_template = instruction_template
+        self.head = dict(head or {})
         super().__init__(**kwargs)
 
     def backbone_config(self):
         cfg = dict(self.backbone)
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
-    def prompt(self, prompt_name: str | None = None, prompt: str | None = None) -> str:
-        """The prompt text for a name (default: ``default_prompt_name``) or as given; "" for none."""
-        if prompt is not None:
-            return prompt
-        name = prompt_name if prompt_name is not None else self.default_prompt_name
-        if name is None:
-            return ""
-        if name not in self.prompts:
-            raise ValueError(f"unknown prompt_name {name!r}; this model has {sorted(self.prompts)}")
-        return self.prompts[name]
+    def head_spec(self) -> HeadSpec:
+        return HeadSpec.from_dict(self.head, "config.json head")
 
 
 class EmbforgeModel(PreTrainedModel):
@@ -102,8 +70,9 @@ class EmbforgeModel(PreTrainedModel):
     def __init__(self, config: EmbforgeConfig):
         super().__init__(config)
         bb_cfg = config.backbone_config()
+        self.head = config.head_spec()
         self.backbone = prepare_backbone(AutoModel.from_config(bb_cfg))
-        self.pooler = build_pooler(config.pooling, bb_cfg.hidden_size)
+        self.pooler = build_pooler(self.head.pooling, bb_cfg.hidden_size)
         self.post_init()
 
     @classmethod
@@ -123,13 +92,13 @@ class EmbforgeModel(PreTrainedModel):
 
     def text_encoder(self, tokenizer) -> TextEncoder:
         """This model's :class:`TextEncoder` over ``tokenizer`` (the folder's)."""
-        return TextEncoder(tokenizer, TokenizerSettings(**self.config.tokenization))
+        return TextEncoder(tokenizer, TokenizerSettings.for_head(self.head, **token_ids(tokenizer)))
 
     def tokenize(
         self, tokenizer, texts: Sequence[str], *, prompt_name: str | None = None, prompt: str | None = None
     ) -> dict[str, torch.Tensor]:
         """Prompted, truncated, padded batch (``input_ids``, ``attention_mask``, ``pooling_mask``) on this model's device."""
-        prefix = self.config.prompt(prompt_name, prompt)
+        prefix = prompt if prompt is not None else self.head.prompt(prompt_name)
         return self.text_encoder(tokenizer)(list(texts), [prefix] * len(texts)).to_torch(self.device)
 
     def forward(self, input_ids, attention_mask, pooling_mask=None, **extra):
@@ -139,9 +108,7 @@ class EmbforgeModel(PreTrainedModel):
             input_ids,
             attention_mask,
             pooling_mask,
-            bidirectional=self.config.bidirectional,
-            normalize=self.config.normalize,
-            matryoshka_rule=self.config.matryoshka_rule,
+            head=self.head,
             **extra,
         )
         return ModelOutput(embeddings=emb)

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-POOLING_NAMES = ("mean", "cls", "last", "latent", "self_attention")
-HEAD_INITS = ("random", "mean")  # how a new attention head starts (see AttentionPooling)
+from .head import HEAD_INITS, POOLINGS
 
 
 def mean_pool(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -199,7 +198,7 @@ def build_pooler(cfg: dict, hidden_size: int) -> nn.Module:
     if name == "self_attention":
         cfg.pop("num_latents", None)
         return AttentionPooling(hidden_size, num_latents=None, **cfg)
-    raise ValueError(f"unknown pooling {name!r}; choose one of {POOLING_NAMES}")
+    raise ValueError(f"unknown pooling {name!r}; choose one of {POOLINGS}")
 
 
 def pooling_config(cfg: dict, hidden_size: int) -> dict:

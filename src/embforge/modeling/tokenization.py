@@ -31,6 +31,8 @@ import array
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from .head import PADDING_SIDES, HeadSpec
+
 
 @dataclass(frozen=True)
 class TokenizerSettings:
@@ -46,15 +48,39 @@ class TokenizerSettings:
     lower_case: bool = False
 
     def __post_init__(self):
-        if self.padding_side not in ("left", "right") or self.truncation_side not in ("left", "right"):
+        if self.padding_side not in PADDING_SIDES or self.truncation_side not in PADDING_SIDES:
             raise ValueError(f"padding_side and truncation_side must be 'left' or 'right', got {self}")
         if self.add_eos and self.eos_id is None:
             raise ValueError("add_eos is set but the tokenizer has no EOS token")
         if self.max_len < (2 if self.add_eos else 1):
             raise ValueError(f"max_len must leave room for a token, got {self.max_len}")
 
-    def as_dict(self) -> dict:
-        return dict(self.__dict__)
+    @classmethod
+    def for_head(cls, head: HeadSpec, *, pad_id: int, eos_id: int | None, truncation_side: str = "right"):
+        """A resolved head's tokenisation (its window, EOS, padding side, prompt pooling, case) with the
+        tokenizer's pad and EOS ids (:func:`token_ids`)."""
+        unresolved = [k for k in ("max_seq_len", "add_eos", "padding_side") if getattr(head, k) is None]
+        if unresolved:
+            raise ValueError(f"the head spec leaves {unresolved} to the model: resolve it (Embedder does) first")
+        return cls(
+            max_len=int(head.max_seq_len),
+            pad_id=pad_id,
+            padding_side=head.padding_side,
+            truncation_side=truncation_side,
+            add_eos=bool(head.add_eos),
+            eos_id=eos_id,
+            pool_prompt=head.pool_prompt,
+            lower_case=head.do_lower_case,
+        )
+
+
+def token_ids(tokenizer) -> dict:
+    """What :meth:`TokenizerSettings.for_head` takes from a transformers tokenizer besides the head."""
+    return {
+        "pad_id": tokenizer.pad_token_id or 0,
+        "eos_id": tokenizer.eos_token_id,
+        "truncation_side": getattr(tokenizer, "truncation_side", "right"),
+    }
 
 
 @dataclass

@@ -14,28 +14,18 @@ from __future__ import annotations
 import torch
 
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.presets import BACKBONE_PRESETS, preset_config
 from embforge.models.saving import backbone_from_config, is_peft
 from embforge.models.spec import LoraConfig, ModelConfig
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
-_HEAD_FIELDS = (
-    "attention",
-    "normalize",
-    "max_seq_len",
-    "prompts",
-    "pool_prompt",
-    "add_eos",
-    "padding_side",
-    "instruction_template",
-    "matryoshka_rule",
-)
 
 
 def head_overrides(spec: ModelConfig) -> dict:
-    """The spec's Embedder keyword arguments that are set (None: keep what the folder says)."""
-    out = {k: getattr(spec, k) for k in _HEAD_FIELDS if getattr(spec, k) is not None}
+    """The head settings the spec sets (its fields named as :class:`HeadSpec` fields; None: keep the folder's)."""
+    out = {k: getattr(spec, k) for k in HeadSpec.field_names() if getattr(spec, k, None) is not None}
     if spec.pooling is not None:
         out["pooling"] = spec.pooling_dict()
     return out
@@ -101,7 +91,11 @@ def _from_preset(spec: ModelConfig, preset, config: dict, device, overrides: dic
     vocab = backbone.get_input_embeddings().num_embeddings
     if tokenizer is not None and len(tokenizer) > vocab:
         raise ConfigError(f"model.tokenizer has {len(tokenizer)} tokens but the preset's vocabulary only {vocab}")
-    return Embedder(backbone, tokenizer, **overrides)
+    try:
+        head = HeadSpec(**overrides)
+    except ValueError as exc:
+        raise ConfigError(f"model: {exc}") from exc
+    return Embedder(backbone, tokenizer, head)
 
 
 def enable_gradient_checkpointing(backbone: torch.nn.Module) -> None:

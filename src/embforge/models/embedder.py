@@ -27,9 +27,10 @@ from tqdm.auto import tqdm
 
 from embforge.errors import ConfigError, InputError
 from embforge.modeling.attention import is_decoder
-from embforge.modeling.embedding import MATRYOSHKA_RULES, embed, prepare_backbone
+from embforge.modeling.embedding import embed, prepare_backbone
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.pooling import build_pooler
-from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings
+from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings, token_ids
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.heads import resolve_pooling
 from embforge.models.matryoshka import check_dimensions
@@ -43,45 +44,25 @@ class Embedder(nn.Module):
     Args:
         backbone: a transformers base model returning ``last_hidden_state`` (B, T, D);
             encoder or decoder (``modeling.attention.DECODER_MODEL_TYPES``), maybe wrapped by ``peft``.
-        tokenizer: its fast tokenizer.
-        pooling: a name (``mean``, ``cls``, ``last``, ``latent``, ``self_attention``), a pooler
-            settings dict (``{"name": "latent", "head_dim": 64}``) or a pooler module.
-        normalize: L2-normalise the embeddings (after any Matryoshka truncation).
-        max_seq_len: inputs are truncated to this many tokens (prompt and EOS included).
-        prompts: prompt name -> text prepended to inputs, e.g. ``{"query": "search_query: "}``.
-        default_prompt_name: prompt used when ``encode`` gets none.
-        do_lower_case: lower-case texts before tokenising (some sentence-transformers models).
-        attention: ``bidirectional`` (causal mask removed) or ``causal``; decoders only.
-        add_eos: append EOS to every input (default: true for decoders).
-        pool_prompt: false: prompts are instructions, attended to but left out of pooling.
-        padding_side: ``left`` or ``right`` (default: the tokenizer's).
-        instruction_template: how a task instruction becomes a query prompt, e.g.
-            ``"Instruct: {instruction}\\nQuery: "`` (NV-Embed); None: the model takes no instructions.
-        matryoshka_rule: how embeddings are shortened to ``dimensions``: ``truncate`` (then
-            L2-normalise) or ``layer_norm`` (Nomic Embed v1.5: non-affine layer norm over all
-            dimensions, then truncate, then L2-normalise; see ``modeling.embedding.matryoshka_norm``).
+        tokenizer: its fast tokenizer (None only for shape-only models on the meta device).
+        head: the :class:`~embforge.modeling.head.HeadSpec` (default: mean pooling, L2-normalised);
+            its settings left to the model are resolved here, and :attr:`head` holds the result.
+        pooler: a pooler module to use instead of building one from ``head.pooling`` (its
+            ``config()`` becomes the spec's pooling).
+        precision: of inference (``encode``, ``serve``): ``auto`` | ``fp32`` | ``bf16``.
     """
 
     def __init__(
         self,
         backbone: nn.Module,
         tokenizer,
+        head: HeadSpec | None = None,
         *,
-        pooling: str | dict | nn.Module = "mean",
-        normalize: bool = True,
-        max_seq_len: int | None = None,
-        prompts: dict[str, str] | None = None,
-        default_prompt_name: str | None = None,
-        do_lower_case: bool = False,
-        attention: str = "bidirectional",
-        add_eos: bool | None = None,
-        pool_prompt: bool = True,
-        padding_side: str | None = None,
-        instruction_template: str | None = None,
-        matryoshka_rule: str = "truncate",
+        pooler: nn.Module | None = None,
         precision: str = "auto",
     ):
         super().__init__()
+        head = head or HeadSpec()
         self.backbone = prepare_backbone(backbone)  # stateless NTK rotary, packed attention (idempotent)
         # BERT-style task poolers are never part of the embedding path: freeze them so that
         # DDP does not wait for gradients they never get (and the optimizer skips them)
@@ -90,44 +71,49 @@ class Embedder(nn.Module):
             bert_pooler.requires_grad_(False)
         config = backbone.config
         self.is_decoder = is_decoder(config)
-        if attention not in ("bidirectional", "causal"):
-            raise ConfigError(f"attention must be 'bidirectional' or 'causal', got {attention!r}")
-        if attention == "causal" and not self.is_decoder:
-            raise ConfigError(f"attention: causal applies to decoder LLMs; {config.model_type!r} is an encoder")
-        self.attention = attention
-        if isinstance(pooling, nn.Module):
-            self.pooler = pooling
-        else:
-            settings = {"name": pooling} if isinstance(pooling, str) else dict(pooling)
+        if pooler is None:
             try:  # on the backbone's device: a meta backbone gets a meta head (no memory)
                 with torch.device(next(backbone.parameters()).device):
-                    self.pooler = build_pooler(settings, int(config.hidden_size))
+                    pooler = build_pooler(head.pooling, int(config.hidden_size))
             except (ValueError, TypeError) as exc:
-                raise ConfigError(f"pooling {settings}: {exc}") from exc
-        self.tokenizer = tokenizer  # None only for shape-only (meta device) models
-        if tokenizer is not None and padding_side is not None:
-            tokenizer.padding_side = padding_side
+                raise ConfigError(f"pooling {head.pooling}: {exc}") from exc
+        self.pooler = pooler
+        self.tokenizer = tokenizer
         if tokenizer is not None and tokenizer.pad_token is None:  # decoders often have none; pads are masked
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        self.normalize = normalize
-        self.add_eos = self.is_decoder if add_eos is None else add_eos
-        self.pool_prompt = pool_prompt
         model_max = getattr(config, "max_position_embeddings", None)
-        self.max_seq_len = int(max_seq_len or min(model_max or 512, 512))
-        self.prompts = dict(prompts or {})
-        if default_prompt_name is not None and default_prompt_name not in self.prompts:
-            raise ConfigError(
-                f"default_prompt_name {default_prompt_name!r} is not among the prompts {sorted(self.prompts)}"
-            )
-        self.default_prompt_name = default_prompt_name
-        self.do_lower_case = do_lower_case
-        self.instruction_template = instruction_template
-        if matryoshka_rule not in MATRYOSHKA_RULES:
-            raise ConfigError(f"matryoshka_rule must be one of {MATRYOSHKA_RULES}, got {matryoshka_rule!r}")
-        self.matryoshka_rule = matryoshka_rule
+        self.head = head.replace(  # what the spec leaves to the model, resolved
+            pooling=pooler.config(),
+            max_seq_len=int(head.max_seq_len or min(model_max or 512, 512)),
+            add_eos=self.is_decoder if head.add_eos is None else head.add_eos,
+            padding_side=head.padding_side or (tokenizer.padding_side if tokenizer is not None else "right"),
+        )
         resolve_precision(precision, "cpu")  # validates the name
         self.precision = precision  # of inference (encode, serve); training has its stage's own
         self._text_encoder: TextEncoder | None = None  # built from the settings on first use
+
+    @property
+    def head(self) -> HeadSpec:
+        """Everything besides the weights that defines the embedding (see :class:`~embforge.modeling.head.HeadSpec`)."""
+        return self._head
+
+    @head.setter
+    def head(self, head: HeadSpec) -> None:
+        """Replace the spec (``emb.head = emb.head.replace(prompts=...)``); the pooling must stay the pooler's."""
+        if head.pooling != self.pooler.config():
+            raise ConfigError(
+                f"head.pooling {head.pooling} is not this model's pooler {self.pooler.config()}: a new pooling "
+                "needs a new model (Embedder.load(..., pooling=..., new_head=True))"
+            )
+        if head.attention == "causal" and not self.is_decoder:
+            raise ConfigError(
+                f"attention: causal applies to decoder LLMs; {self.backbone.config.model_type!r} is an encoder"
+            )
+        if None in (head.max_seq_len, head.add_eos, head.padding_side):
+            raise ConfigError("an Embedder's head spec is resolved: max_seq_len, add_eos and padding_side set")
+        if self.tokenizer is not None:
+            self.tokenizer.padding_side = head.padding_side
+        self._head = head
 
     # ------------------------------------------------------------------ loading / saving
     @classmethod
@@ -149,8 +135,9 @@ class Embedder(nn.Module):
             device: where to put the model (default: CUDA if available, else CPU).
             new_head: start a new, randomly initialised pooling head from ``pooling`` even
                 where the folder holds a trained one (which is then discarded).
-            **overrides: constructor arguments that replace what the folder says
-                (``max_seq_len=128``, ``prompts={...}``). ``pooling`` is resolved against the
+            **overrides: head settings (:class:`~embforge.modeling.head.HeadSpec` fields) that replace
+                what the folder says (``max_seq_len=128``, ``prompts={...}``), and ``precision``
+                (of inference). ``pooling`` is resolved against the
                 folder's head (:func:`embforge.models.heads.resolve_pooling`): settings it
                 leaves out take the folder's values, and a trained head loads unless
                 ``new_head``; a request that conflicts with a trained head is a ``ConfigError``.
@@ -160,20 +147,23 @@ class Embedder(nn.Module):
         folder = model_folder(name_or_path)
         meta = str(device) == "meta"  # shapes only: the backbone from the folder's config, no weights read
         loaded = load_folder(folder, weights=not meta)
-        kwargs = dict(loaded.settings)
+        precision = overrides.pop("precision", "auto")
         load_head = loaded.trained_head
         if "pooling" in overrides or new_head:
             overrides["pooling"], load_head = resolve_pooling(
-                overrides.get("pooling", kwargs.get("pooling", "mean")),
-                kwargs.get("pooling", "mean"),
+                overrides.get("pooling", loaded.head.pooling),
+                loaded.head.pooling,
                 int(loaded.backbone.config.hidden_size),
                 trained=loaded.trained_head,
                 new_head=new_head,
                 where=str(folder),
             )
-        kwargs.update(overrides)
+        try:
+            head = loaded.head.replace(**overrides)
+        except ValueError as exc:
+            raise ConfigError(f"Embedder.load({str(name_or_path)!r}): {exc}") from exc
         with torch.device("meta") if meta else contextlib.nullcontext():
-            model = cls(loaded.backbone, loaded.tokenizer, **kwargs)
+            model = cls(loaded.backbone, loaded.tokenizer, head, precision=precision)
         if loaded.pooler_state and load_head:
             model.pooler.load_state_dict(loaded.pooler_state)
         model.eval()
@@ -192,23 +182,6 @@ class Embedder(nn.Module):
         from embforge.models.saving import save_folder
 
         return save_folder(self, Path(path), merge_lora=merge_lora, dtype=dtype)
-
-    def head_settings(self) -> dict:
-        """Everything besides the weights that defines the embedding (constructor keywords)."""
-        return {
-            "pooling": self.pooler.config(),
-            "normalize": self.normalize,
-            "max_seq_len": self.max_seq_len,
-            "prompts": self.prompts,
-            "default_prompt_name": self.default_prompt_name,
-            "do_lower_case": self.do_lower_case,
-            "attention": self.attention,
-            "add_eos": self.add_eos,
-            "pool_prompt": self.pool_prompt,
-            "padding_side": self.tokenizer.padding_side if self.tokenizer is not None else None,
-            "instruction_template": self.instruction_template,
-            "matryoshka_rule": self.matryoshka_rule,
-        }
 
     # ------------------------------------------------------------------ properties
     @property
@@ -236,18 +209,10 @@ class Embedder(nn.Module):
             **backbone_inputs: extra backbone inputs such as ``token_type_ids``.
 
         Returns:
-            (B, D) embeddings, L2-normalised if ``self.normalize``.
+            (B, D) embeddings, L2-normalised if ``head.normalize``.
         """
         return embed(
-            self.backbone,
-            self.pooler,
-            input_ids,
-            attention_mask,
-            pooling_mask,
-            bidirectional=self.attention == "bidirectional",
-            normalize=self.normalize,
-            matryoshka_rule=self.matryoshka_rule,
-            **backbone_inputs,
+            self.backbone, self.pooler, input_ids, attention_mask, pooling_mask, head=self.head, **backbone_inputs
         )
 
     def tokenize(
@@ -257,7 +222,7 @@ class Embedder(nn.Module):
 
         Args:
             texts: the texts.
-            prompt_name: a key of ``self.prompts`` (default: ``default_prompt_name``).
+            prompt_name: a key of ``head.prompts`` (default: ``head.default_prompt_name``).
             prompt: prompt text instead of a name, one for all or one per text.
 
         Returns:
@@ -285,7 +250,7 @@ class Embedder(nn.Module):
         Args:
             texts: one string or a sequence of strings.
             batch_size: texts per forward pass.
-            prompt_name: key of ``self.prompts`` to prepend (default: ``default_prompt_name``).
+            prompt_name: key of ``head.prompts`` to prepend (default: ``head.default_prompt_name``).
             prompt: a prompt text instead of a name (e.g. a task instruction).
             dimensions: keep the first ``dimensions`` components (Matryoshka, after the model's
                 ``matryoshka_rule``), then re-normalise.
@@ -311,15 +276,9 @@ class Embedder(nn.Module):
             with torch.inference_mode(), self.inference_autocast(precision):
                 for idx in tqdm(batches, desc="encode", unit="batch", disable=not show):
                     batch = encoder.pad([rows[i] for i in idx]).to_torch(self.device)
-                    pooled = embed(
-                        self.backbone,
-                        self.pooler,
-                        **batch,
-                        bidirectional=self.attention == "bidirectional",
-                        normalize=False,
-                        matryoshka_rule=self.matryoshka_rule,
-                    )[:, :dim].float()  # (B, D')
-                    if self.normalize:
+                    pooled = embed(self.backbone, self.pooler, **batch, head=self.head, normalize=False)
+                    pooled = pooled[:, :dim].float()  # (B, D')
+                    if self.head.normalize:
                         pooled = nn.functional.normalize(pooled, dim=-1)
                     out[idx] = pooled.cpu().numpy()
             self.train(was_training)
@@ -337,36 +296,21 @@ class Embedder(nn.Module):
     def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``query`` prompt when the model defines one."""
         if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+            kwargs.setdefault("prompt_name", "query" if "query" in self.head.prompts else None)
         return self.encode(texts, **kwargs)
 
     def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``document`` prompt when the model defines one."""
         if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
+            kwargs.setdefault("prompt_name", "document" if "document" in self.head.prompts else None)
         return self.encode(texts, **kwargs)
-
-    def instruction_prompt(self, instruction: str) -> str | None:
-        """The query prompt for a task instruction, or None if this model takes no instructions."""
-        if self.instruction_template is None:
-            return None
-        return self.instruction_template.format(instruction=instruction)
 
     # ------------------------------------------------------------------ tokenisation
     def tokenizer_settings(self) -> TokenizerSettings:
-        """What decides this model's tokens besides the vocabulary (saved with the model, used by every path)."""
-        tok = self.tokenizer
+        """What decides this model's tokens besides the vocabulary: the head's window, EOS, padding side,
+        prompt pooling and case, with the tokenizer's pad and EOS ids."""
         try:
-            return TokenizerSettings(
-                max_len=self.max_seq_len,
-                pad_id=tok.pad_token_id or 0,
-                padding_side=tok.padding_side,
-                truncation_side=getattr(tok, "truncation_side", "right"),
-                add_eos=self.add_eos,
-                eos_id=tok.eos_token_id,
-                pool_prompt=self.pool_prompt,
-                lower_case=self.do_lower_case,
-            )
+            return TokenizerSettings.for_head(self.head, **token_ids(self.tokenizer))
         except ValueError as exc:
             raise ConfigError(f"tokenisation settings: {exc}") from exc
 
@@ -383,7 +327,7 @@ class Embedder(nn.Module):
         if prompt is not None and prompt_name is not None:
             raise InputError("give prompt_name or prompt, not both")
         if prompt is None:
-            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
+            prompt = resolve_prompt(self.head, prompt_name)
         prompts = [prompt] * len(texts) if isinstance(prompt, str) else list(prompt)
         if len(prompts) != len(texts):
             raise InputError(f"got {len(prompts)} prompts for {len(texts)} texts")

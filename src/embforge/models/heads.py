@@ -15,8 +15,6 @@ while loading a folder gets:
 
 from __future__ import annotations
 
-from torch import nn
-
 from embforge.errors import ConfigError
 from embforge.modeling.pooling import pooling_config
 
@@ -31,18 +29,18 @@ def requested_settings(pooling: str | dict) -> dict:
 
 
 def resolve_pooling(
-    requested: str | dict | nn.Module,
+    requested: str | dict,
     saved: str | dict,
     hidden_size: int,
     *,
     trained: bool,
     new_head: bool = False,
     where: str = "the model folder",
-) -> tuple[str | dict | nn.Module, bool]:
+) -> tuple[str | dict, bool]:
     """The pooling to build for a load, and whether the folder's head weights load into it.
 
     Args:
-        requested: what the caller or recipe asks for (a module is always a new head).
+        requested: what the caller or recipe asks for.
         saved: the folder's pooling settings.
         hidden_size: the backbone's width (a head's ``head_dim`` defaults to it).
         trained: the folder holds trained head weights.
@@ -52,7 +50,7 @@ def resolve_pooling(
     Raises:
         ConfigError: ``requested`` conflicts with the folder's trained head (and not ``new_head``).
     """
-    if isinstance(requested, nn.Module) or new_head or not trained:
+    if new_head or not trained:
         return requested, False
     request = requested_settings(requested)
     have = pooling_config(requested_settings(saved), hidden_size)

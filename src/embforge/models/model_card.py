@@ -58,23 +58,24 @@ _POOL = {
 
 def snippet(embedder, *, plain: bool, path_line: str = PATH_LINE) -> str:
     """The Python code of the model card for ``embedder`` saved in the given layout."""
-    normalised = ", L2-normalised" if embedder.normalize else ""
+    head = embedder.head
+    normalised = ", L2-normalised" if head.normalize else ""
     if not plain:
         return _EMBFORGE_SNIPPET.format(path_line=path_line, dim=embedder.hidden_size, normalised=normalised)
     layer_norm = ""
-    if embedder.matryoshka_rule == "layer_norm":  # Nomic Embed v1.5's rule, before truncation
+    if head.matryoshka_rule == "layer_norm":  # Nomic Embed v1.5's rule, before truncation
         layer_norm = (
             "    pooled = F.layer_norm(pooled, pooled.shape[-1:])  # before any truncation to fewer dimensions\n"
         )
     return _PLAIN_SNIPPET.format(
         path_line=path_line,
-        prompts=json.dumps(embedder.prompts, ensure_ascii=False),
-        text_expr="(prefix + t).lower()" if embedder.do_lower_case else "prefix + t",
-        max_len=embedder.max_seq_len,
+        prompts=json.dumps(head.prompts, ensure_ascii=False),
+        text_expr="(prefix + t).lower()" if head.do_lower_case else "prefix + t",
+        max_len=head.max_seq_len,
         dim=embedder.hidden_size,
-        pool=_POOL[embedder.pooler.name],
+        pool=_POOL[head.pooling_name],
         layer_norm=layer_norm,
-        result="F.normalize(pooled, dim=-1)" if embedder.normalize else "pooled",
+        result="F.normalize(pooled, dim=-1)" if head.normalize else "pooled",
         normalised=normalised,
     )
 
@@ -82,7 +83,8 @@ def snippet(embedder, *, plain: bool, path_line: str = PATH_LINE) -> str:
 def write_model_card(folder: Path, embedder, *, plain: bool) -> None:
     """Write ``folder/README.md``."""
     layout = "sentence-transformers" if plain else "embforge (remote code: the files of `embforge/modeling/`)"
-    prompts = ", ".join(f"`{k}`: {v!r}" for k, v in embedder.prompts.items()) or "none"
+    head = embedder.head
+    prompts = ", ".join(f"`{k}`: {v!r}" for k, v in head.prompts.items()) or "none"
     usage = "SentenceTransformer(path)" if plain else "SentenceTransformer(path, trust_remote_code=True)"
     lines = [
         "---",
@@ -93,10 +95,8 @@ def write_model_card(folder: Path, embedder, *, plain: bool) -> None:
         "",
         f"- layout: {layout}",
         f"- backbone: `{embedder.backbone.config.model_type}`, {embedder.hidden_size} dimensions, "
-        f"pooling `{embedder.pooler.name}`, {'bidirectional' if embedder.attention == 'bidirectional' else 'causal'}"
-        f" attention, at most {embedder.max_seq_len} tokens",
-        f"- prompts: {prompts}"
-        + ("; prompts are instructions, left out of pooling" if not embedder.pool_prompt else ""),
+        f"pooling `{head.pooling_name}`, {head.attention} attention, at most {head.max_seq_len} tokens",
+        f"- prompts: {prompts}" + ("; prompts are instructions, left out of pooling" if not head.pool_prompt else ""),
         "",
         "## sentence-transformers",
         "",

@@ -7,11 +7,11 @@ Two layouts, chosen by what the model needs:
   (Transformer -> Pooling [-> Normalize]), see :mod:`embforge.models.st_format`.
 - **embforge** (decoders, trainable heads, instruction masking, EOS, dynamic NTK rotary): ::
 
-    config.json                 EmbforgeConfig: the backbone's config nested + the head's and the
-                                tokeniser's settings, with auto_map -> modeling_embforge.EmbforgeModel
+    config.json                 EmbforgeConfig: the backbone's config nested + the head spec,
+                                with auto_map -> modeling_embforge.EmbforgeModel
     model.safetensors           backbone.* and pooler.* (LoRA merged unless kept as an adapter)
     modeling_embforge.py, ...   a copy of the package embforge/modeling/ (forward pass, tokeniser)
-    embforge.json               the Embedder's settings (prompts, max length, padding side, ...), versions
+    embforge.json               the Embedder's head spec (modeling.head.HeadSpec), format, versions
     modules.json                one sentence-transformers module: modeling_embforge.EmbforgeSTModule
     config_sentence_transformers.json, tokenizer files
     adapter/                    only with merge_lora=False: the peft adapter (float32)
@@ -37,9 +37,10 @@ from safetensors.torch import load_file, save_file
 import embforge.modeling
 from embforge.atomic import atomic_folder, require_complete
 from embforge.errors import CheckpointError, ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.pooling import Pooling
 from embforge.models.model_card import write_model_card
-from embforge.models.st_format import StLayout, read_layout, write_json, write_layout
+from embforge.models.st_format import read_layout, write_json, write_layout
 
 EMBFORGE_FILE = "embforge.json"
 EMBFORGE_FORMAT = 2  # 2: the modeling package (several files) and tokenisation settings in config.json
@@ -117,14 +118,12 @@ def needs_own_code(backbone_config) -> bool:
 
 
 def _is_plain_st(embedder, merge_lora: bool) -> bool:
+    """Whether sentence-transformers' own modules compute ``embedder`` (its head, and its backbone in transformers)."""
     return (
-        not embedder.is_decoder
+        embedder.head.fits_sentence_transformers()
         and isinstance(embedder.pooler, Pooling)
-        and embedder.pool_prompt
-        and not embedder.add_eos
-        and embedder.tokenizer.padding_side == "right"
+        and not embedder.is_decoder
         and getattr(embedder.tokenizer, "truncation_side", "right") == "right"
-        and embedder.instruction_template is None
         and not needs_own_code(embedder.backbone.config)
         and (merge_lora or not is_peft(embedder.backbone))
     )
@@ -142,17 +141,7 @@ def save_folder(embedder, path: Path, *, merge_lora: bool = True, dtype: str = "
         embedder.tokenizer.save_pretrained(tmp)
         if _is_plain_st(embedder, merge_lora):
             base.save_pretrained(tmp, state_dict=state)
-            layout = StLayout(
-                backbone_dir=tmp,
-                pooling=embedder.pooler.name,
-                normalize=embedder.normalize,
-                max_seq_len=embedder.max_seq_len,
-                do_lower_case=embedder.do_lower_case,
-                prompts=embedder.prompts,
-                default_prompt_name=embedder.default_prompt_name,
-                matryoshka_rule=embedder.matryoshka_rule,
-            )
-            write_layout(tmp, hidden_size=embedder.hidden_size, layout=layout, versions=versions)
+            write_layout(tmp, hidden_size=embedder.hidden_size, head=embedder.head, versions=versions)
             write_model_card(tmp, embedder, plain=True)
         else:
             _write_embforge_folder(embedder, tmp, base.config, state, versions, cast)
@@ -174,18 +163,11 @@ def _write_embforge_folder(
 ) -> None:
     from embforge.modeling.modeling_embforge import EmbforgeConfig
 
-    settings = embedder.head_settings()
+    head = embedder.head
     entry = embforge.modeling.ENTRY_MODULE
     config = EmbforgeConfig(
         backbone=backbone_config_dict(backbone_config),
-        pooling=settings["pooling"],
-        bidirectional=embedder.attention == "bidirectional",
-        normalize=embedder.normalize,
-        matryoshka_rule=embedder.matryoshka_rule,
-        tokenization=embedder.tokenizer_settings().as_dict(),
-        prompts=embedder.prompts,
-        default_prompt_name=embedder.default_prompt_name,
-        instruction_template=embedder.instruction_template,
+        head=head.to_dict(),
         architectures=["EmbforgeModel"],
         auto_map={"AutoConfig": f"{entry}.EmbforgeConfig", "AutoModel": f"{entry}.EmbforgeModel"},
     )
@@ -194,15 +176,15 @@ def _write_embforge_folder(
     tensors.update({f"pooler.{k}": v for k, v in own_tensors(embedder.pooler.state_dict(), cast).items()})
     save_file(tensors, str(folder / "model.safetensors"), metadata={"format": "pt"})
     copy_modeling_package(folder)
-    write_json(folder / EMBFORGE_FILE, {**settings, "format": EMBFORGE_FORMAT, "versions": versions})
+    write_json(folder / EMBFORGE_FILE, {**head.to_dict(), "format": EMBFORGE_FORMAT, "versions": versions})
     module = f"{entry}.EmbforgeSTModule"
     write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": module}])
     write_json(
         folder / "config_sentence_transformers.json",
         {
             "__version__": versions,
-            "prompts": embedder.prompts,
-            "default_prompt_name": embedder.default_prompt_name,
+            "prompts": head.prompts,
+            "default_prompt_name": head.default_prompt_name,
             "similarity_fn_name": "cosine",
         },
     )
@@ -211,11 +193,11 @@ def _write_embforge_folder(
 # ---------------------------------------------------------------------------- load
 @dataclass
 class LoadedFolder:
-    """What a model folder holds: the backbone (float32), its tokenizer, the Embedder's settings, the head."""
+    """What a model folder holds: the backbone (float32), its tokenizer, its head spec, the head's weights."""
 
     backbone: torch.nn.Module
     tokenizer: object
-    settings: dict  # Embedder keyword arguments
+    head: HeadSpec
     pooler_state: dict[str, torch.Tensor]  # the trained head's tensors ({} for none, and on meta)
     trained_head: bool  # the folder holds head weights (also when built on meta, which reads none)
 
@@ -251,23 +233,14 @@ def load_folder(folder: Path, *, weights: bool = True) -> LoadedFolder:
         else:
             with torch.device("meta"):
                 backbone = AutoModel.from_config(AutoConfig.from_pretrained(layout.backbone_dir, local_files_only=True))
-    settings = dict(
-        pooling=layout.pooling,
-        normalize=layout.normalize,
-        max_seq_len=layout.max_seq_len,
-        prompts=layout.prompts,
-        default_prompt_name=layout.default_prompt_name,
-        do_lower_case=layout.do_lower_case,
-        matryoshka_rule=layout.matryoshka_rule,
-    )
-    return LoadedFolder(backbone, tokenizer, settings, {}, trained_head=False)
+    return LoadedFolder(backbone, tokenizer, layout.head, {}, trained_head=False)
 
 
 def _load_embforge_folder(folder: Path, *, weights: bool = True) -> LoadedFolder:
     from transformers import AutoTokenizer
 
     try:
-        settings = json.loads((folder / EMBFORGE_FILE).read_text(encoding="utf-8"))
+        settings = json.loads((folder / EMBFORGE_FILE).read_text(encoding="utf-8"))  # the HeadSpec
         config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError) as exc:
         raise ConfigError(f"{folder}: unreadable embforge model folder: {exc}") from exc
@@ -297,8 +270,12 @@ def _load_embforge_folder(folder: Path, *, weights: bool = True) -> LoadedFolder
     # trust_remote_code=False: the tokenizer needs none of the folder's code (and must never prompt)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    kwargs = {k: v for k, v in settings.items() if k not in ("format", "versions")}
-    return LoadedFolder(backbone, tokenizer, kwargs, pooler_state, trained_head)
+    spec = {k: v for k, v in settings.items() if k not in ("format", "versions")}
+    try:
+        head = HeadSpec.from_dict(spec, str(folder / EMBFORGE_FILE))
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from exc
+    return LoadedFolder(backbone, tokenizer, head, pooler_state, trained_head)
 
 
 def _with_adapter(backbone: torch.nn.Module, adapter: Path, *, weights: bool) -> torch.nn.Module:

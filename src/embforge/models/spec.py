@@ -9,8 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-PoolingName = Literal["mean", "cls", "last", "latent", "self_attention"]
-HeadInit = Literal["random", "mean"]
+from embforge.modeling.head import (
+    PARAMETER_FREE_POOLINGS,
+    AttentionName,
+    HeadInit,
+    MatryoshkaRule,
+    PaddingSide,
+    PoolingName,
+)
 
 # LoRA targets of the Llama/Mistral/Qwen families: every attention and MLP projection
 DECODER_LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -34,7 +40,7 @@ class PoolingConfig:
 
     def as_dict(self) -> dict:
         """The pooler's settings that are set (see ``embforge.modeling.pooling.build_pooler``)."""
-        if self.name in ("mean", "cls", "last"):
+        if self.name in PARAMETER_FREE_POOLINGS:
             return {"name": self.name}
         sizes = {"num_heads": self.num_heads, "head_dim": self.head_dim, "mlp_ratio": self.mlp_ratio, "init": self.init}
         if self.name == "latent":
@@ -63,18 +69,17 @@ class ModelConfig:
     # a backbone preset only: the tokenizer (a packaged model name or a folder) with which the preset is
     # built with random weights to train from scratch (an mlm stage); without it a preset is shapes only
     tokenizer: str | None = None
-    attention: Literal["bidirectional", "causal"] | None = None  # decoders; None: what the model folder says
+    attention: AttentionName | None = None  # decoders; None: what the model folder says
     pooling: PoolingName | PoolingConfig | None = None  # None: what the model folder says
     normalize: bool | None = None
     max_seq_len: int | None = None
     prompts: dict[str, str] | None = None
     pool_prompt: bool | None = None  # false: prompts are instructions, attended to but not pooled (NV-Embed)
     add_eos: bool | None = None  # append EOS to every input; None: the folder's choice (true for decoders)
-    padding_side: Literal["left", "right"] | None = None
+    padding_side: PaddingSide | None = None
     instruction_template: str | None = None  # e.g. "Instruct: {instruction}\nQuery: " (NV-Embed)
-    # how embeddings shorten to fewer dimensions: "truncate" then L2, or "layer_norm" (Nomic Embed v1.5:
-    # non-affine layer norm, truncate, L2); None: what the model folder says
-    matryoshka_rule: Literal["truncate", "layer_norm"] | None = None
+    # how embeddings shorten to fewer dimensions (embforge.modeling.head.MATRYOSHKA_RULES); None: the folder's
+    matryoshka_rule: MatryoshkaRule | None = None
     # start a new pooling head even where name_or_path holds a trained one (else a conflicting `pooling`
     # is an error, and a matching or absent one loads the trained head)
     new_head: bool = False

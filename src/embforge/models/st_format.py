@@ -18,10 +18,11 @@ This module only handles the JSON side (and the LayerNorm module's two vectors, 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 
 ST_TRANSFORMER = "sentence_transformers.models.Transformer"
 ST_POOLING = "sentence_transformers.models.Pooling"
@@ -43,18 +44,11 @@ _UNSUPPORTED_POOLING_KEYS = (
 )
 
 
-@dataclass
-class StLayout:
-    """What a sentence-transformers folder says about the embedding pipeline."""
+class StFolder(NamedTuple):
+    """A sentence-transformers (or bare transformers) folder: where its backbone is, and its head."""
 
     backbone_dir: Path
-    pooling: str = "mean"
-    normalize: bool = True
-    max_seq_len: int | None = None
-    do_lower_case: bool = False
-    prompts: dict[str, str] = field(default_factory=dict)
-    default_prompt_name: str | None = None
-    matryoshka_rule: str = "truncate"  # "layer_norm": a non-affine LayerNorm module after pooling
+    head: HeadSpec  # max_seq_len None where the folder does not say (the backbone's maximum)
 
 
 def _read_json(path: Path) -> dict | list:
@@ -69,7 +63,7 @@ def _module_type(entry: dict) -> str:
     return str(entry.get("type", "")).rsplit(".", 1)[-1]
 
 
-def read_layout(folder: Path) -> StLayout:
+def read_layout(folder: Path) -> StFolder:
     """Parse a model folder: sentence-transformers layout, or a bare transformers folder.
 
     A bare transformers folder (``config.json`` without ``modules.json``) gets mean pooling
@@ -83,8 +77,8 @@ def read_layout(folder: Path) -> StLayout:
     if not modules_file.is_file():
         if not (folder / "config.json").is_file():
             raise ConfigError(f"{folder}: not a model folder (no modules.json and no config.json)")
-        return StLayout(backbone_dir=folder)
-    layout = StLayout(backbone_dir=folder, normalize=False)
+        return StFolder(folder, HeadSpec())
+    backbone_dir, head = folder, {"normalize": False}
     modules = _read_json(modules_file)
     if not isinstance(modules, list) or not modules:
         raise ConfigError(f"{modules_file}: expected a non-empty list of modules")
@@ -94,28 +88,31 @@ def read_layout(folder: Path) -> StLayout:
     for i, (entry, kind) in enumerate(zip(modules, kinds)):
         sub = folder / str(entry.get("path", ""))
         if kind == "Transformer":
-            layout.backbone_dir = sub
+            backbone_dir = sub
             cfg_file = sub / "sentence_bert_config.json"
             if cfg_file.is_file():
                 cfg = _read_json(cfg_file)
-                layout.max_seq_len = cfg.get("max_seq_length")
-                layout.do_lower_case = bool(cfg.get("do_lower_case", False))
+                head["max_seq_len"] = cfg.get("max_seq_length")
+                head["do_lower_case"] = bool(cfg.get("do_lower_case", False))
         elif kind == "Pooling":
-            layout.pooling = _read_pooling(sub / "config.json")
+            head["pooling"] = _read_pooling(sub / "config.json")
         elif kind == "Normalize":
-            layout.normalize = True
-        elif kind == "LayerNorm" and "Pooling" in kinds[:i] and not layout.normalize and "LayerNorm" not in kinds[:i]:
+            head["normalize"] = True
+        elif kind == "LayerNorm" and "Pooling" in kinds[:i] and not head["normalize"] and "LayerNorm" not in kinds[:i]:
             # between pooling and normalisation: Nomic Embed v1.5's Matryoshka rule
             _check_identity_layer_norm(sub)
-            layout.matryoshka_rule = "layer_norm"
+            head["matryoshka_rule"] = "layer_norm"
         else:
             raise ConfigError(f"{modules_file}: module type {entry.get('type')!r} is not supported by embforge")
     st_cfg = folder / "config_sentence_transformers.json"
     if st_cfg.is_file():
         cfg = _read_json(st_cfg)
-        layout.prompts = dict(cfg.get("prompts") or {})
-        layout.default_prompt_name = cfg.get("default_prompt_name")
-    return layout
+        head["prompts"] = dict(cfg.get("prompts") or {})
+        head["default_prompt_name"] = cfg.get("default_prompt_name")
+    try:
+        return StFolder(backbone_dir, HeadSpec(**head))
+    except ValueError as exc:
+        raise ConfigError(f"{folder}: {exc}") from exc
 
 
 def _check_identity_layer_norm(folder: Path) -> None:
@@ -151,13 +148,18 @@ def _read_pooling(path: Path) -> str:
     return active[0]
 
 
-def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: dict[str, str]) -> None:
-    """Write the sentence-transformers JSON files for a backbone already saved in ``folder``."""
+def write_layout(folder: Path, *, hidden_size: int, head: HeadSpec, versions: dict[str, str]) -> None:
+    """Write the sentence-transformers JSON files for a backbone already saved in ``folder``.
+
+    ``head`` must fit sentence-transformers' modules (:meth:`HeadSpec.fits_sentence_transformers`).
+    """
+    if not head.fits_sentence_transformers():
+        raise ValueError(f"sentence-transformers' modules cannot compute this head: {head}")
     modules = [
         {"idx": 0, "name": "0", "path": "", "type": ST_TRANSFORMER},
         {"idx": 1, "name": "1", "path": "1_Pooling", "type": ST_POOLING},
     ]
-    if layout.matryoshka_rule == "layer_norm":  # nn.LayerNorm with weight 1 and bias 0 = the non-affine one
+    if head.matryoshka_rule == "layer_norm":  # nn.LayerNorm with weight 1 and bias 0 = the non-affine one
         import numpy as np
         from safetensors.numpy import save_file
 
@@ -166,25 +168,25 @@ def write_layout(folder: Path, *, hidden_size: int, layout: StLayout, versions: 
         norm = {"norm.weight": np.ones(hidden_size, np.float32), "norm.bias": np.zeros(hidden_size, np.float32)}
         save_file(norm, str(folder / "2_LayerNorm" / "model.safetensors"))
         modules.append({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": ST_LAYER_NORM})
-    if layout.normalize:
+    if head.normalize:
         n = len(modules)
         modules.append({"idx": n, "name": str(n), "path": f"{n}_Normalize", "type": ST_NORMALIZE})
         (folder / f"{n}_Normalize").mkdir(exist_ok=True)
     pooling = {"word_embedding_dimension": hidden_size}
-    pooling.update({key: name == layout.pooling for name, key in _POOLING_KEYS.items()})
+    pooling.update({key: name == head.pooling_name for name, key in _POOLING_KEYS.items()})
     (folder / "1_Pooling").mkdir(exist_ok=True)
     write_json(folder / "1_Pooling" / "config.json", pooling)
     write_json(folder / "modules.json", modules)
     write_json(
         folder / "sentence_bert_config.json",
-        {"max_seq_length": layout.max_seq_len, "do_lower_case": layout.do_lower_case},
+        {"max_seq_length": head.max_seq_len, "do_lower_case": head.do_lower_case},
     )
     write_json(
         folder / "config_sentence_transformers.json",
         {
             "__version__": versions,
-            "prompts": layout.prompts,
-            "default_prompt_name": layout.default_prompt_name,
+            "prompts": head.prompts,
+            "default_prompt_name": head.default_prompt_name,
             "similarity_fn_name": "cosine",
         },
     )

@@ -111,9 +111,12 @@ TINY_LATENT_HEAD = {"name": "latent", "num_latents": 8, "num_heads": 2, "head_di
 
 def tiny_nv_embedder(family: str = "qwen2", seed: int = 0, **embedder_kwargs):
     """A tiny NV-Embed-style Embedder: :func:`tiny_decoder` (bidirectional), a latent head, and
-    instructions attended to but left out of pooling; ``embedder_kwargs`` add or replace settings."""
+    instructions attended to but left out of pooling; ``embedder_kwargs`` add or replace head settings
+    (:class:`~embforge.modeling.head.HeadSpec` fields) or give ``precision``."""
+    from embforge.modeling.head import HeadSpec
     from embforge.models.embedder import Embedder
 
     backbone, tokenizer = tiny_decoder(family, seed=seed)
-    settings = {"pooling": dict(TINY_LATENT_HEAD), "pool_prompt": False, **embedder_kwargs}
-    return Embedder(backbone, tokenizer, **settings)
+    precision = embedder_kwargs.pop("precision", "auto")
+    head = HeadSpec(**{"pooling": dict(TINY_LATENT_HEAD), "pool_prompt": False, **embedder_kwargs})
+    return Embedder(backbone, tokenizer, head, precision=precision)

@@ -27,6 +27,7 @@ import torch
 
 from embforge.atomic import atomic_folder
 from embforge.errors import CheckpointError, ConfigError
+from embforge.modeling.tokenization import token_ids
 from embforge.onnx.runtime import FORMAT_VERSION, ONNX_CONFIG, ONNX_FILES, OPENVINO_INT8, OnnxEmbedder
 from embforge.optional import require
 
@@ -122,11 +123,8 @@ def export_onnx(
             "format_version": FORMAT_VERSION,
             "source": source,
             "hidden_size": model.hidden_size,
-            "normalize": bool(model.normalize),
-            "tokenization": model.tokenizer_settings().as_dict(),
-            "prompts": dict(model.prompts),
-            "default_prompt_name": model.default_prompt_name,
-            "instruction_template": model.instruction_template,
+            "head": model.head.to_dict(),
+            "token_ids": token_ids(model.tokenizer),
             "versions": {"embforge": __version__, "torch": torch.__version__},
         }
         (tmp / ONNX_CONFIG).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
@@ -151,12 +149,12 @@ def check_export(model, exported) -> None:
     Raises:
         CheckpointError: naming the prompt and the largest difference.
     """
-    prompts = {"no prompt": {}} | {f"prompt {name!r}": {"prompt_name": name} for name in model.prompts}
-    instruction = model.instruction_prompt(_CHECK_INSTRUCTION)
+    prompts = {"no prompt": {}} | {f"prompt {name!r}": {"prompt_name": name} for name in model.head.prompts}
+    instruction = model.head.instruction_prompt(_CHECK_INSTRUCTION)
     if instruction is not None:
         prompts["an instruction"] = {"prompt": instruction}
     # a text longer than the model's window: truncation, and (nomic-bert) the longest rotary stretch
-    beyond = " ".join(["the quick brown fox jumps over the lazy dog"] * (model.max_seq_len // 9 + 2))
+    beyond = " ".join(["the quick brown fox jumps over the lazy dog"] * (model.head.max_seq_len // 9 + 2))
     for what, kwargs in prompts.items():
         batches = [_CHECK_TEXTS] + ([[beyond]] if not kwargs else [])
         diff = 0.0

@@ -4,8 +4,9 @@ An exported folder (``embforge export onnx MODEL OUT``) holds ``model.onnx`` (th
 :meth:`Embedder.forward`: backbone, pooling, normalisation; inputs ``input_ids``,
 ``attention_mask`` and ``pooling_mask``), optionally ``model_int8.onnx`` (dynamic int8
 quantisation) and ``openvino_int8.xml``/``.bin`` (OpenVINO, static int8 from NNCF), the
-tokenizer as ``tokenizer.json`` and ``embforge_onnx.json`` (the tokeniser's settings, prompts,
-instruction template, normalisation).
+tokenizer as ``tokenizer.json`` and ``embforge_onnx.json`` (the model's head spec,
+:class:`~embforge.modeling.head.HeadSpec`: window, prompts, instruction template, normalisation;
+and the tokenizer's pad and EOS ids).
 
 Two runtimes run a folder: ONNX Runtime (``runtime="onnxruntime"``, the default: ``model.onnx``
 or ``model_int8.onnx``) and OpenVINO (``runtime="openvino"``: ``model.onnx`` read by OpenVINO at
@@ -35,6 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from embforge.errors import ConfigError, InputError
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.matryoshka import check_dimensions, truncate_dimensions
@@ -45,7 +47,7 @@ ONNX_CONFIG = "embforge_onnx.json"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model_int8.onnx"}
 OPENVINO_INT8 = "openvino_int8.xml"  # weights in openvino_int8.bin beside it
 RUNTIMES = ("onnxruntime", "openvino")
-FORMAT_VERSION = 2  # 2: the graph takes the pooling mask; the tokeniser's settings are saved
+FORMAT_VERSION = 3  # 2: the graph takes the pooling mask; 3: the head spec (modeling.head.HeadSpec) and token ids
 
 
 def is_onnx_folder(path: str | Path) -> bool:
@@ -103,14 +105,14 @@ class OnnxEmbedder:
         self.quantized = quantized
         self.runtime = runtime
         self.hidden_size = int(cfg["hidden_size"])
-        self.normalize = bool(cfg["normalize"])
-        self.prompts: dict[str, str] = dict(cfg.get("prompts") or {})
-        self.default_prompt_name: str | None = cfg.get("default_prompt_name")
-        self.instruction_template: str | None = cfg.get("instruction_template")
+        try:
+            self.head = HeadSpec.from_dict(cfg["head"], str(folder / ONNX_CONFIG))
+            settings = TokenizerSettings.for_head(self.head, **cfg["token_ids"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ConfigError(f"{folder / ONNX_CONFIG}: not a valid export ({exc})") from exc
         self.source = cfg.get("source")
         tokenizer = tokenizers.Tokenizer.from_file(str(folder / "tokenizer.json"))
-        self.text_encoder = TextEncoder(tokenizer, TokenizerSettings(**cfg["tokenization"]))
-        self.max_seq_len = self.text_encoder.settings.max_len
+        self.text_encoder = TextEncoder(tokenizer, settings)
         self.vocab_size = int(tokenizer.get_vocab_size(with_added_tokens=True))
 
         self.num_threads = int(num_threads or _usable_cores())
@@ -129,7 +131,7 @@ class OnnxEmbedder:
         if prompt is not None and prompt_name is not None:
             raise InputError("give prompt_name or prompt, not both")
         if prompt is None:
-            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
+            prompt = resolve_prompt(self.head, prompt_name)
         return self.text_encoder.encode(list(texts), [prompt] * len(texts))
 
     def tokenize(
@@ -138,12 +140,6 @@ class OnnxEmbedder:
         """Prompted, truncated, padded batch: ``input_ids``, ``attention_mask``, ``pooling_mask``, (B, T) int64."""
         batch = self.text_encoder.pad(self._rows(texts, prompt_name, prompt))
         return {k: np.asarray(v) for k, v in batch.items()}
-
-    def instruction_prompt(self, instruction: str) -> str | None:
-        """The query prompt for a task instruction, or None if this model takes no instructions."""
-        if self.instruction_template is None:
-            return None
-        return self.instruction_template.format(instruction=instruction)
 
     # ------------------------------------------------------------------ inference
     def forward(
@@ -182,7 +178,7 @@ class OnnxEmbedder:
             for idx in batches:
                 batch = self.text_encoder.pad([rows[i] for i in idx])
                 out[idx] = truncate_dimensions(
-                    self.forward(**{k: np.asarray(v) for k, v in batch.items()}), dim, self.normalize
+                    self.forward(**{k: np.asarray(v) for k, v in batch.items()}), dim, self.head.normalize
                 )
                 if bar is not None:
                     bar.update(1)
@@ -193,13 +189,13 @@ class OnnxEmbedder:
     def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``query`` prompt when the model defines one."""
         if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "query" if "query" in self.prompts else None)
+            kwargs.setdefault("prompt_name", "query" if "query" in self.head.prompts else None)
         return self.encode(texts, **kwargs)
 
     def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
         """:meth:`encode` with the ``document`` prompt when the model defines one."""
         if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "document" if "document" in self.prompts else None)
+            kwargs.setdefault("prompt_name", "document" if "document" in self.head.prompts else None)
         return self.encode(texts, **kwargs)
 
 

@@ -77,11 +77,11 @@ def check_same_base(base, tuned, folder: Path) -> None:
 
     from embforge.models.saving import backbone_state
 
-    base_head, tuned_head = base.head_settings(), tuned.head_settings()
+    base_head, tuned_head = base.head.to_dict(), tuned.head.to_dict()
     for key in base_head:  # the pooling head may differ: each row is pooled by its own adapter's head
-        if key != "pooling" and base_head[key] != tuned_head.get(key):
+        if key != "pooling" and base_head[key] != tuned_head[key]:
             raise ConfigError(
-                f"{folder / 'embforge.json'}: {key} is {tuned_head.get(key)!r}, the served base model has "
+                f"{folder / 'embforge.json'}: {key} is {tuned_head[key]!r}, the served base model has "
                 f"{base_head[key]!r}; an adapter is served with its base model's settings"
             )
     if base.tokenizer.get_vocab() != tuned.tokenizer.get_vocab():

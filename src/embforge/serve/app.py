@@ -255,7 +255,7 @@ def create_app(models: Sequence[ServedModel], settings: ServeSettings):
         items = await _items(req, model)
         emb = await batchers[id(backend)].submit(items, group=model.adapter)  # (N, D)
         if dim < backend.hidden_size:
-            emb = truncate_dimensions(emb, dim, backend.normalize)  # (N, dim)
+            emb = truncate_dimensions(emb, dim, backend.head.normalize)  # (N, dim)
         vectors = rq.output_values(emb, dtype, req.encoding_format == "base64", model)
         tokens = sum(item.num_tokens for item in items)
         body = {

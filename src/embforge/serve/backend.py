@@ -16,6 +16,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.tokenization import Row
 from embforge.models.prompts import resolve_prompt
 
@@ -40,12 +41,8 @@ class Backend(Protocol):
     """The model behind the server. ``tokenize`` and ``embed`` are called from worker threads."""
 
     hidden_size: int
-    max_seq_len: int
     vocab_size: int
-    normalize: bool
-    prompts: dict[str, str]
-    default_prompt_name: str | None
-    instruction_template: str | None  # e.g. "Instruct: {instruction}\nQuery: "; None: takes no instructions
+    head: HeadSpec  # the model's: window, normalisation, prompts, instruction template
 
     def tokenize(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None = None) -> list[Encoded]:
         """``prompt``: a prompt text (an instruction through the template) instead of a name."""
@@ -72,16 +69,12 @@ class _ModelBackend:
         self.model = model
         self.name = name
         self.hidden_size = int(model.hidden_size)
-        self.max_seq_len = int(model.max_seq_len)
-        self.normalize = bool(model.normalize)
-        self.prompts = dict(model.prompts)
-        self.default_prompt_name = model.default_prompt_name
-        self.instruction_template = model.instruction_template
+        self.head: HeadSpec = model.head
         self.encoder = model.text_encoder
 
     def tokenize(self, texts: Sequence[str], prompt_name: str | None, prompt: str | None = None) -> list[Encoded]:
         if prompt is None:
-            prompt = resolve_prompt(self.prompts, self.default_prompt_name, prompt_name)
+            prompt = resolve_prompt(self.head, prompt_name)
         prompts = [prompt] * len(texts)
         rows = self.encoder.encode(list(texts), prompts)
         items = [Encoded(row, len(row.ids), len(row.ids)) for row in rows]
@@ -108,16 +101,17 @@ class _ModelBackend:
         return self._forward(self.encoder.pad(batch), adapters)
 
     def describe(self) -> dict:
+        head = self.head
         return {
             "backend": self.kind,
             "dimensions": self.hidden_size,
-            "max_input_tokens": self.max_seq_len,
-            "normalized": self.normalize,
-            "prompts": self.prompts,
-            "default_prompt_name": self.default_prompt_name,
-            "query_prompt_name": "query" if "query" in self.prompts else None,
-            "document_prompt_name": "document" if "document" in self.prompts else None,
-            "instruction_template": self.instruction_template,
+            "max_input_tokens": head.max_seq_len,
+            "normalized": head.normalize,
+            "prompts": head.prompts,
+            "default_prompt_name": head.default_prompt_name,
+            "query_prompt_name": "query" if "query" in head.prompts else None,
+            "document_prompt_name": "document" if "document" in head.prompts else None,
+            "instruction_template": head.instruction_template,
             "adapters": list(self.adapters),
         }
 
@@ -167,19 +161,16 @@ class TorchBackend(_ModelBackend):
         pooling_mask = inputs.pop("pooling_mask", None)
         pooling_mask = mask if pooling_mask is None else pooling_mask
         with self.adapter_set.rows(adapters):
-            hidden = backbone_forward(
-                model.backbone, ids, mask, bidirectional=model.attention == "bidirectional", **inputs
-            )
-        finish = {"normalize": model.normalize, "matryoshka_rule": model.matryoshka_rule}
-        heads = [model.pooler if a is None else self.heads[a] for a in adapters]
-        distinct = list({id(h): h for h in heads}.values())
+            hidden = backbone_forward(model.backbone, ids, mask, bidirectional=model.head.bidirectional, **inputs)
+        poolers = [model.pooler if a is None else self.heads[a] for a in adapters]
+        distinct = list({id(p): p for p in poolers}.values())
         if len(distinct) == 1:
-            return states_to_embeddings(distinct[0], hidden, mask, pooling_mask, **finish)
+            return states_to_embeddings(distinct[0], hidden, mask, pooling_mask, head=model.head)
         out = None
-        for head in distinct:
-            rows = torch.tensor([i for i, h in enumerate(heads) if h is head], device=hidden.device)
-            part = states_to_embeddings(head, hidden[rows], mask[rows], pooling_mask[rows], **finish)
-            out = part.new_empty(len(heads), part.shape[1], dtype=torch.float32) if out is None else out
+        for pooler in distinct:
+            rows = torch.tensor([i for i, p in enumerate(poolers) if p is pooler], device=hidden.device)
+            part = states_to_embeddings(pooler, hidden[rows], mask[rows], pooling_mask[rows], head=model.head)
+            out = part.new_empty(len(poolers), part.shape[1], dtype=torch.float32) if out is None else out
             out[rows] = part.float()
         return out
 

@@ -47,11 +47,10 @@ class ServedModel:
     def __post_init__(self) -> None:
         from embforge.errors import InputError
 
-        limit = self.max_input_tokens or self.backend.max_seq_len
-        if not 1 <= limit <= self.backend.max_seq_len:
-            raise InputError(
-                f"{self.name}: max_input_tokens must be in [1, {self.backend.max_seq_len}] (the model's maximum)"
-            )
+        most = self.backend.head.max_seq_len
+        limit = self.max_input_tokens or most
+        if not 1 <= limit <= most:
+            raise InputError(f"{self.name}: max_input_tokens must be in [1, {most}] (the model's maximum)")
         self.max_input_tokens = limit
         if self.calibration is not None and max(self.calibration.ranges) > self.backend.hidden_size:
             raise InputError(
@@ -66,14 +65,14 @@ class ServedModel:
             "max_input_tokens": self.max_input_tokens,
             "encoding_formats": list(ENCODING_FORMATS),
             "calibrated_dimensions": sorted(self.calibration.ranges) if self.calibration else [],
-            "tasks": self.instructions if self.backend.instruction_template else {},
+            "tasks": self.instructions if self.backend.head.instruction_template else {},
         }
 
 
 # ---------------------------------------------------------------------------- prompts
 def prompt_name(req: EmbeddingRequest, model: ServedModel) -> str | None:
     """The prompt name to tokenise with: None the model's default, ``""`` none at all."""
-    prompts = model.backend.prompts
+    prompts = model.backend.head.prompts
     if req.prompt_name is not None and req.input_type is not None:
         raise BadRequestError("give input_type or prompt_name, not both", param="prompt_name")
     if req.prompt_name is not None:
@@ -97,8 +96,8 @@ def instruction_prompt(req: EmbeddingRequest, model: ServedModel) -> str | None:
         raise BadRequestError("give instruction or task, not both", param="task")
     if req.prompt_name is not None:
         raise BadRequestError(f"{param} makes the query prompt: do not also give prompt_name", param=param)
-    template = model.backend.instruction_template
-    if template is None:
+    head = model.backend.head
+    if head.instruction_template is None:
         raise BadRequestError(
             "this model takes no instructions (it has no instruction template); use prompt_name or input_type",
             param=param,
@@ -114,7 +113,7 @@ def instruction_prompt(req: EmbeddingRequest, model: ServedModel) -> str | None:
             raise BadRequestError("instruction is empty", param="instruction")
     if req.input_type == "document":
         return None  # documents get no instruction: their own prompt, as without one
-    return template.format(instruction=instruction)
+    return head.instruction_prompt(instruction)
 
 
 def tokenize(backend: Backend, texts: list[str], prompt: str | None, instructed: str | None) -> list[Encoded]:
@@ -122,11 +121,11 @@ def tokenize(backend: Backend, texts: list[str], prompt: str | None, instructed:
     if instructed is not None:
         return backend.tokenize(texts, None, instructed)
     if prompt == "":
-        if backend.default_prompt_name is None:
+        if backend.head.default_prompt_name is None:
             return backend.tokenize(texts, None)
         # the model has a default prompt but the caller asked for a kind it has no prompt for
         raise BadRequestError(
-            f"this model has no prompt for that input_type; its prompts are {sorted(backend.prompts)}",
+            f"this model has no prompt for that input_type; its prompts are {sorted(backend.head.prompts)}",
             param="input_type",
         )
     return backend.tokenize(texts, prompt)
@@ -164,8 +163,8 @@ def token_id_items(inputs: list[list[int]], model: ServedModel, truncate: bool) 
             raise BadRequestError(f"input[{i}] is an empty token list", param="input")
         if min(ids) < 0 or max(ids) >= backend.vocab_size:
             raise BadRequestError(f"input[{i}] has token ids outside [0, {backend.vocab_size})", param="input")
-        if len(ids) > backend.max_seq_len and truncate:
-            ids = ids[: backend.max_seq_len]
+        if len(ids) > backend.head.max_seq_len and truncate:
+            ids = ids[: backend.head.max_seq_len]
         items.append(from_token_ids(ids))
     return items
 

@@ -163,7 +163,7 @@ def _prompt(ds: DatasetConfig, instruction: str | None, instruction_prompt) -> s
 
 def query_prompt(example: Example, data: DataConfig, instruction_prompt=None) -> str:
     """The example's query prompt: its record's instruction, else its dataset's, through the model's
-    template (``instruction_prompt``, i.e. :meth:`Embedder.instruction_prompt`); else the dataset's
+    template (``instruction_prompt``, i.e. the model head's :meth:`HeadSpec.instruction_prompt`); else the dataset's
     ``query_prompt``."""
     ds = data.datasets[example.dataset]
     instruction = example.record.instruction if example.record.instruction is not None else ds.instruction

@@ -220,7 +220,12 @@ class ContrastiveObjective:
             examples = examples[self.info.rank * B : (self.info.rank + 1) * B]  # this rank's slice is tokenised
         state = self.sampler.state_dict()
         batch = collate(
-            examples, self.stage.data, self.tokenize, self.info.device, self.embedder.instruction_prompt, self.teacher
+            examples,
+            self.stage.data,
+            self.tokenize,
+            self.info.device,
+            self.embedder.head.instruction_prompt,
+            self.teacher,
         )
         return batch, state
 

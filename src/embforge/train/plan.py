@@ -118,7 +118,7 @@ def plan_stage(
     else:
         texts = stage.data.batch_size * (2 + stage.data.max_negatives)  # query + positive + negatives, per rank
         texts_per_pass = min(texts, stage.grad_cache_chunk) if stage.grad_cache_chunk else texts
-        tokens = texts_per_pass * embedder.max_seq_len
+        tokens = texts_per_pass * embedder.head.max_seq_len
         head = head_bytes_per_token(embedder.pooler, config.hidden_size, w)
     layer = decoder_layer_bytes_per_token(config, lora_rank, list(lora_targets or []), w)
     layers = config.num_hidden_layers

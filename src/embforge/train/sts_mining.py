@@ -74,7 +74,7 @@ class StsMiner:
             return saved["rows"]
         owned = ds.mining_model is not None
         teacher = Embedder.load(ds.mining_model, device=self.info.device) if owned else self.embedder
-        prompts = _mining_prompts(ds, teacher.instruction_prompt)
+        prompts = _mining_prompts(ds, teacher.head.instruction_prompt)
         before = report.skipped.get(ds.name, Counter())[reason]
         with _on_device(teacher, self.info.device):
             records = mined_sts_records(

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import embforge.modeling
+from embforge.modeling.head import HeadSpec
 from embforge.models.build import apply_lora
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone
@@ -105,7 +106,9 @@ def nomic_with_ntk(minilm_dir) -> Embedder:
         "nomic-bert-2048", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128, max_trained_len=16
     )
     return Embedder(
-        build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=128, prompts={"query": "search_query: "}
+        build_backbone(spec),
+        nomic_tokenizer(minilm_dir),
+        HeadSpec(max_seq_len=128, prompts={"query": "search_query: "}),
     )
 
 

@@ -247,7 +247,7 @@ def test_embedder_loads_a_released_layout_folder_with_its_sentence_transformers_
         json.dumps({"prompts": {"query": "search_query: ", "document": "search_document: "}})
     )
     model = Embedder.load(folder, device="cpu")
-    assert model.prompts["query"] == "search_query: " and model.backbone.config.model_type == "nomic_bert"
+    assert model.head.prompts["query"] == "search_query: " and model.backbone.config.model_type == "nomic_bert"
     batch = model.tokenize(["the cat runs", "sort a list of data"])
     expected = reference_forward(contrastors_weights(), batch["input_ids"][:1, :5])  # "[CLS] the cat runs [SEP]"
     mean = expected.mean(1)

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from embforge.modeling.embedding import backbone_forward
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.tokenization import TextEncoder, TokenizerSettings
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import DECODER_FAMILIES, tiny_decoder
@@ -19,11 +20,13 @@ def _embedder(family, attention="bidirectional", impl="sdpa", padding_side="righ
     return Embedder(
         backbone,
         tokenizer,
-        pooling=pooling,
-        attention=attention,
-        pool_prompt=False,
-        padding_side=padding_side,
-        prompts={"query": INSTRUCT},
+        HeadSpec(
+            pooling=pooling,
+            attention=attention,
+            pool_prompt=False,
+            padding_side=padding_side,
+            prompts={"query": INSTRUCT},
+        ),
     ).eval()
 
 

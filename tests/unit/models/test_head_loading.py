@@ -5,6 +5,7 @@ import pytest
 import torch
 
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
 from embforge.models.spec import ModelConfig, PoolingConfig
@@ -18,7 +19,7 @@ HEAD = {"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16, "mlp
 def trained(tmp_path_factory):
     """A folder holding a latent head whose weights differ from any fresh initialisation."""
     backbone, tokenizer = tiny_decoder("llama")
-    model = Embedder(backbone, tokenizer, pooling=HEAD)
+    model = Embedder(backbone, tokenizer, HeadSpec(pooling=HEAD))
     with torch.no_grad():
         for p in model.pooler.parameters():
             p.add_(torch.randn_like(p))  # "trained": no seed reproduces these

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 import torch
 
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.pooling import AttentionPooling, num_parameters
 from embforge.models.build import build_embedder
 from embforge.models.embedder import Embedder
@@ -26,7 +27,7 @@ def test_nv_embed_head_and_full_model_parameter_counts_on_meta():
 
 def test_lora_trains_only_adapters_and_the_head(tmp_path):
     backbone, tokenizer = tiny_decoder("mistral")
-    start = Embedder(backbone, tokenizer, pooling={"name": "latent", "num_latents": 8, "head_dim": 16}).save(
+    start = Embedder(backbone, tokenizer, HeadSpec(pooling={"name": "latent", "num_latents": 8, "head_dim": 16})).save(
         tmp_path / "start"
     )
     spec = ModelConfig(name_or_path=str(start), lora=LoraConfig(r=4, alpha=8, dropout=0.0))
@@ -66,7 +67,7 @@ def test_save_load_round_trip_merged_and_kept_adapter(nv_style, tmp_path):
         folder = nv_style.save(tmp_path / f"m{merge}", merge_lora=merge)
         assert (folder / "adapter").is_dir() != merge
         loaded = Embedder.load(folder, device="cpu")
-        assert loaded.instruction_template == nv_style.instruction_template and not loaded.pool_prompt
+        assert loaded.head.instruction_template == nv_style.head.instruction_template and not loaded.head.pool_prompt
         assert np.allclose(loaded.encode(TEXTS, prompt_name="query", precision="fp32"), expected, atol=1e-5), merge
 
 

@@ -3,6 +3,7 @@
 import numpy as np
 import torch
 
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone
 from embforge.models.nomic_bert_config import from_name
@@ -13,7 +14,7 @@ def test_tiny_nomic_bert_encodes_8192_tokens(minilm_dir):
     torch.manual_seed(0)
     spec = from_name("nomic-bert-2048", num_layers=2, hidden_size=64, num_heads=4, intermediate_size=128)
     assert (spec.max_trained_len, spec.max_seq_len, spec.rope_scaling_factor) == (2048, 8192, 2.0)
-    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=spec.max_seq_len).eval()
+    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), HeadSpec(max_seq_len=spec.max_seq_len)).eval()
     words = ("sort a list of the files by their size and read the data back " * 1000).split()
     long_text, short_text = " ".join(words[:9000]), " ".join(words[:1000])
     assert model.tokenize([long_text])["input_ids"].shape == (1, 8192)  # truncated to the context, not below

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import tiny_bert
 
@@ -17,7 +18,7 @@ def tiny(rule: str, **kwargs) -> Embedder:
     backbone, tokenizer = tiny_bert(seed=3)
     with torch.no_grad():  # a trained-looking final LayerNorm: pooled vectors off-centre, so the rule matters
         backbone.encoder.layer[-1].output.LayerNorm.bias.normal_(0.5, 1.0, generator=torch.Generator().manual_seed(0))
-    return Embedder(backbone, tokenizer, max_seq_len=32, matryoshka_rule=rule, **kwargs).eval()
+    return Embedder(backbone, tokenizer, HeadSpec(max_seq_len=32, matryoshka_rule=rule, **kwargs)).eval()
 
 
 def l2(x: np.ndarray) -> np.ndarray:
@@ -59,7 +60,7 @@ def test_sentence_transformers_folder_states_the_rule_and_truncate_dim_agrees(ru
     assert modules == (["Transformer", "Pooling", "LayerNorm", "Normalize"] if rule == "layer_norm" else
                        ["Transformer", "Pooling", "Normalize"])  # fmt: skip
     again = Embedder.load(folder, device="cpu")
-    assert again.matryoshka_rule == rule
+    assert again.head.matryoshka_rule == rule
     theirs = st.SentenceTransformer(str(folder), device="cpu")
     for dim in (None, 48, 16):
         ours = model.encode(TEXTS, dimensions=dim, precision="fp32")
@@ -71,8 +72,8 @@ def test_embforge_folder_carries_the_rule_into_sentence_transformers(tmp_path):
     st = pytest.importorskip("sentence_transformers")
     model = tiny("layer_norm", pooling={"name": "latent", "num_latents": 4, "num_heads": 2, "head_dim": 16})
     folder = model.save(tmp_path / "latent")
-    assert json.loads((folder / "config.json").read_text())["matryoshka_rule"] == "layer_norm"
-    assert Embedder.load(folder, device="cpu").matryoshka_rule == "layer_norm"
+    assert json.loads((folder / "config.json").read_text())["head"]["matryoshka_rule"] == "layer_norm"
+    assert Embedder.load(folder, device="cpu").head.matryoshka_rule == "layer_norm"
     theirs = st.SentenceTransformer(str(folder), trust_remote_code=True, device="cpu")
     for dim in (None, 16):
         ours = model.encode(TEXTS, dimensions=dim, precision="fp32")
@@ -80,7 +81,7 @@ def test_embforge_folder_carries_the_rule_into_sentence_transformers(tmp_path):
 
 
 def test_unknown_rule_and_affine_layer_norm_are_refused(tmp_path):
-    with pytest.raises(ConfigError, match="matryoshka_rule must be one of"):
+    with pytest.raises(ValueError, match="matryoshka_rule must be one of"):
         tiny("layernorm")
     folder = tiny("layer_norm").save(tmp_path / "m")
     from safetensors.numpy import save_file

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from embforge.cli import main
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.models.build import apply_lora
 from embforge.models.embedder import Embedder
 from embforge.models.merging import merge
@@ -24,7 +25,7 @@ TEXTS = ["sort a list", "open the file and read data", "the cat runs fast"]
 
 def bert(seed: int, **overrides) -> Embedder:
     backbone, tokenizer = tiny_bert(seed, **overrides)
-    return Embedder(backbone, tokenizer, pooling="mean")
+    return Embedder(backbone, tokenizer, HeadSpec(pooling="mean"))
 
 
 @pytest.fixture(scope="module")
@@ -180,7 +181,7 @@ def test_models_that_differ_are_refused_naming_what_differs(folders, tmp_path):
     with pytest.raises(ConfigError, match=r"tensor 'encoder\.layer\.0\.intermediate\.dense\.bias'"):
         merge([folders[0], wider], tmp_path / "x", show_progress=False)
     lower = Embedder.load(folders[1], device="cpu")
-    lower.prompts = {"query": "q: "}
+    lower.head = lower.head.replace(prompts={"query": "q: "})
     prompted = lower.save(tmp_path / "prompted")
     with pytest.raises(ConfigError, match="config_sentence_transformers.json.prompts"):
         merge([folders[0], prompted], tmp_path / "x", show_progress=False)

@@ -7,6 +7,7 @@ import torch
 
 from embforge.modeling import packing
 from embforge.modeling.embedding import backbone_forward, embed
+from embforge.modeling.head import HeadSpec
 from embforge.models.build import enable_gradient_checkpointing
 from embforge.models.embedder import Embedder
 from embforge.models.nomic_bert import build_backbone
@@ -35,7 +36,7 @@ def outputs_and_grads(model: Embedder, batch: dict, unpad: bool):
     hidden = backbone_forward(
         model.backbone, batch["input_ids"], batch["attention_mask"], bidirectional=True, unpad=unpad
     )
-    emb = embed(model.backbone, model.pooler, **batch, unpad=unpad)
+    emb = embed(model.backbone, model.pooler, **batch, head=model.head, unpad=unpad)
     weights = torch.linspace(-1, 1, emb.shape[-1])
     grads = torch.autograd.grad((emb * weights).sum(), params)  # leaves no .grad on shared fixtures
     return emb.detach(), hidden[batch["attention_mask"].bool()].detach(), grads
@@ -55,12 +56,14 @@ def assert_paths_agree(model: Embedder, texts: list[str], atol: float = 1e-5) ->
 
 def test_tiny_bert_unpadded_equals_padded_in_train_mode():
     backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = Embedder(backbone, tokenizer, max_seq_len=32).train()
+    model = Embedder(backbone, tokenizer, HeadSpec(max_seq_len=32)).train()
     assert_paths_agree(model, TEXTS)
 
 
 def test_tiny_nomic_bert_unpadded_equals_padded_in_train_mode(minilm_dir):
-    model = Embedder(tiny_nomic(), nomic_tokenizer(minilm_dir), max_seq_len=64).train()  # no dropout: train = eval
+    model = Embedder(
+        tiny_nomic(), nomic_tokenizer(minilm_dir), HeadSpec(max_seq_len=64)
+    ).train()  # no dropout: train = eval
     assert_paths_agree(model, TEXTS + ["search_query: " + " ".join(TEXTS)])
 
 
@@ -85,10 +88,10 @@ def test_token_type_ids_are_packed_too():
 
 def test_gradient_checkpointing_recomputes_the_unpadded_forward():
     backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    plain = Embedder(backbone, tokenizer, max_seq_len=32).train()
+    plain = Embedder(backbone, tokenizer, HeadSpec(max_seq_len=32)).train()
     backbone2, _ = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
     enable_gradient_checkpointing(backbone2)
-    ckpt = Embedder(backbone2, tokenizer, max_seq_len=32).train()
+    ckpt = Embedder(backbone2, tokenizer, HeadSpec(max_seq_len=32)).train()
     batch = plain.tokenize(TEXTS)
     _, _, grads = outputs_and_grads(plain, batch, unpad=False)
     _, _, grads_ckpt = outputs_and_grads(ckpt, batch, unpad=True)
@@ -111,13 +114,13 @@ def test_auto_choice_and_unsupported_backbones():
     with pytest.raises(ValueError, match="unpadded attention supports"):
         packing.unpadded_forward(eager, ids, torch.tensor([[1, 1, 0, 0]]))
     # encoders of other families keep the padded path, whatever the switch says
-    model = Embedder(eager, tokenizer, max_seq_len=32)
+    model = Embedder(eager, tokenizer, HeadSpec(max_seq_len=32))
     assert model.encode(["the cat", "a"]).shape == (2, 64)
 
 
 def test_saved_config_does_not_name_the_packed_attention(tmp_path):
     backbone, tokenizer = tiny_bert()
-    model = Embedder(backbone, tokenizer, max_seq_len=32)
+    model = Embedder(backbone, tokenizer, HeadSpec(max_seq_len=32))
     assert backbone.config._attn_implementation == packing.VARLEN_ATTENTION  # switched when the model was built
     before = model.encode(TEXTS)
     folder = model.save(tmp_path / "m")
@@ -138,7 +141,7 @@ def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(mi
         max_trained_len=16,
         max_seq_len=128,
     )
-    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), max_seq_len=128).eval()
+    model = Embedder(build_backbone(spec), nomic_tokenizer(minilm_dir), HeadSpec(max_seq_len=128)).eval()
     texts = [" ".join(TEXTS * 4), TEXTS[0], " ".join(TEXTS[:2])]  # ~80 tokens (stretched), 10 and ~16 (not)
     assert_paths_agree(model, texts)
     # a long padded row before a short last one: the packed batch's pad rows (rounding its length
@@ -146,9 +149,11 @@ def test_nomic_bert_beyond_the_trained_length_each_text_gets_its_own_ntk_base(mi
     for batch_texts in (texts, [" ".join(TEXTS * 4), " ".join(TEXTS * 6), TEXTS[2]]):
         batch = model.tokenize(batch_texts)
         for unpad in (False, True):
-            together = embed(model.backbone, model.pooler, **batch, unpad=unpad).detach()
+            together = embed(model.backbone, model.pooler, **batch, head=model.head, unpad=unpad).detach()
             for i, text in enumerate(batch_texts):  # no text's embedding depends on what it is batched with
-                alone = embed(model.backbone, model.pooler, **model.tokenize([text]), unpad=unpad).detach()
+                alone = embed(
+                    model.backbone, model.pooler, **model.tokenize([text]), head=model.head, unpad=unpad
+                ).detach()
                 torch.testing.assert_close(together[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -180,7 +185,7 @@ def test_length_buckets_cover_every_row_once_and_shrink_the_attention_area():
 
 def test_unpadded_equals_padded_when_every_row_has_its_own_length():
     backbone, tokenizer = tiny_bert(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
-    model = Embedder(backbone, tokenizer, max_seq_len=64).train()
+    model = Embedder(backbone, tokenizer, HeadSpec(max_seq_len=64)).train()
     texts = [" ".join(["word"] * n) for n in (1, 3, 5, 8, 13, 21, 34, 55)]  # more lengths than buckets
     assert len(packing.PackedBatch(model.tokenize(texts)["attention_mask"]).buckets) == packing.ATTENTION_BUCKETS
     assert_paths_agree(model, texts)
@@ -193,7 +198,9 @@ def test_decoder_unpadded_equals_padded(family, attention, padding_side):
     """Grouped-query decoders (4 heads / 2 KV heads) packed: same states and gradients, either mask, either side."""
     backbone, tokenizer = tiny_decoder(family)
     model = Embedder(
-        backbone, tokenizer, max_seq_len=64, attention=attention, pooling={"name": "mean"}, padding_side=padding_side
+        backbone,
+        tokenizer,
+        HeadSpec(max_seq_len=64, attention=attention, pooling={"name": "mean"}, padding_side=padding_side),
     ).train()
     texts = TEXTS + [" ".join(["word"] * n) for n in (8, 13, 21)]
     batch = model.tokenize(texts)
@@ -218,7 +225,9 @@ def test_decoder_batch_without_padding_after_a_packed_one(family, attention):
     """The backbone attends through packed attention from the start; a padded batch runs packed, and a
     later batch without padding takes the padded path on that backbone, with the same result as a fresh one."""
     backbone, tokenizer = tiny_decoder(family)
-    model = Embedder(backbone, tokenizer, max_seq_len=64, attention=attention, pooling={"name": "mean"}).eval()
+    model = Embedder(
+        backbone, tokenizer, HeadSpec(max_seq_len=64, attention=attention, pooling={"name": "mean"})
+    ).eval()
     text = ["find the matching file path"]
     with torch.no_grad():
         fresh = model.encode(text, precision="fp32")

@@ -7,6 +7,7 @@ import threading
 import numpy as np
 import pytest
 
+from embforge.modeling.head import HeadSpec
 from embforge.modeling.tokenization import Row
 from embforge.serve.app import ServeSettings, create_app
 from embforge.serve.backend import Encoded
@@ -19,14 +20,10 @@ class DummyBackend:
     """Words are tokens; the embedding of an input is a fixed function of its token ids."""
 
     hidden_size = 16
-    max_seq_len = 8
     vocab_size = 1000
-    normalize = True
-    instruction_template = None
 
     def __init__(self, prompts=None, default_prompt_name=None):
-        self.prompts = dict(prompts or {})
-        self.default_prompt_name = default_prompt_name
+        self.head = HeadSpec(max_seq_len=8, prompts=prompts or {}, default_prompt_name=default_prompt_name)
         self.prompt_names: list = []  # prompt_name of every tokenize call
         self.batches: list[int] = []  # size of every embed call
         self.release = threading.Event()
@@ -38,8 +35,7 @@ class DummyBackend:
         self._lock = threading.Lock()
 
     def ids(self, text: str, prompt_name) -> list[int]:
-        name = prompt_name if prompt_name is not None else self.default_prompt_name
-        words = (self.prompts.get(name, "") if name else "").split() + text.split()
+        words = self.head.prompt(prompt_name).split() + text.split()
         return [101] + [sum(map(ord, w)) % 900 + 1 for w in words] + [102]
 
     def tokenize(self, texts, prompt_name):
@@ -47,7 +43,8 @@ class DummyBackend:
         out = []
         for t in texts:
             full = self.ids(t, prompt_name)
-            ids = full[: self.max_seq_len - 1] + full[-1:] if len(full) > self.max_seq_len else full
+            most = self.head.max_seq_len
+            ids = full[: most - 1] + full[-1:] if len(full) > most else full
             out.append(Encoded(Row(ids), len(ids), len(full)))
         return out
 
@@ -67,7 +64,7 @@ class DummyBackend:
                 self._inside -= 1
 
     def describe(self):
-        return {"backend": "dummy", "dimensions": self.hidden_size, "prompts": self.prompts}
+        return {"backend": "dummy", "dimensions": self.hidden_size, "prompts": self.head.prompts}
 
 
 def vector(ids) -> np.ndarray:

@@ -103,7 +103,7 @@ def test_over_long_input_is_truncated_when_configured(make_client, backend):
     client = make_client(truncate=True)
     text = "one two three four five six seven"
     resp = _post(client, {"input": text, "model": "dummy"}).json()
-    assert resp["usage"]["prompt_tokens"] == backend.max_seq_len
+    assert resp["usage"]["prompt_tokens"] == backend.head.max_seq_len
     full = backend.ids(text, None)
     np.testing.assert_allclose(resp["data"][0]["embedding"], vector(full[:7] + full[-1:]), atol=1e-6)
 

@@ -91,9 +91,12 @@ def test_torch_backend_matches_embedder_encode(tiny_embedder):
     texts = ["sort a list", "the cat runs fast", "read " * 80]  # the last one is truncated
     for prompt in (None, "query"):
         items = backend.tokenize(texts, prompt)
-        assert items[2].num_tokens == tiny_embedder.max_seq_len < items[2].input_tokens and items[2].features.truncated
+        assert (
+            items[2].num_tokens == tiny_embedder.head.max_seq_len < items[2].input_tokens
+            and items[2].features.truncated
+        )
         got = backend.embed([i.features for i in items])
         np.testing.assert_allclose(got, tiny_embedder.encode(texts, prompt_name=prompt), atol=1e-5)
     info = backend.describe()
-    assert info["prompts"] == tiny_embedder.prompts and info["query_prompt_name"] == "query"
+    assert info["prompts"] == tiny_embedder.head.prompts and info["query_prompt_name"] == "query"
     assert info["precision"] == resolve_precision("auto", "cpu")  # the model's default, as served

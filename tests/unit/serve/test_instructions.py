@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import tiny_bert
 from embforge.serve.app import ServeSettings, create_app
@@ -23,13 +24,15 @@ def instructed():
     emb = Embedder(
         model,
         tokenizer,
-        pooling="mean",
-        normalize=True,
-        max_seq_len=64,
-        pool_prompt=False,
-        instruction_template=TEMPLATE,
-        prompts={"document": "passage: "},
-        precision="fp32",  # served as loaded: compared at fp32
+        HeadSpec(
+            pooling="mean",
+            normalize=True,
+            max_seq_len=64,
+            pool_prompt=False,
+            instruction_template=TEMPLATE,
+            prompts={"document": "passage: "},
+        ),
+        precision="fp32",
     )
     return emb.eval()
 
@@ -53,7 +56,7 @@ def test_instruction_and_task_equal_the_offline_encoder(instructed):
     client = _client(instructed, instructions=TASKS)
     try:
         free = "Find code that answers the question"
-        expected = instructed.encode(TEXTS, prompt=instructed.instruction_prompt(free), precision="fp32")
+        expected = instructed.encode(TEXTS, prompt=instructed.head.instruction_prompt(free), precision="fp32")
         np.testing.assert_allclose(_embed(client, instruction=free), expected, atol=1e-5)
         by_task = instructed.encode(TEXTS, prompt=TEMPLATE.format(instruction=TASKS["sts"]), precision="fp32")
         np.testing.assert_allclose(_embed(client, task="sts"), by_task, atol=1e-5)

@@ -15,6 +15,7 @@ import torch
 from embforge.config import from_dict
 from embforge.data.pairs import Example
 from embforge.data.records import TrainingRecord
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import TINY_WORDS, tiny_bert
 from embforge.train.batches import ContrastiveBatch, collate
@@ -25,7 +26,7 @@ from embforge.train.recipe import DataConfig, DatasetConfig, StageConfig
 
 def tiny_embedder(dropout: float = 0.0, seed: int = 0) -> Embedder:
     model, tokenizer = tiny_bert(seed, hidden_dropout_prob=dropout, attention_probs_dropout_prob=dropout)
-    return Embedder(model, tokenizer, max_seq_len=32)
+    return Embedder(model, tokenizer, HeadSpec(max_seq_len=32))
 
 
 def sentence(rng: random.Random, n: int = 6) -> str:
@@ -156,9 +157,11 @@ def tiny_lora_embedder(seed: int = 0, base_seed: int = 0) -> Embedder:
     model = Embedder(
         backbone,
         tokenizer,
-        max_seq_len=32,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
-        pool_prompt=False,
+        HeadSpec(
+            max_seq_len=32,
+            pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
+            pool_prompt=False,
+        ),
     )
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1))
     return model

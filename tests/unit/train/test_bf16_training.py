@@ -117,7 +117,7 @@ def test_lora_merges_in_float32_then_casts_once_and_stage_two_starts_where_stage
     assert trainable(second).keys() == trainable(end).keys()
     for (name, a), (_, b) in zip(end.state_dict().items(), second.state_dict().items(), strict=True):
         assert a.dtype == b.dtype and torch.equal(a, b), name  # every tensor, frozen bf16 base included
-    kwargs = {"prompt": end.instruction_prompt(INSTRUCTION), "precision": "fp32"}
+    kwargs = {"prompt": end.head.instruction_prompt(INSTRUCTION), "precision": "fp32"}
     assert (end.encode(TEXTS, **kwargs) == second.encode(TEXTS, **kwargs)).all()
 
     # merged: float32 sum of the bf16 base and the float32 delta, then one cast to the saved dtype

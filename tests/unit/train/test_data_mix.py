@@ -40,7 +40,7 @@ def test_instruction_on_documents_embeds_documents_like_instructed_queries(tmp_p
     rows = [{"query": "a man plays guitar", "positive": "a person plays a guitar", "negatives": ["the cat sleeps"]}]
     _jsonl(tmp_path / "d.jsonl", rows)
     model = tiny_embedder()
-    model.instruction_template, model.pool_prompt = TEMPLATE, False  # NV-Embed: instructions are not pooled
+    model.head = model.head.replace(instruction_template=TEMPLATE, pool_prompt=False)  # NV-Embed: not pooled
     instruction = "Retrieve semantically similar text"
     ds = {"name": "d", "path": "d.jsonl", "instruction": instruction, "instruction_on_documents": True}
     seen = {}

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 from embforge.cli import main
 from embforge.errors import ConfigError
 from embforge.losses import embedding_distance, similarity_kl
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import tiny_bert
 from embforge.train.checkpoint import latest_checkpoint
@@ -44,7 +45,7 @@ def teacher_dir(tmp_path_factory):
 def wide_teacher_dir(tmp_path_factory):
     """A teacher of another width (96 vs the student's 64): the embedding term needs the projection."""
     model, tokenizer = tiny_bert(7, hidden_size=96, intermediate_size=192)
-    return Embedder(model, tokenizer, max_seq_len=32).save(tmp_path_factory.mktemp("wide") / "t")
+    return Embedder(model, tokenizer, HeadSpec(max_seq_len=32)).save(tmp_path_factory.mktemp("wide") / "t")
 
 
 def rows(stage_dir):

@@ -18,6 +18,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from embforge.data.pairs import text_key
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.train import trainer
 from embforge.train.checkpoint import checkpoint_folders
@@ -196,7 +197,7 @@ def test_fsdp_ranks_materialise_only_their_own_shards(tmp_path):
 
     backbone, tokenizer = tiny_decoder("llama")
     folder = tmp_path / "decoder"
-    Embedder(backbone, tokenizer, pooling="mean").save(folder)
+    Embedder(backbone, tokenizer, HeadSpec(pooling="mean")).save(folder)
     out = tmp_path / "rank"
     mp.spawn(_fsdp_worker, args=(2, free_port(), str(folder), str(out)), nprocs=2, join=True)
     r0, r1 = torch.load(f"{out}.0"), torch.load(f"{out}.1")

@@ -360,7 +360,7 @@ def test_a_record_instruction_overrides_the_dataset_instruction(tmp_path, monkey
     ]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tiny_embedder()
-    model.instruction_template = "Instruct: {instruction}\nQuery: "
+    model.head = model.head.replace(instruction_template="Instruct: {instruction}\nQuery: ")
     prompts = {}
     real = type(model).tokenize
 
@@ -383,7 +383,7 @@ def test_training_embeds_a_text_exactly_as_inference_does(tmp_path, monkeypatch)
     rows = [{"query": "Sort A List, Quickly", "positive": "DEF sort(x): return sorted(x)", "negatives": ["The CAT"]}]
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     model = tiny_embedder()
-    model.prompts = {"query": "search_query: ", "document": "search_document: "}
+    model.head = model.head.replace(prompts={"query": "search_query: ", "document": "search_document: "})
     prompts = {"query_prompt": "search_query: ", "document_prompt": "search_document: "}
     data = {"batch_size": 1, "num_negatives": 1, "datasets": [{"name": "d", "path": "d.jsonl", **prompts}]}
     seen = {}

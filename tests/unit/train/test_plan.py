@@ -3,6 +3,7 @@
 import pytest
 
 from embforge.config import from_dict
+from embforge.modeling.head import HeadSpec
 from embforge.models.build import apply_lora
 from embforge.models.embedder import Embedder
 from embforge.models.spec import LoraConfig
@@ -17,8 +18,7 @@ def test_plan_matches_a_hand_computation(parallel, gpus):
     model = Embedder(
         backbone,
         tokenizer,
-        max_seq_len=32,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
+        HeadSpec(max_seq_len=32, pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}),
     )
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     stage = from_dict(
@@ -91,8 +91,7 @@ def test_plan_against_what_one_training_step_holds():
     model = Embedder(
         backbone,
         tokenizer,
-        max_seq_len=32,
-        pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16},
+        HeadSpec(max_seq_len=32, pooling={"name": "latent", "num_latents": 8, "num_heads": 2, "head_dim": 16}),
     )
     apply_lora(model, LoraConfig(r=4, alpha=8, dropout=0.1, target_modules=["q_proj", "v_proj"]))
     data = {"batch_size": 4, "num_negatives": 1, "datasets": [{"name": "d", "path": "x"}]}

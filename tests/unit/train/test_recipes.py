@@ -9,6 +9,7 @@ import pytest
 
 from embforge.config import apply_overrides, from_dict, read_yaml
 from embforge.errors import ConfigError
+from embforge.modeling.head import HeadSpec
 from embforge.models.embedder import Embedder
 from embforge.models.tiny import tiny_decoder
 from embforge.train.parallel import DistInfo
@@ -62,7 +63,7 @@ def test_shipped_recipe_builds_and_trains_at_tiny_size(path, tmp_path):
     if decoder:  # the NV-Embed recipes: a tiny Llama with the recipe's own head, attention and LoRA settings
         backbone, tokenizer = tiny_decoder("llama")
         template = "Instruct: {instruction}\nQuery: "  # a stage-2 recipe starts from a stage-1 model that has one
-        tiny = Embedder(backbone, tokenizer, instruction_template=template).save(tmp_path / "tiny")
+        tiny = Embedder(backbone, tokenizer, HeadSpec(instruction_template=template)).save(tmp_path / "tiny")
     else:
         tiny = tiny_embedder().save(tmp_path / "tiny")
     for i, ds in enumerate(d for s in recipe.stages for d in s.data.datasets):
@@ -97,7 +98,7 @@ def test_shipped_recipe_builds_and_trains_at_tiny_size(path, tmp_path):
     assert (tmp_path / "run" / "final" / "model.safetensors").is_file()
     if decoder:
         again = Embedder.load(tmp_path / "run" / "final", device="cpu")
-        assert again.attention == trained.attention and again.pool_prompt == trained.pool_prompt
+        assert again.head == trained.head
         texts = ["sort a list", "the cat"]
         fp32 = {"precision": "fp32"}
         assert np.allclose(again.encode(texts, prompt_name=None, **fp32), trained.encode(texts, **fp32), atol=1e-5)
