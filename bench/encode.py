@@ -101,7 +101,7 @@ def main() -> None:
 
     from embforge.models.embedder import Embedder
     from embforge.onnx.export import export_onnx
-    from embforge.onnx.runtime import OnnxEmbedder
+    from embforge.onnx.runtime import OnnxEmbedder, is_current_export
 
     texts, source = real_texts(args.texts)
     ours = Embedder.load("all-MiniLM-L6-v2", device="cpu")
@@ -109,14 +109,12 @@ def main() -> None:
     has_openvino = all(importlib.util.find_spec(m) is not None for m in ("openvino", "nncf"))
     work = Path(args.work_dir)
     onnx_dir, ffn_dir = work / "minilm-onnx", work / "minilm-onnx-ffn-down"
-    if not (onnx_dir / "model_int8.onnx").is_file() or (
-        has_openvino and not (onnx_dir / "openvino_int8.xml").is_file()
-    ):
+    if not is_current_export(onnx_dir) or (has_openvino and not (onnx_dir / "openvino_int8.xml").is_file()):
         print("exporting MiniLM to ONNX + int8 (once)...", file=sys.stderr)
         calibration, _ = real_texts(300, skip=args.texts)  # not the timed texts
         export_onnx(ours, onnx_dir, quantize=True, openvino=has_openvino, calibration_texts=calibration,
                     source="all-MiniLM-L6-v2")  # fmt: skip
-    if not (ffn_dir / "model_int8.onnx").is_file():
+    if not is_current_export(ffn_dir):
         export_onnx(ours, ffn_dir, quantize=True, quantize_ffn_down=True, source="all-MiniLM-L6-v2")
     models = {
         "embforge": ours,

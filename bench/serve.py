@@ -52,6 +52,7 @@ from pathlib import Path
 import httpx
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from embforge.onnx.runtime import is_current_export  # noqa: E402  (numpy only at import)
 from encode import real_texts  # noqa: E402  (same texts as the encode benchmark)
 
 REPO = Path(__file__).resolve().parents[1]
@@ -224,7 +225,7 @@ def main() -> None:
     servers["embforge"] = (embforge_cmd(model, port), f"http://{HOST}:{port}/v1/embeddings")
     if args.onnx:
         onnx_dir = work / "minilm-onnx"
-        if not (onnx_dir / "model_int8.onnx").is_file():
+        if not is_current_export(onnx_dir):
             export = [sys.executable, "-m", "embforge", "export", "onnx", model, str(onnx_dir), "--int8"]
             subprocess.run(export, env=env, check=True)
         port = _free_port()

@@ -34,6 +34,18 @@ MATRYOSHKA_RULES: tuple[str, ...] = get_args(MatryoshkaRule)
 PADDING_SIDES: tuple[str, ...] = get_args(PaddingSide)
 
 
+class FrozenDict(dict):
+    """A dict that refuses changes (a spec's ``pooling`` and ``prompts``); ``dict(d)`` is an editable copy."""
+
+    def _refuse(self, *args, **kwargs):
+        raise TypeError("a HeadSpec is frozen: make a changed one with spec.replace(...)")
+
+    __setitem__ = __delitem__ = __ior__ = clear = pop = popitem = setdefault = update = _refuse
+
+    def __reduce__(self):  # pickle and deepcopy rebuild it whole (dict's own way sets item by item)
+        return (type(self), (dict(self),))
+
+
 @dataclass(frozen=True)
 class HeadSpec:
     """How token states become one vector, and how texts become tokens (frozen; see the module docstring).
@@ -75,8 +87,8 @@ class HeadSpec:
     def __post_init__(self):
         pooling = {"name": self.pooling} if isinstance(self.pooling, str) else dict(self.pooling or {})
         pooling.setdefault("name", "mean")
-        object.__setattr__(self, "pooling", pooling)  # own copies: the spec does not change under its holder
-        object.__setattr__(self, "prompts", dict(self.prompts or {}))
+        object.__setattr__(self, "pooling", FrozenDict(pooling))  # own, read-only copies: frozen all through
+        object.__setattr__(self, "prompts", FrozenDict(self.prompts or {}))
         problems = []
         for name, value, allowed in (
             ("pooling", pooling["name"], POOLINGS),
@@ -92,8 +104,6 @@ class HeadSpec:
             problems.append(
                 f"default_prompt_name {self.default_prompt_name!r} is not among the prompts {sorted(self.prompts)}"
             )
-        if self.instruction_template is not None and "{instruction}" not in self.instruction_template:
-            problems.append(f"instruction_template must contain '{{instruction}}', got {self.instruction_template!r}")
         if problems:
             raise ValueError("; ".join(problems))
 

@@ -48,6 +48,11 @@ class EmbforgeConfig(PretrainedConfig):
         return AutoConfig.for_model(cfg.pop("model_type"), **cfg)
 
     def head_spec(self) -> HeadSpec:
+        if not self.head:
+            raise ValueError(
+                "config.json has no head spec: this file was written for another version of the modeling "
+                "code; load the folder with the embforge that saved it (Embedder.load) and save it again"
+            )
         return HeadSpec.from_dict(self.head, "config.json head")
 
 

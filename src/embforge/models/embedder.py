@@ -160,7 +160,7 @@ class Embedder(nn.Module):
             )
         try:
             head = loaded.head.replace(**overrides)
-        except ValueError as exc:
+        except (TypeError, ValueError) as exc:  # an unknown setting, or a value of the wrong kind
             raise ConfigError(f"Embedder.load({str(name_or_path)!r}): {exc}") from exc
         with torch.device("meta") if meta else contextlib.nullcontext():
             model = cls(loaded.backbone, loaded.tokenizer, head, precision=precision)

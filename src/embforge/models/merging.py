@@ -191,7 +191,10 @@ class _Source:
 
     def settings(self) -> dict[str, object]:
         """What must agree between merged models: configs, tokenizer, embedding settings (file -> content)."""
-        out: dict[str, object] = {"config.json": _read_json(self.weights_dir / "config.json")}
+        config = _read_json(self.weights_dir / "config.json")
+        if (self.folder / EMBFORGE_FILE).is_file():  # the head is embforge.json's; config.json's layout may be older
+            config = {"backbone": config.get("backbone")}
+        out: dict[str, object] = {"config.json": config}
         for name in ("tokenizer.json", "vocab.txt", "merges.txt", "spiece.model"):
             file = self.folder / name if (self.folder / name).is_file() else self.weights_dir / name
             if file.is_file():

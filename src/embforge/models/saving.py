@@ -43,7 +43,7 @@ from embforge.models.model_card import write_model_card
 from embforge.models.st_format import read_layout, write_json, write_layout
 
 EMBFORGE_FILE = "embforge.json"
-EMBFORGE_FORMAT = 2  # 2: the modeling package (several files) and tokenisation settings in config.json
+EMBFORGE_FORMAT = 2  # 2: the modeling package (several files); embforge.json holds the head spec (HeadSpec)
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 _BACKBONE_CONFIG_DROP = (
     "quantization_config",
@@ -249,6 +249,12 @@ def _load_embforge_folder(folder: Path, *, weights: bool = True) -> LoadedFolder
             f"{folder / EMBFORGE_FILE}: format {settings.get('format')!r}, this embforge reads {EMBFORGE_FORMAT}; "
             "load the folder with the embforge version that wrote it and save it again"
         )
+    spec = {k: v for k, v in settings.items() if k not in ("format", "versions")}
+    if config.get("head", spec) != spec:  # config.json carries the spec too (for the remote code)
+        raise ConfigError(
+            f"{folder}: config.json's head differs from embforge.json (edited by hand?): transformers and "
+            "embforge would embed differently; make them equal, or save the model again with Embedder.save"
+        )
     file = folder / "model.safetensors"
     if not file.is_file():
         raise CheckpointError(f"{folder}: model.safetensors is missing")
@@ -270,7 +276,6 @@ def _load_embforge_folder(folder: Path, *, weights: bool = True) -> LoadedFolder
     # trust_remote_code=False: the tokenizer needs none of the folder's code (and must never prompt)
     with _quiet_transformers():
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
-    spec = {k: v for k, v in settings.items() if k not in ("format", "versions")}
     try:
         head = HeadSpec.from_dict(spec, str(folder / EMBFORGE_FILE))
     except ValueError as exc:

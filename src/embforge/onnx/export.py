@@ -3,7 +3,7 @@
 The exported graph is the Embedder module itself (backbone, pooling, normalisation and
 whatever trainable head the model has), traced with dynamic batch and sequence axes. It
 takes the pooling mask, so instruction prompts that are attended to but not pooled
-(NV-Embed) stay out of the pooled tokens, and the folder saves the tokeniser's settings, so
+(NV-Embed) stay out of the pooled tokens, and the folder saves the model's head spec, so
 :class:`~embforge.onnx.runtime.OnnxEmbedder` tokenises exactly as the model does. Before the
 folder is kept, the export is checked end to end: texts of several lengths, with every
 prompt the model has (and an instruction where it takes them), encoded by the ONNX folder

@@ -55,6 +55,18 @@ def is_onnx_folder(path: str | Path) -> bool:
     return (Path(path) / ONNX_CONFIG).is_file()
 
 
+def is_current_export(path: str | Path, quantized: bool = True) -> bool:
+    """True when ``path`` holds an export this embforge reads (its format), with the int8 graph if ``quantized``
+    (what a cached export must be before it is reused)."""
+    try:
+        cfg = json.loads((Path(path) / ONNX_CONFIG).read_text(encoding="utf-8"))
+    except (OSError, json.JSONDecodeError):
+        return False
+    return cfg.get("format_version") == FORMAT_VERSION and (
+        not quantized or (Path(path) / ONNX_FILES["int8"]).is_file()
+    )
+
+
 class OnnxEmbedder:
     """Text -> embedding with ONNX Runtime on CPU.
 

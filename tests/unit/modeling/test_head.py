@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import json
+import pickle
 import subprocess
 import sys
 import typing
@@ -26,8 +28,11 @@ def test_the_spec_round_trips_through_json_and_refuses_what_it_does_not_know():
         HeadSpec.from_dict({"pool": "mean"}, "embforge.json")
     with pytest.raises(dataclasses.FrozenInstanceError):
         head.normalize = False  # type: ignore[misc]
-    head.to_dict()["prompts"]["query"] = "changed"
-    assert head.prompts == {"query": "q: "}  # its dicts are its own
+    with pytest.raises(TypeError, match="frozen"):
+        head.prompts["query"] = "changed"  # frozen all through: its dicts too
+    head.to_dict()["prompts"]["query"] = "changed"  # to_dict gives plain copies
+    assert head.prompts == {"query": "q: "}
+    assert copy.deepcopy(head) == head == pickle.loads(pickle.dumps(head))
 
 
 @pytest.mark.parametrize(
@@ -39,7 +44,6 @@ def test_the_spec_round_trips_through_json_and_refuses_what_it_does_not_know():
         ({"padding_side": "top"}, "padding_side must be one of"),
         ({"max_seq_len": 0}, "max_seq_len must be a positive"),
         ({"default_prompt_name": "query"}, "default_prompt_name 'query' is not among the prompts"),
-        ({"instruction_template": "Instruct: {task}"}, "must contain '{instruction}'"),
     ],
 )
 def test_each_bad_setting_is_named(bad, message):
@@ -126,3 +130,13 @@ def test_every_pooling_the_spec_names_builds_and_only_the_parameter_free_ones_ar
     assert pooler.config()["name"] == name
     assert isinstance(pooler, Pooling) == (name in PARAMETER_FREE_POOLINGS)
     assert HeadSpec(pooling=pooler.config()).fits_sentence_transformers() == (name in PARAMETER_FREE_POOLINGS)
+
+
+def test_the_tables_keyed_by_pooling_name_cover_the_parameter_free_poolings():
+    from embforge.modeling.head import PARAMETER_FREE_POOLINGS
+    from embforge.modeling.pooling import _PARAMETER_FREE
+    from embforge.models.model_card import _POOL
+    from embforge.models.st_format import _POOLING_KEYS
+
+    for table in (_PARAMETER_FREE, _POOL, _POOLING_KEYS):
+        assert set(table) == set(PARAMETER_FREE_POOLINGS)
