@@ -34,11 +34,11 @@ from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings, 
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.heads import resolve_pooling
 from embforge.models.matryoshka import check_dimensions
-from embforge.models.prompts import resolve_prompt
+from embforge.models.prompts import SideEncoding, resolve_prompt
 from embforge.precision import autocast, resolve_precision
 
 
-class Embedder(nn.Module):
+class Embedder(SideEncoding, nn.Module):
     """Text -> embedding model.
 
     Args:
@@ -292,18 +292,6 @@ class Embedder(nn.Module):
     def inference_autocast(self, precision: str | None = None):
         """The autocast context that inference runs under (``precision`` or the model's own)."""
         return autocast(precision or self.precision, self.device)
-
-    def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
-        """:meth:`encode` with the ``query`` prompt when the model defines one."""
-        if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "query" if "query" in self.head.prompts else None)
-        return self.encode(texts, **kwargs)
-
-    def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
-        """:meth:`encode` with the ``document`` prompt when the model defines one."""
-        if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "document" if "document" in self.head.prompts else None)
-        return self.encode(texts, **kwargs)
 
     # ------------------------------------------------------------------ tokenisation
     def tokenizer_settings(self) -> TokenizerSettings:

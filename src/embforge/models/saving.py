@@ -40,7 +40,7 @@ from embforge.errors import CheckpointError, ConfigError
 from embforge.modeling.head import HeadSpec
 from embforge.modeling.pooling import Pooling
 from embforge.models.model_card import write_model_card
-from embforge.models.st_format import read_layout, write_json, write_layout
+from embforge.models.st_format import read_layout, write_json, write_layout, write_prompts
 
 EMBFORGE_FILE = "embforge.json"
 EMBFORGE_FORMAT = 2  # 2: the modeling package (several files); embforge.json holds the head spec (HeadSpec)
@@ -179,15 +179,7 @@ def _write_embforge_folder(
     write_json(folder / EMBFORGE_FILE, {**head.to_dict(), "format": EMBFORGE_FORMAT, "versions": versions})
     module = f"{entry}.EmbforgeSTModule"
     write_json(folder / "modules.json", [{"idx": 0, "name": "0", "path": "", "type": module}])
-    write_json(
-        folder / "config_sentence_transformers.json",
-        {
-            "__version__": versions,
-            "prompts": head.prompts,
-            "default_prompt_name": head.default_prompt_name,
-            "similarity_fn_name": "cosine",
-        },
-    )
+    write_prompts(folder, head, versions)
 
 
 # ---------------------------------------------------------------------------- load

@@ -181,6 +181,11 @@ def write_layout(folder: Path, *, hidden_size: int, head: HeadSpec, versions: di
         folder / "sentence_bert_config.json",
         {"max_seq_length": head.max_seq_len, "do_lower_case": head.do_lower_case},
     )
+    write_prompts(folder, head, versions)
+
+
+def write_prompts(folder: Path, head: HeadSpec, versions: dict[str, str]) -> None:
+    """``config_sentence_transformers.json``: the head's prompts and default prompt, cosine similarity."""
     write_json(
         folder / "config_sentence_transformers.json",
         {

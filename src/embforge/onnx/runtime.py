@@ -40,7 +40,7 @@ from embforge.modeling.head import HeadSpec
 from embforge.modeling.tokenization import Row, TextEncoder, TokenizerSettings
 from embforge.models.batching import PROGRESS_MIN_BATCHES, encode_items, length_batches
 from embforge.models.matryoshka import check_dimensions, truncate_dimensions
-from embforge.models.prompts import resolve_prompt
+from embforge.models.prompts import SideEncoding, resolve_prompt
 from embforge.optional import require
 
 ONNX_CONFIG = "embforge_onnx.json"
@@ -67,7 +67,7 @@ def is_current_export(path: str | Path, quantized: bool = True) -> bool:
     )
 
 
-class OnnxEmbedder:
+class OnnxEmbedder(SideEncoding):
     """Text -> embedding with ONNX Runtime on CPU.
 
     Args:
@@ -197,18 +197,6 @@ class OnnxEmbedder:
             if bar is not None:
                 bar.close()
         return out[0] if single else out
-
-    def encode_queries(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
-        """:meth:`encode` with the ``query`` prompt when the model defines one."""
-        if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "query" if "query" in self.head.prompts else None)
-        return self.encode(texts, **kwargs)
-
-    def encode_documents(self, texts: str | Sequence[str], **kwargs) -> np.ndarray:
-        """:meth:`encode` with the ``document`` prompt when the model defines one."""
-        if "prompt" not in kwargs:
-            kwargs.setdefault("prompt_name", "document" if "document" in self.head.prompts else None)
-        return self.encode(texts, **kwargs)
 
 
 class _ChunkedRunner:
