@@ -16,8 +16,8 @@ order) or its first ones (``first``); both are drawn from (seed, epoch, record p
 alone, so a resumed run draws the same. :class:`BatchSampler` combines sources into batches:
 ``mixed`` (every example drawn by weight: NV-Embed's well-blended batches),
 ``proportional`` (fixed per-dataset counts in every batch) or ``single_source`` (every
-batch from one dataset chosen by weight: Nomic). ``no_duplicates`` defers an example
-whose texts already occur in the batch to a later batch.
+batch from one dataset chosen by weight: Nomic). ``no_duplicates`` (per source) defers an
+example whose texts already occur among the batch's checked examples to a later batch.
 """
 
 from __future__ import annotations
@@ -324,8 +324,23 @@ class Example:
 class BatchSampler:
     """Draws batches of :class:`Example` from several sources; resumable."""
 
-    def __init__(self, sources: list, weights: list[float], batch_size: int, mode: str, no_duplicates: bool, seed: int):
-        self.sources, self.batch_size, self.mode, self.no_duplicates = sources, batch_size, mode, no_duplicates
+    def __init__(
+        self,
+        sources: list,
+        weights: list[float],
+        batch_size: int,
+        mode: str,
+        no_duplicates: bool | list[bool],
+        seed: int,
+    ):
+        """``no_duplicates``: for all sources or one flag each; a source's examples are kept apart from
+        each other's texts only where its flag is set (the sources whose queries see other examples'
+        documents: a batch may repeat the label texts of classification rows scored without them)."""
+        self.sources, self.batch_size, self.mode = sources, batch_size, mode
+        flags = [no_duplicates] * len(sources) if isinstance(no_duplicates, bool) else list(no_duplicates)
+        if len(flags) != len(sources):
+            raise ValueError(f"{len(flags)} no_duplicates flags for {len(sources)} sources")
+        self.no_duplicates = flags
         self.p = np.asarray(weights, dtype=np.float64) / np.sum(weights)
         self.rng = np.random.default_rng(seed)
         self.pending: list[list[Draw]] = [[] for _ in sources]  # deferred: duplicates
@@ -365,10 +380,11 @@ class BatchSampler:
                 # the texts this example brings: its query, every positive (the others are no negatives
                 # either) and the negatives drawn for it, not the rest of a wide mined list
                 texts = {record.query, *record.positives, *drawn.negatives}
-                if self.no_duplicates and texts & seen:
-                    deferred.append(drawn)
-                    continue
-                seen |= texts
+                if self.no_duplicates[i]:
+                    if texts & seen:
+                        deferred.append(drawn)
+                        continue
+                    seen |= texts
                 batch.append(Example(i, record, drawn.positive, drawn.negatives))
                 taken += 1
             self.pending[i].extend(deferred)

@@ -47,9 +47,11 @@ def build_sampler(
     batches of ``batch_size``; the dataset choices use the common ``seed``, so every rank
     picks the same datasets for a batch.
 
-    ``no_duplicates`` only matters where a query is scored against other examples' documents:
-    with the stage's in-batch negatives off (or every dataset's), a batch may repeat a text
-    (e.g. the two label texts of a binary classification set), since no query sees another's.
+    ``no_duplicates`` only matters where a query is scored against other examples' documents: it
+    applies to the datasets whose in-batch negatives are on (with the stage's on); the others may
+    repeat a text (e.g. the two label texts of a binary classification set), since their queries
+    see only their own documents, and where one of their documents equals another query's
+    positive the loss masks it (``doc_keys``).
     """
     report = DataReport()
     sources = []
@@ -127,7 +129,7 @@ def build_sampler(
         [d.weight for d in data.datasets],
         data.batch_size * (1 if share else world),
         data.sampler,
-        data.no_duplicates and in_batch_negatives and any(d.in_batch_negatives for d in data.datasets),
+        [data.no_duplicates and in_batch_negatives and d.in_batch_negatives for d in data.datasets],
         seed,
     )
     return sampler, report

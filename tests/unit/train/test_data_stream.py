@@ -79,6 +79,31 @@ def test_no_duplicates_looks_at_the_drawn_negatives_not_the_whole_list(tmp_path)
         assert len(batch) == 4 and len(texts) == len(set(texts))
 
 
+def test_no_duplicates_keeps_apart_only_the_datasets_scored_against_each_other(tmp_path):
+    # a binary "classification" set whose rows share their two label documents, scored without in-batch
+    # negatives, blended with a retrieval set scored with them (NV-Embed's one-stage blend)
+    _write(
+        tmp_path / "cls.jsonl", [{"query": f"review {i}", "positive": "yes", "negatives": ["no"]} for i in range(20)]
+    )
+    _write(
+        tmp_path / "ret.jsonl", [{"query": f"q{i}", "positive": f"p{i % 6}", "negatives": [f"n{i}"]} for i in range(20)]
+    )
+    data = {
+        "batch_size": 8,
+        "num_negatives": 1,
+        "sampler": "proportional",
+        "no_duplicates": True,
+        "datasets": [
+            {"name": "cls", "path": "cls.jsonl", "in_batch_negatives": False},
+            {"name": "ret", "path": "ret.jsonl"},
+        ],
+    }
+    for batch in _batches(_sampler(tmp_path, data), 4):
+        assert sum(e.dataset == 0 for e in batch) == 4  # label texts repeat: no DataError, no deferral
+        ret = [t for e in batch if e.dataset == 1 for t in (e.record.query, e.positive, *e.negatives)]
+        assert len(ret) == len(set(ret)) == 12  # the in-batch set still never repeats a text (p0..p5 shared)
+
+
 # ---------------------------------------------------------------------------- shuffle buffer
 def _stream(tmp_path, shuffle_buffer, batch_size=5):
     for shard in range(2):  # 20 records in two shards, one bad-for-the-stage line (no negative) in each
